@@ -1,0 +1,153 @@
+import { z } from 'zod';
+
+/**
+ * The daemon's wire protocol: JSON-RPC 2.0, one JSON object per line (NDJSON) on a Unix socket.
+ * Bump PROTOCOL_VERSION on any incompatible change; `hello` tells a client which one it speaks.
+ */
+export const PROTOCOL_VERSION = 1;
+
+/** Largest frame (one line, newline excluded) either side accepts. */
+export const MAX_FRAME_BYTES = 64 * 1024;
+/** Most connections the daemon holds at once. */
+export const MAX_CONNECTIONS = 1024;
+
+/** JSON-RPC 2.0 error codes. Application errors use APP_ERROR with `data.code` = QwenError code. */
+export const RpcErrorCodes = {
+  parseError: -32700,
+  invalidRequest: -32600,
+  methodNotFound: -32601,
+  invalidParams: -32602,
+  internalError: -32603,
+  appError: -32000,
+  frameTooLarge: -32001,
+} as const;
+
+export const Methods = {
+  hello: 'hello',
+  getAccessToken: 'getAccessToken',
+  status: 'status',
+  refresh: 'refresh',
+  loginStart: 'login.start',
+  loginCancel: 'login.cancel',
+  logout: 'logout',
+  subscribe: 'subscribe',
+} as const;
+export type MethodName = (typeof Methods)[keyof typeof Methods];
+
+export const Notifications = {
+  tokenRefreshed: 'token.refreshed',
+  tokenRefreshFailed: 'token.refresh_failed',
+  stateChanged: 'state.changed',
+  loginCompleted: 'login.completed',
+  loginFailed: 'login.failed',
+} as const;
+
+const RpcId = z.union([z.string().max(200), z.number().finite(), z.null()]);
+
+/** A request or notification as received by the daemon. */
+export const RpcRequestSchema = z.object({
+  jsonrpc: z.literal('2.0'),
+  id: RpcId.optional(),
+  method: z.string().min(1).max(100),
+  params: z.union([z.record(z.string(), z.unknown()), z.array(z.unknown())]).optional(),
+});
+export type RpcRequest = z.infer<typeof RpcRequestSchema>;
+
+export const RpcErrorSchema = z.object({
+  code: z.number(),
+  message: z.string(),
+  data: z
+    .object({ code: z.string().optional(), oauth_error: z.string().optional() })
+    .passthrough()
+    .optional(),
+});
+export type RpcError = z.infer<typeof RpcErrorSchema>;
+
+/** Any message the client may receive: a response (result or error) or a notification. */
+export const RpcIncomingSchema = z.union([
+  z.object({ jsonrpc: z.literal('2.0'), id: RpcId, result: z.unknown() }),
+  z.object({ jsonrpc: z.literal('2.0'), id: RpcId, error: RpcErrorSchema }),
+  z.object({ jsonrpc: z.literal('2.0'), method: z.string(), params: z.unknown().optional() }),
+]);
+
+// ---- params ----
+export const EmptyParams = z.object({}).strict();
+export const HelloParams = z.object({ client: z.string().max(200).optional(), protocol: z.number().int().optional() }).strict();
+export const GetAccessTokenParams = z
+  .object({ minValidityMs: z.number().int().min(0).max(24 * 3600_000).optional() })
+  .strict();
+export const LogoutParams = z.object({ qwenCli: z.boolean().optional() }).strict();
+
+// ---- results ----
+export const HelloResult = z.object({
+  protocol: z.number(),
+  daemon: z.literal('qwen-tokend'),
+  version: z.string(),
+  pid: z.number(),
+});
+export type HelloResult = z.infer<typeof HelloResult>;
+
+export const TokenResult = z.object({
+  access_token: z.string().min(1),
+  token_type: z.string(),
+  expiry_date: z.number(),
+  resource_url: z.string().optional(),
+  base_url: z.string(),
+});
+export type TokenResult = z.infer<typeof TokenResult>;
+
+export const TokenStates = ['no_credentials', 'valid', 'refreshing', 'retrying', 'expired', 'needs_login'] as const;
+export const TokenStateSchema = z.enum(TokenStates);
+export type TokenState = z.infer<typeof TokenStateSchema>;
+
+export const LastErrorSchema = z.object({ code: z.string(), message: z.string(), at: z.number() });
+export type LastError = z.infer<typeof LastErrorSchema>;
+
+export const StatusResult = z.object({
+  state: TokenStateSchema,
+  expiry_date: z.number().nullable(),
+  next_refresh_at: z.number().nullable(),
+  last_refresh_at: z.number().nullable(),
+  last_error: LastErrorSchema.nullable(),
+  retry_count: z.number(),
+  source_file: z.string().nullable(),
+  token_path: z.string(),
+  qwen_cli_link: z.object({ enabled: z.boolean(), path: z.string() }),
+  token_fingerprint: z.string(),
+  refresh_token_fingerprint: z.string(),
+  login_in_progress: z.boolean(),
+  pid: z.number(),
+  version: z.string(),
+  protocol: z.number(),
+  uptime_ms: z.number(),
+  connected_clients: z.number(),
+  requests_served: z.number(),
+  socket_path: z.string(),
+  now: z.number(),
+});
+export type StatusResult = z.infer<typeof StatusResult>;
+
+export const LoginStartResult = z.object({
+  user_code: z.string(),
+  verification_uri: z.string(),
+  verification_uri_complete: z.string().optional(),
+  expires_in: z.number(),
+  interval: z.number().optional(),
+});
+export type LoginStartResult = z.infer<typeof LoginStartResult>;
+
+export const LoginCancelResult = z.object({ cancelled: z.boolean() });
+export const LogoutResult = z.object({ removed: z.array(z.string()) });
+export const SubscribeResult = z.object({ subscribed: z.literal(true) });
+
+// ---- notifications ----
+export const TokenRefreshedParams = TokenResult;
+export const RefreshFailedParams = z.object({
+  code: z.string(),
+  message: z.string(),
+  state: TokenStateSchema,
+  next_retry_at: z.number().nullable(),
+});
+export const StateChangedParams = z.object({ state: TokenStateSchema, previous: TokenStateSchema });
+export const LoginCompletedParams = z.object({ expiry_date: z.number() });
+export const LoginFailedParams = z.object({ code: z.string(), message: z.string() });
