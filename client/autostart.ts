@@ -1,0 +1,61 @@
+/**
+ * Starting a daemon when none is running: only when allowed, only one start at a time per
+ * process, and never when a service manager owns the daemon.
+ */
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { TokendConfig } from '../shared/config.js';
+import { QwenDaemonUnavailableError } from '../shared/errors.js';
+
+/** The launchd label and systemd unit name the `service` command installs. */
+export const SERVICE_LABEL = 'io.github.qwen-tokend';
+export const SYSTEMD_UNIT = 'qwen-tokend.service';
+
+/** Where `qwen-token service install` puts the unit/plist for this platform. */
+export function serviceFilePath(home: string, platform: NodeJS.Platform = process.platform): string {
+  return platform === 'darwin'
+    ? join(home, 'Library', 'LaunchAgents', `${SERVICE_LABEL}.plist`)
+    : join(home, '.config', 'systemd', 'user', SYSTEMD_UNIT);
+}
+
+/** True when a service unit is installed: then the service manager is the one owner of starting the daemon. */
+export function serviceInstalled(home: string, platform: NodeJS.Platform = process.platform): boolean {
+  return existsSync(serviceFilePath(home, platform));
+}
+
+/** The daemon entry point next to this package's client (dist/client → dist/daemon/main.js). */
+export function defaultDaemonBin(): string {
+  return fileURLToPath(new URL('../daemon/main.js', import.meta.url));
+}
+
+/** Exit code with which a second daemon says another one already runs (not a failure here). */
+const ALREADY_RUNNING = 3;
+
+/**
+ * Starts a detached daemon. Resolves once it has been spawned; the caller waits for the socket.
+ * Rejects early when the child exits with a real failure.
+ */
+export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exited: Promise<number | null> } {
+  const bin = config.daemonBin ?? defaultDaemonBin();
+  if (!existsSync(bin)) {
+    throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${bin} does not exist (set QWEN_TOKEND_BIN or run \`npm run build\`)`);
+  }
+  const childEnv = { ...env };
+  // A detached daemon has no terminal: its log goes to a file beside the credentials.
+  childEnv.QWEN_TOKEND_LOG_FILE ??= join(config.stateDir, 'qwen-tokend.log');
+  const child = spawn(process.execPath, [bin], { detached: true, stdio: 'ignore', env: childEnv });
+  const exited = new Promise<number | null>((resolve) => {
+    child.once('exit', (code) => resolve(code));
+    child.once('error', () => resolve(null));
+  });
+  child.unref();
+  return { exited };
+}
+
+export function autostartFailure(config: TokendConfig, code: number | null, env: NodeJS.ProcessEnv): QwenDaemonUnavailableError | null {
+  if (code === ALREADY_RUNNING) return null;
+  const log = env.QWEN_TOKEND_LOG_FILE ?? join(config.stateDir, 'qwen-tokend.log');
+  return new QwenDaemonUnavailableError(`qwen-tokend exited with code ${code} while starting; see ${log}`);
+}

@@ -1,0 +1,195 @@
+/**
+ * Wires the daemon together: instance lock, credential files, token keeper, file watcher,
+ * device login and the socket server with its method handlers.
+ */
+import type { z } from 'zod';
+import type { Clock } from '../shared/clock.js';
+import type { TokendConfig } from '../shared/config.js';
+import { chatBaseUrl, type Credentials } from '../shared/credentials.js';
+import { fingerprint } from '../shared/fingerprint.js';
+import {
+  EmptyParams,
+  GetAccessTokenParams,
+  HelloParams,
+  LogoutParams,
+  Methods,
+  Notifications,
+  PROTOCOL_VERSION,
+  type StatusResult,
+  type TokenResult,
+} from '../shared/protocol.js';
+import { packageVersion } from '../shared/version.js';
+import { CredentialFile } from './credential-store.js';
+import { CredentialWatcher } from './credential-watch.js';
+import { DeviceLogin } from './device-login.js';
+import { acquireInstanceLock, type InstanceLock } from './instance-lock.js';
+import { InvalidParamsError, IpcServer, type RpcHandler } from './ipc-server.js';
+import type { Logger } from './logger.js';
+import { QwenOAuthClient } from './oauth.js';
+import { TokenKeeper } from './token-keeper.js';
+
+export interface DaemonOptions {
+  config: TokendConfig;
+  logger: Logger;
+  clock: Clock;
+  platform?: NodeJS.Platform;
+  /** Called if the instance lock is lost while running (another daemon took over). */
+  onFatal?: (err: Error) => void;
+}
+
+export interface RunningDaemon {
+  keeper: TokenKeeper;
+  server: IpcServer;
+  /** Re-reads the credential files (SIGHUP). */
+  reload(): Promise<void>;
+  /** Stops everything in order; safe to call twice. */
+  close(): Promise<void>;
+}
+
+function parse<T extends z.ZodType>(schema: T, params: unknown): z.infer<T> {
+  const result = schema.safeParse(params ?? {});
+  if (!result.success) {
+    throw new InvalidParamsError(`invalid params: ${result.error.issues.map((i) => `${i.path.join('.') || '(root)'} ${i.message}`).join('; ')}`);
+  }
+  return result.data;
+}
+
+/** What clients receive for a token: the record plus the chat API's base URL. */
+export function tokenResult(c: Credentials): TokenResult {
+  const result: TokenResult = {
+    access_token: c.access_token,
+    token_type: c.token_type,
+    expiry_date: c.expiry_date,
+    base_url: chatBaseUrl(c.resource_url),
+  };
+  if (c.resource_url) result.resource_url = c.resource_url;
+  return result;
+}
+
+/** Starts the daemon; resolves once the socket listens (the moment to report readiness). */
+export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon> {
+  const { config, logger, clock } = options;
+  const startedAt = clock.now();
+  const version = packageVersion();
+  const instance: InstanceLock = await acquireInstanceLock(config.stateDir, config.socketPath, logger, (err) => {
+    logger.fatal({ err: err.message }, 'lost the instance lock (another daemon may have taken over); shutting down');
+    options.onFatal?.(err);
+  });
+  const cleanups: Array<() => Promise<void>> = [() => instance.release()];
+  const closeAll = async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) {
+      await cleanup().catch((err: Error) => logger.warn({ err: err.message }, 'error during shutdown'));
+    }
+  };
+  try {
+    const ownFile = new CredentialFile(config.tokenPath, { logger, clock, moveCorruptAside: true, ownsDirectory: true, label: 'own' });
+    const cliFile = config.qwenCliSync
+      ? new CredentialFile(config.qwenCliCredsPath, { logger, clock, moveCorruptAside: false, ownsDirectory: false, label: 'qwen-cli' })
+      : null;
+    const oauth = new QwenOAuthClient({
+      baseUrl: config.oauthBaseUrl,
+      clientId: config.clientId,
+      scope: config.scope,
+      timeoutMs: config.httpTimeoutMs,
+    });
+    const keeper = new TokenKeeper({ config, oauth, ownFile, cliFile, clock, logger });
+    const login = new DeviceLogin(oauth, clock, logger, (creds) => keeper.installCredentials(creds));
+
+    await keeper.start();
+    cleanups.push(() => keeper.stop());
+    cleanups.push(() => login.stop());
+
+    const watcher = new CredentialWatcher(
+      [
+        { path: ownFile.path, onChange: () => void keeper.fileChanged('own') },
+        ...(cliFile ? [{ path: cliFile.path, onChange: () => void keeper.fileChanged('qwen-cli') }] : []),
+      ],
+      logger,
+    );
+    await watcher.start();
+    cleanups.push(() => watcher.close());
+
+    let server: IpcServer;
+    const handlers: Record<string, RpcHandler> = {
+      [Methods.hello]: (params) => {
+        parse(HelloParams, params);
+        return { protocol: PROTOCOL_VERSION, daemon: 'qwen-tokend', version, pid: process.pid };
+      },
+      [Methods.getAccessToken]: async (params) => {
+        const { minValidityMs } = parse(GetAccessTokenParams, params);
+        return tokenResult(await keeper.getAccessToken(minValidityMs ?? 0));
+      },
+      [Methods.refresh]: async (params) => {
+        parse(EmptyParams, params);
+        return tokenResult(await keeper.refresh());
+      },
+      [Methods.status]: (params): StatusResult => {
+        parse(EmptyParams, params);
+        const snap = keeper.snapshot();
+        return {
+          state: snap.state,
+          expiry_date: snap.credentials?.expiry_date ?? null,
+          next_refresh_at: snap.nextRefreshAt,
+          last_refresh_at: snap.lastRefreshAt,
+          last_error: snap.lastError,
+          retry_count: snap.retryCount,
+          source_file: snap.sourceFile,
+          token_path: config.tokenPath,
+          qwen_cli_link: { enabled: config.qwenCliSync, path: config.qwenCliCredsPath },
+          token_fingerprint: fingerprint(snap.credentials?.access_token),
+          refresh_token_fingerprint: fingerprint(snap.credentials?.refresh_token),
+          login_in_progress: login.inProgress,
+          pid: process.pid,
+          version,
+          protocol: PROTOCOL_VERSION,
+          uptime_ms: clock.now() - startedAt,
+          connected_clients: server.connectionCount,
+          requests_served: server.requestsServed,
+          socket_path: config.socketPath,
+          now: clock.now(),
+        };
+      },
+      [Methods.loginStart]: async (params) => {
+        parse(EmptyParams, params);
+        return login.start();
+      },
+      [Methods.loginCancel]: (params) => {
+        parse(EmptyParams, params);
+        return { cancelled: login.cancel() };
+      },
+      [Methods.logout]: async (params) => {
+        const { qwenCli } = parse(LogoutParams, params);
+        return { removed: await keeper.logout(qwenCli ?? false) };
+      },
+      [Methods.subscribe]: (params, conn) => {
+        parse(EmptyParams, params);
+        conn.subscribed = true;
+        return { subscribed: true };
+      },
+    };
+    server = new IpcServer({ socketPath: config.socketPath, logger, handlers, platform: options.platform });
+
+    keeper.on('token_refreshed', (creds) => server.broadcast(Notifications.tokenRefreshed, tokenResult(creds)));
+    keeper.on('refresh_failed', ({ error, state, nextRetryAt }) =>
+      server.broadcast(Notifications.tokenRefreshFailed, { code: error.code, message: error.message, state, next_retry_at: nextRetryAt }),
+    );
+    keeper.on('state_changed', (change) => server.broadcast(Notifications.stateChanged, change));
+    login.on('completed', (creds) => server.broadcast(Notifications.loginCompleted, { expiry_date: creds.expiry_date }));
+    login.on('failed', (err) => server.broadcast(Notifications.loginFailed, { code: err.code, message: err.message }));
+
+    await server.listen();
+    // Stop accepting clients first, so none is cut off in the middle of a shutdown.
+    cleanups.push(() => server.close());
+
+    let closing: Promise<void> | null = null;
+    return {
+      keeper,
+      server,
+      reload: () => keeper.reload(),
+      close: () => (closing ??= closeAll()),
+    };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}

@@ -1,0 +1,369 @@
+/**
+ * The daemon's Unix-socket server: JSON-RPC 2.0, one JSON object per line.
+ * It owns framing, limits and the socket file; what each method does is given as handlers.
+ * Nothing a client sends may crash the daemon or stall other clients.
+ */
+import { lstat, mkdir, chmod, unlink } from 'node:fs/promises';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { dirname } from 'node:path';
+import { checkSocketPathLength } from '../shared/config.js';
+import { QwenConfigError, QwenError } from '../shared/errors.js';
+import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema } from '../shared/protocol.js';
+import type { Logger } from './logger.js';
+
+/** Thrown by a handler when its params do not validate: answered as JSON-RPC "invalid params". */
+export class InvalidParamsError extends Error {}
+
+/** Another daemon answers on the socket. */
+export class DaemonAlreadyRunningError extends QwenError {}
+
+export interface RpcConnection {
+  readonly id: number;
+  subscribed: boolean;
+}
+
+export type RpcHandler = (params: unknown, connection: RpcConnection) => unknown;
+
+export interface IpcServerOptions {
+  socketPath: string;
+  logger: Logger;
+  handlers: Record<string, RpcHandler>;
+  platform?: NodeJS.Platform;
+  maxConnections?: number;
+  maxFrameBytes?: number;
+  /** A partial frame left unfinished this long closes the connection. */
+  partialFrameTimeoutMs?: number;
+}
+
+/** Replies waiting in one connection's send buffer beyond this mean the client stopped reading. */
+const MAX_UNREAD_BYTES = 4 * 1024 * 1024;
+/** Requests one connection may have in flight before we stop reading from it. */
+const MAX_INFLIGHT_PER_CONNECTION = 256;
+
+type Id = string | number | null;
+
+class Connection implements RpcConnection {
+  subscribed = false;
+  private parts: Buffer[] = [];
+  private partsLength = 0;
+  private inflight = 0;
+  private partialTimer: NodeJS.Timeout | null = null;
+
+  constructor(
+    readonly id: number,
+    readonly socket: Socket,
+    private readonly server: IpcServer,
+  ) {}
+
+  onData(chunk: Buffer): void {
+    let start = 0;
+    let nl = chunk.indexOf(10);
+    while (nl !== -1) {
+      let line: Buffer;
+      if (this.partsLength > 0) {
+        this.parts.push(chunk.subarray(start, nl));
+        line = Buffer.concat(this.parts, this.partsLength + nl - start);
+        this.parts = [];
+        this.partsLength = 0;
+        this.clearPartialTimer();
+      } else {
+        line = chunk.subarray(start, nl);
+      }
+      if (!this.frame(line)) return;
+      start = nl + 1;
+      nl = chunk.indexOf(10, start);
+    }
+    if (start < chunk.length) {
+      const rest = chunk.subarray(start);
+      this.parts.push(rest);
+      this.partsLength += rest.length;
+      if (this.partsLength > this.server.maxFrameBytes) {
+        this.tooLarge();
+        return;
+      }
+      if (!this.partialTimer) {
+        this.partialTimer = setTimeout(() => {
+          this.server.logger.debug({ conn: this.id }, 'closing a connection that left a frame half-sent');
+          this.socket.destroy();
+        }, this.server.partialFrameTimeoutMs);
+        this.partialTimer.unref();
+      }
+    }
+  }
+
+  clearPartialTimer(): void {
+    if (this.partialTimer) clearTimeout(this.partialTimer);
+    this.partialTimer = null;
+  }
+
+  /** Handles one complete line; false when the connection was closed. */
+  private frame(line: Buffer): boolean {
+    if (line.length > this.server.maxFrameBytes) {
+      this.tooLarge();
+      return false;
+    }
+    // Tolerate CRLF and blank keep-alive lines from hand-typed clients (nc -U).
+    let end = line.length;
+    if (end > 0 && line[end - 1] === 13) end--;
+    if (end === 0) return true;
+    this.server.handleFrame(this, end === line.length ? line : line.subarray(0, end));
+    return !this.socket.destroyed;
+  }
+
+  private tooLarge(): void {
+    this.send({
+      jsonrpc: '2.0',
+      id: null,
+      error: { code: RpcErrorCodes.frameTooLarge, message: `frame exceeds ${this.server.maxFrameBytes} bytes; closing the connection` },
+    });
+    this.parts = [];
+    this.partsLength = 0;
+    this.clearPartialTimer();
+    this.socket.end();
+  }
+
+  requestStarted(): void {
+    if (++this.inflight >= MAX_INFLIGHT_PER_CONNECTION) this.socket.pause();
+  }
+
+  requestDone(): void {
+    if (--this.inflight < MAX_INFLIGHT_PER_CONNECTION && this.socket.isPaused()) this.socket.resume();
+  }
+
+  send(message: unknown): void {
+    if (this.socket.destroyed || !this.socket.writable) return;
+    if (this.socket.writableLength > MAX_UNREAD_BYTES) {
+      this.server.logger.warn({ conn: this.id }, 'closing a connection whose client stopped reading');
+      this.socket.destroy();
+      return;
+    }
+    this.socket.write(`${JSON.stringify(message)}\n`);
+  }
+}
+
+/** JSON-RPC 2.0 over NDJSON on a Unix socket. */
+export class IpcServer {
+  readonly logger: Logger;
+  readonly maxFrameBytes: number;
+  readonly partialFrameTimeoutMs: number;
+  private readonly server: Server;
+  private readonly connections = new Set<Connection>();
+  private nextId = 1;
+  private served = 0;
+  private listening = false;
+
+  constructor(private readonly options: IpcServerOptions) {
+    this.logger = options.logger;
+    this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
+    this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;
+    this.server = createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
+    this.server.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
+    this.server.on('drop', () => this.logger.warn({ max: this.server.maxConnections }, 'connection limit reached; refused a client'));
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  get requestsServed(): number {
+    return this.served;
+  }
+
+  get socketPath(): string {
+    return this.options.socketPath;
+  }
+
+  /** Prepares the socket directory, replaces a stale socket, listens, and restricts the socket to its owner. */
+  async listen(): Promise<void> {
+    const { socketPath } = this.options;
+    checkSocketPathLength(socketPath, this.options.platform ?? process.platform);
+    await prepareSocketDirectory(dirname(socketPath));
+    await removeStaleSocket(socketPath);
+    await new Promise<void>((resolveListen, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(socketPath, () => {
+        this.server.off('error', reject);
+        resolveListen();
+      });
+    });
+    this.listening = true;
+    this.server.on('error', (err) => this.logger.error({ err: err.message }, 'socket server error'));
+    await chmod(socketPath, 0o600);
+  }
+
+  /** Sends a notification to every subscribed connection. */
+  broadcast(method: string, params: unknown): number {
+    const line = `${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`;
+    let sent = 0;
+    for (const conn of this.connections) {
+      if (!conn.subscribed || conn.socket.destroyed) continue;
+      if (conn.socket.writableLength > MAX_UNREAD_BYTES) {
+        conn.socket.destroy();
+        continue;
+      }
+      conn.socket.write(line);
+      sent++;
+    }
+    return sent;
+  }
+
+  /** Stops accepting, closes every connection and removes the socket file. */
+  async close(): Promise<void> {
+    if (!this.listening) return;
+    this.listening = false;
+    const closed = new Promise<void>((done) => this.server.close(() => done()));
+    for (const conn of this.connections) conn.socket.destroy();
+    await closed;
+    // server.close() removes the socket file on most platforms; make sure, but only ours.
+    try {
+      const st = await lstat(this.options.socketPath);
+      if (st.isSocket()) await unlink(this.options.socketPath);
+    } catch {
+      /* already gone */
+    }
+  }
+
+  private accept(socket: Socket): void {
+    const conn = new Connection(this.nextId++, socket, this);
+    this.connections.add(conn);
+    socket.on('data', (chunk: Buffer) => conn.onData(chunk));
+    socket.on('error', () => socket.destroy());
+    socket.on('close', () => {
+      conn.clearPartialTimer();
+      this.connections.delete(conn);
+    });
+  }
+
+  /** @internal Parses, validates and dispatches one frame. */
+  handleFrame(conn: Connection, line: Buffer): void {
+    let data: unknown;
+    try {
+      data = JSON.parse(line.toString('utf8'));
+    } catch {
+      conn.send({ jsonrpc: '2.0', id: null, error: { code: RpcErrorCodes.parseError, message: 'parse error: the frame is not valid JSON' } });
+      return;
+    }
+    const parsed = RpcRequestSchema.safeParse(data);
+    if (!parsed.success) {
+      const id = idOf(data);
+      const message = Array.isArray(data)
+        ? 'invalid request: batches are not supported; send one request per line'
+        : `invalid request: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'} ${i.message}`).join('; ')}`;
+      conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.invalidRequest, message } });
+      return;
+    }
+    const request = parsed.data;
+    const isNotification = request.id === undefined;
+    const id: Id = request.id ?? null;
+    const handler = Object.hasOwn(this.options.handlers, request.method) ? this.options.handlers[request.method] : undefined;
+    if (!handler) {
+      if (!isNotification) {
+        conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.methodNotFound, message: `method not found: ${request.method}` } });
+      }
+      return;
+    }
+    this.served++;
+    conn.requestStarted();
+    let result: unknown;
+    try {
+      result = handler(request.params ?? {}, conn);
+    } catch (err) {
+      conn.requestDone();
+      if (!isNotification) conn.send(this.errorResponse(id, err, request.method));
+      return;
+    }
+    if (result instanceof Promise) {
+      result.then(
+        (value) => {
+          conn.requestDone();
+          if (!isNotification) conn.send({ jsonrpc: '2.0', id, result: value ?? null });
+        },
+        (err) => {
+          conn.requestDone();
+          if (!isNotification) conn.send(this.errorResponse(id, err, request.method));
+        },
+      );
+      return;
+    }
+    conn.requestDone();
+    if (!isNotification) conn.send({ jsonrpc: '2.0', id, result: result ?? null });
+  }
+
+  private errorResponse(id: Id, err: unknown, method: string): unknown {
+    if (err instanceof InvalidParamsError) {
+      return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.invalidParams, message: err.message } };
+    }
+    if (err instanceof QwenError) {
+      const data: Record<string, string> = { code: err.code };
+      const oauthError = (err as { oauthError?: unknown }).oauthError;
+      if (typeof oauthError === 'string') data.oauth_error = oauthError;
+      return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.appError, message: err.message, data } };
+    }
+    this.logger.error({ method, err: err instanceof Error ? err.message : String(err) }, 'handler failed unexpectedly');
+    return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.internalError, message: 'internal error' } };
+  }
+}
+
+function idOf(data: unknown): Id {
+  if (data && typeof data === 'object' && !Array.isArray(data)) {
+    const id = (data as { id?: unknown }).id;
+    if (typeof id === 'string' && id.length <= 200) return id;
+    if (typeof id === 'number' && Number.isFinite(id)) return id;
+  }
+  return null;
+}
+
+/**
+ * Creates the socket's directory 0700, or checks an existing one: it must be a directory we
+ * own that grants nothing to group or other, or any local user could reach the socket.
+ */
+export async function prepareSocketDirectory(dir: string): Promise<void> {
+  let st;
+  try {
+    st = await lstat(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await chmod(dir, 0o700);
+    return;
+  }
+  if (!st.isDirectory()) {
+    throw new QwenConfigError(`socket directory ${dir} exists but is not a directory`);
+  }
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid) {
+    throw new QwenConfigError(`socket directory ${dir} belongs to uid ${st.uid}, not to this user (uid ${uid}); refusing to use it`);
+  }
+  if ((st.mode & 0o077) !== 0) {
+    const mode = (st.mode & 0o777).toString(8).padStart(4, '0');
+    throw new QwenConfigError(
+      `socket directory ${dir} has mode ${mode}: group or other users could reach the socket. Run \`chmod 700 ${dir}\` or set QWEN_TOKEND_SOCKET to a path in a private directory`,
+    );
+  }
+}
+
+/** Removes a socket file nothing listens on; refuses a live one and anything that is not a socket. */
+export async function removeStaleSocket(socketPath: string): Promise<void> {
+  let st;
+  try {
+    st = await lstat(socketPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (!st.isSocket()) {
+    throw new QwenConfigError(`${socketPath} exists and is not a socket; refusing to replace it`);
+  }
+  const live = await new Promise<boolean>((done) => {
+    const probe = createConnection(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      done(true);
+    });
+    probe.once('error', () => done(false));
+  });
+  if (live) {
+    throw new DaemonAlreadyRunningError(`another qwen-tokend is already listening on ${socketPath}`);
+  }
+  await unlink(socketPath);
+}

@@ -1,0 +1,435 @@
+/**
+ * The one owner of the token: holds the lifecycle state, runs refreshes (single-flight),
+ * persists credentials, adopts outside changes and cooperates with the Qwen CLI's lock.
+ * Decisions come from `lifecycle.ts`; this module only does the I/O around them.
+ */
+import { EventEmitter } from 'node:events';
+import type { Clock, TimerHandle } from '../shared/clock.js';
+import type { TokendConfig } from '../shared/config.js';
+import type { Credentials } from '../shared/credentials.js';
+import { sameCredentials } from '../shared/credentials.js';
+import {
+  QwenError,
+  QwenOAuthError,
+  QwenRefreshTokenInvalidError,
+  QwenTokenExpiredError,
+  QwenTokenNotAvailableError,
+} from '../shared/errors.js';
+import { fingerprint } from '../shared/fingerprint.js';
+import type { TokenState } from '../shared/protocol.js';
+import type { CredentialFile } from './credential-store.js';
+import {
+  decideTokenRequest,
+  initialState,
+  nextRefreshAt,
+  phase,
+  pickAtStart,
+  reduce,
+  shouldAdopt,
+  type LifecycleEvent,
+  type LifecycleState,
+} from './lifecycle.js';
+import type { Logger } from './logger.js';
+import { credentialsFromGrant, type QwenOAuthClient } from './oauth.js';
+import { withQwenCliLock } from './qwen-cli-lock.js';
+
+/** Longest single timer: a wall-clock jump or a suspend is noticed within this long. */
+const MAX_TIMER_MS = 30_000;
+
+export type CredentialSource = 'own' | 'qwen-cli' | 'login';
+
+export interface RefreshFailure {
+  error: QwenError;
+  state: TokenState;
+  nextRetryAt: number | null;
+}
+
+export interface TokenKeeperEvents {
+  /** New credentials are current (refresh, login, import or adoption). */
+  token_refreshed: [Credentials];
+  refresh_failed: [RefreshFailure];
+  state_changed: [{ state: TokenState; previous: TokenState }];
+}
+
+export interface TokenKeeperDeps {
+  config: Pick<TokendConfig, 'refreshLeadMs' | 'retryMs' | 'qwenCliLockPath' | 'qwenCliLockStaleMs' | 'httpTimeoutMs'>;
+  oauth: Pick<QwenOAuthClient, 'refreshTokenGrant'>;
+  ownFile: CredentialFile;
+  /** The Qwen CLI's file, or null when the link is off. */
+  cliFile: CredentialFile | null;
+  clock: Clock;
+  logger: Logger;
+}
+
+type RefreshOutcome = { ok: true; credentials: Credentials } | { ok: false; error: QwenError };
+
+export interface KeeperSnapshot {
+  state: TokenState;
+  credentials: Credentials | null;
+  nextRefreshAt: number | null;
+  lastRefreshAt: number | null;
+  lastError: LifecycleState['lastError'];
+  retryCount: number;
+  sourceFile: string | null;
+}
+
+function toQwenError(err: unknown): QwenError {
+  if (err instanceof QwenError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new QwenOAuthError(`refresh failed: ${message}`, { retryable: true, cause: err });
+}
+
+/** The daemon's token lifecycle shell. */
+export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
+  private state: LifecycleState = initialState;
+  private shownPhase: TokenState = 'no_credentials';
+  private inflight: Promise<RefreshOutcome> | null = null;
+  private abortRefresh: AbortController | null = null;
+  private timer: TimerHandle | null = null;
+  private sourceFile: string | null = null;
+  private stopped = false;
+  /** Credentials a failed write could not persist yet; written again on the next wake. */
+  private unsaved: Credentials | null = null;
+  private fileWork: Promise<void> = Promise.resolve();
+
+  constructor(private readonly deps: TokenKeeperDeps) {
+    super();
+  }
+
+  /** Loads credentials (importing the Qwen CLI's when they are newer) and starts the schedule. */
+  async start(): Promise<void> {
+    const { ownFile, cliFile, logger } = this.deps;
+    const stray = [...(await ownFile.cleanupTempFiles()), ...((await cliFile?.cleanupTempFiles()) ?? [])];
+    if (stray.length) logger.warn({ files: stray }, 'removed temporary files left by an interrupted write');
+    const own = await ownFile.read();
+    const cli = cliFile ? await cliFile.read() : ({ status: 'missing' } as const);
+    const ownCreds = own.status === 'ok' ? own.credentials : null;
+    const cliCreds = cli.status === 'ok' ? cli.credentials : null;
+    const pick = pickAtStart(ownCreds, cliCreds);
+    if (pick === 'cli' && cliCreds && cliFile) {
+      this.sourceFile = cliFile.path;
+      this.dispatch({ type: 'credentials_loaded', credentials: cliCreds });
+      logger.info(
+        { from: cliFile.path, to: ownFile.path, token: fingerprint(cliCreds.access_token), expiry_date: cliCreds.expiry_date },
+        ownCreds ? 'imported newer credentials from the Qwen CLI' : 'imported credentials from the Qwen CLI',
+      );
+      await this.save(cliCreds, false);
+    } else if (pick === 'own' && ownCreds) {
+      this.sourceFile = ownFile.path;
+      this.dispatch({ type: 'credentials_loaded', credentials: ownCreds });
+      logger.info({ from: ownFile.path, token: fingerprint(ownCreds.access_token), expiry_date: ownCreds.expiry_date }, 'loaded credentials');
+    } else {
+      logger.warn({ path: ownFile.path }, 'no credentials yet: run `qwen-token login` (or log in with the Qwen CLI)');
+      this.schedule();
+    }
+  }
+
+  /** A token valid for more than `minValidityMs`, refreshing first when needed. */
+  async getAccessToken(minValidityMs = 0): Promise<Credentials> {
+    let decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
+    if (decision.action === 'refresh') {
+      await this.refreshNow();
+      decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs, true);
+    }
+    if (decision.action === 'serve' && this.state.credentials) return this.state.credentials;
+    throw this.unavailableError(decision.action === 'fail' ? decision.reason : 'expired');
+  }
+
+  /** Forces a refresh now (joining one in flight); throws when it fails. */
+  async refresh(): Promise<Credentials> {
+    if (!this.state.credentials) throw this.unavailableError('no_credentials');
+    const outcome = await this.refreshNow();
+    if (outcome.ok) return outcome.credentials;
+    throw outcome.error;
+  }
+
+  /** Makes freshly logged-in credentials current and persists them. */
+  async installCredentials(credentials: Credentials): Promise<void> {
+    this.sourceFile = this.deps.ownFile.path;
+    this.dispatch({ type: 'credentials_loaded', credentials });
+    await this.save(credentials, false);
+    this.emit('token_refreshed', credentials);
+  }
+
+  /** Forgets the credentials and deletes our file (and the Qwen CLI's when asked). */
+  async logout(includeQwenCli: boolean): Promise<string[]> {
+    this.abortRefresh?.abort();
+    this.unsaved = null;
+    this.sourceFile = null;
+    this.dispatch({ type: 'credentials_cleared' });
+    const removed: string[] = [];
+    if (await this.deps.ownFile.remove()) removed.push(this.deps.ownFile.path);
+    if (includeQwenCli && this.deps.cliFile && (await this.deps.cliFile.remove())) removed.push(this.deps.cliFile.path);
+    this.deps.logger.info({ removed }, 'logged out');
+    return removed;
+  }
+
+  /**
+   * Called when a watched file changed. Outside changes that are fresher are adopted; our own
+   * writes, vanished files ("no news") and older credentials are ignored.
+   */
+  fileChanged(which: 'own' | 'qwen-cli'): Promise<void> {
+    // One file event at a time, in order, so two quick changes cannot be applied out of order.
+    const work = this.fileWork.then(() => this.adoptFrom(which));
+    this.fileWork = work.catch(() => undefined);
+    return work;
+  }
+
+  /** Re-reads both files now (SIGHUP). */
+  async reload(): Promise<void> {
+    await this.fileChanged('own');
+    if (this.deps.cliFile) await this.fileChanged('qwen-cli');
+  }
+
+  snapshot(): KeeperSnapshot {
+    const now = this.deps.clock.now();
+    return {
+      state: phase(this.state, now),
+      credentials: this.state.credentials,
+      nextRefreshAt: nextRefreshAt(this.state, this.deps.config, now),
+      lastRefreshAt: this.state.lastRefreshAt,
+      lastError: this.state.lastError,
+      retryCount: this.state.failures,
+      sourceFile: this.sourceFile,
+    };
+  }
+
+  /** Stops timers and abandons an in-flight refresh; a credential write in progress completes. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.clearTimer();
+    this.abortRefresh?.abort();
+    await this.inflight;
+    await this.fileWork;
+  }
+
+  // ---- internals ----
+
+  private unavailableError(reason: 'no_credentials' | 'needs_login' | 'expired'): QwenError {
+    if (reason === 'no_credentials') {
+      return new QwenTokenNotAvailableError('no Qwen credentials: run `qwen-token login` (or log in with the Qwen CLI)');
+    }
+    if (reason === 'needs_login') {
+      return new QwenRefreshTokenInvalidError(
+        'the refresh token was rejected by the Qwen server and the access token has expired: run `qwen-token login`',
+      );
+    }
+    const last = this.state.lastError;
+    const expiry = this.state.credentials ? new Date(this.state.credentials.expiry_date).toISOString() : 'unknown';
+    return new QwenTokenExpiredError(
+      `the access token expired at ${expiry} and could not be refreshed${last ? ` (${last.message})` : ''}; ` +
+        'check the network, `qwen-token status`, or run `qwen-token login`',
+    );
+  }
+
+  private dispatch(event: LifecycleEvent): void {
+    if (this.stopped) return;
+    this.state = reduce(this.state, event, this.deps.clock.now());
+    this.notePhase();
+    this.schedule();
+  }
+
+  private notePhase(): void {
+    const current = phase(this.state, this.deps.clock.now());
+    if (current === this.shownPhase) return;
+    const previous = this.shownPhase;
+    this.shownPhase = current;
+    this.deps.logger.info({ state: current, previous }, 'state changed');
+    this.emit('state_changed', { state: current, previous });
+  }
+
+  private clearTimer(): void {
+    if (this.timer) this.deps.clock.clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  private schedule(): void {
+    this.clearTimer();
+    if (this.stopped) return;
+    const now = this.deps.clock.now();
+    const at = nextRefreshAt(this.state, this.deps.config, now);
+    if (at !== null && at <= now) {
+      void this.refreshNow();
+      return;
+    }
+    // Wake at the due time, but at least every MAX_TIMER_MS: timers do not notice wall-clock
+    // jumps or a suspended machine, a fresh look at the clock does.
+    const creds = this.state.credentials;
+    const expiryWake = creds && creds.expiry_date > now ? creds.expiry_date - now : MAX_TIMER_MS;
+    const delay = Math.min(at === null ? expiryWake : at - now, MAX_TIMER_MS);
+    this.timer = this.deps.clock.setTimeout(() => this.wake(), Math.max(delay, 0));
+  }
+
+  private wake(): void {
+    this.timer = null;
+    if (this.stopped) return;
+    this.notePhase();
+    if (this.unsaved) void this.save(this.unsaved, false);
+    this.schedule();
+  }
+
+  /** Single-flight refresh: every caller during a refresh shares its one HTTP call. */
+  private refreshNow(): Promise<RefreshOutcome> {
+    if (this.inflight) return this.inflight;
+    const creds = this.state.credentials;
+    if (!creds) return Promise.resolve({ ok: false, error: this.unavailableError('no_credentials') });
+    const abort = new AbortController();
+    this.abortRefresh = abort;
+    this.dispatch({ type: 'refresh_started' });
+    const run = this.runRefresh(creds, abort.signal).finally(() => {
+      this.inflight = null;
+      this.abortRefresh = null;
+      this.schedule();
+    });
+    this.inflight = run;
+    return run;
+  }
+
+  private async runRefresh(creds: Credentials, signal: AbortSignal): Promise<RefreshOutcome> {
+    const { logger } = this.deps;
+    const used = creds.refresh_token;
+    try {
+      const { credentials, via } = await this.refreshOnce(creds, signal);
+      this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
+      logger.info(
+        { token: fingerprint(credentials.access_token), expiry_date: credentials.expiry_date, via, rotated: credentials.refresh_token !== used },
+        via === 'http' ? 'token refreshed' : 'token already refreshed by the Qwen CLI; adopted it',
+      );
+      if (!this.stopped) this.emit('token_refreshed', credentials);
+      return { ok: true, credentials };
+    } catch (err) {
+      const error = toQwenError(err);
+      const terminal = error instanceof QwenRefreshTokenInvalidError;
+      if (this.stopped) return { ok: false, error };
+      if (terminal) {
+        // Another process may hold a newer refresh token: look once before giving up.
+        const rescued = await this.rescueFromFiles(used);
+        if (rescued) return { ok: true, credentials: rescued };
+      }
+      this.dispatch({ type: 'refresh_failed', error: { code: error.code, message: error.message }, terminal, usedRefreshToken: used });
+      const snap = this.snapshot();
+      if (terminal) {
+        logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`qwen-token login\``);
+      } else {
+        logger.warn(
+          { code: error.code, state: snap.state, retry_count: snap.retryCount, next_retry_at: snap.nextRefreshAt },
+          `refresh failed, will retry: ${error.message}`,
+        );
+      }
+      this.emit('refresh_failed', { error, state: snap.state, nextRetryAt: snap.nextRefreshAt });
+      return { ok: false, error };
+    }
+  }
+
+  /**
+   * One refresh. When the Qwen CLI's file holds the same refresh token, the refresh runs
+   * inside the CLI's own lock, and is skipped if the CLI refreshed meanwhile.
+   */
+  private async refreshOnce(creds: Credentials, signal: AbortSignal): Promise<{ credentials: Credentials; via: 'http' | 'qwen-cli' }> {
+    const { cliFile, config, logger } = this.deps;
+    if (!cliFile || !(await this.cliHolds(creds.refresh_token))) {
+      const fresh = await this.httpRefresh(creds, signal);
+      await this.save(fresh, false);
+      return { credentials: fresh, via: 'http' };
+    }
+    const lockOptions = {
+      staleMs: config.qwenCliLockStaleMs,
+      // Long enough to outwait a lock abandoned by a killed process.
+      acquireTimeoutMs: config.qwenCliLockStaleMs + 5_000,
+      clock: this.deps.clock,
+      logger,
+    };
+    return withQwenCliLock(config.qwenCliLockPath, lockOptions, async () => {
+      const inside = await cliFile.read();
+      if (inside.status === 'ok') {
+        const theirs = inside.credentials;
+        const now = this.deps.clock.now();
+        const refreshedByCli =
+          theirs.refresh_token !== creds.refresh_token ||
+          (theirs.expiry_date > creds.expiry_date && theirs.expiry_date - now > config.refreshLeadMs);
+        if (refreshedByCli && theirs.expiry_date > now) {
+          this.sourceFile = cliFile.path;
+          await this.save(theirs, false);
+          return { credentials: theirs, via: 'qwen-cli' as const };
+        }
+      }
+      const fresh = await this.httpRefresh(creds, signal);
+      // Write back where the token came from: a copy of a retired refresh token left in the
+      // CLI's file would make the CLI fail (and delete its file) on its next refresh.
+      await this.save(fresh, inside.status === 'ok' && inside.credentials.refresh_token === creds.refresh_token);
+      return { credentials: fresh, via: 'http' as const };
+    });
+  }
+
+  private async httpRefresh(creds: Credentials, signal: AbortSignal): Promise<Credentials> {
+    const grant = await this.deps.oauth.refreshTokenGrant(creds.refresh_token, signal);
+    return credentialsFromGrant(grant, creds, this.deps.clock.now());
+  }
+
+  private async cliHolds(refreshToken: string): Promise<boolean> {
+    const read = await this.deps.cliFile?.read();
+    return read?.status === 'ok' && read.credentials.refresh_token === refreshToken;
+  }
+
+  /** Before declaring needs_login: adopt a different, usable refresh token from either file. */
+  private async rescueFromFiles(rejected: string): Promise<Credentials | null> {
+    const files = [this.deps.ownFile, this.deps.cliFile].filter((f): f is CredentialFile => f !== null);
+    for (const file of files) {
+      const read = await file.read();
+      if (read.status !== 'ok' || read.credentials.refresh_token === rejected) continue;
+      const creds = read.credentials;
+      this.sourceFile = file.path;
+      this.dispatch({ type: 'credentials_loaded', credentials: creds });
+      this.deps.logger.info({ from: file.path, token: fingerprint(creds.access_token) }, 'refresh token rejected, but a newer one was found on disk; adopted it');
+      if (file !== this.deps.ownFile) await this.save(creds, false);
+      this.emit('token_refreshed', creds);
+      return creds;
+    }
+    return null;
+  }
+
+  private async adoptFrom(which: 'own' | 'qwen-cli'): Promise<void> {
+    if (this.stopped) return;
+    const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
+    if (!file) return;
+    const read = await file.read();
+    // A vanished file is no news: the Qwen CLI deletes its file after a failed refresh,
+    // which says nothing about the credentials we hold.
+    if (read.status !== 'ok') return;
+    if (file.isOwnWrite(read.text)) return;
+    const current = this.state.credentials;
+    if (sameCredentials(current, read.credentials)) return;
+    if (!shouldAdopt(current, this.state.credentialsSince, read.credentials, read.mtimeMs)) {
+      this.deps.logger.debug({ path: file.path }, 'ignored a credential file change that is not newer than ours');
+      return;
+    }
+    this.sourceFile = file.path;
+    this.dispatch({ type: 'credentials_loaded', credentials: read.credentials });
+    this.deps.logger.info(
+      { from: file.path, token: fingerprint(read.credentials.access_token), expiry_date: read.credentials.expiry_date },
+      'adopted newer credentials written by another process',
+    );
+    if (which === 'qwen-cli') await this.save(read.credentials, false);
+    this.emit('token_refreshed', read.credentials);
+  }
+
+  /** Writes our file (and the Qwen CLI's when asked). A failed write keeps the token in memory and retries later. */
+  private async save(credentials: Credentials, alsoQwenCli: boolean): Promise<void> {
+    const { ownFile, cliFile, logger } = this.deps;
+    try {
+      await ownFile.write(credentials);
+      // Anything older that failed to save is superseded by what was just written.
+      this.unsaved = null;
+    } catch (err) {
+      this.unsaved = credentials;
+      logger.error({ path: ownFile.path, err: (err as Error).message }, 'could not save credentials; keeping them in memory and retrying');
+    }
+    if (alsoQwenCli && cliFile) {
+      try {
+        await cliFile.write(credentials);
+      } catch (err) {
+        logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file");
+      }
+    }
+  }
+}
