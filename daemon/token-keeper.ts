@@ -301,12 +301,12 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       const error = toQwenError(err);
       const terminal = error instanceof QwenRefreshTokenInvalidError;
       if (this.stopped) return { ok: false, error };
-      if (terminal) {
-        // Another process may hold a newer refresh token: look once before giving up.
-        const rescued = await this.rescueFromFiles(used);
-        if (rescued) return { ok: true, credentials: rescued };
-      }
+      // Another process may hold a newer refresh token: look once before giving up.
+      const rescued = terminal ? await this.rescueFromFiles(used) : null;
+      // With rescued credentials current, this failure concerns a retired refresh token: the
+      // lifecycle records it without counting it (and the refresh is over either way).
       this.dispatch({ type: 'refresh_failed', error: { code: error.code, message: error.message }, terminal, usedRefreshToken: used });
+      if (rescued) return { ok: true, credentials: rescued };
       const snap = this.snapshot();
       if (terminal) {
         logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`qwen-token login\``);

@@ -1,0 +1,102 @@
+/**
+ * What every qwen-token command shares: the environment (with `--socket` applied), how to
+ * open a TokenClient, and how output and errors are written.
+ */
+import { resolveConfig, type TokendConfig } from '../../shared/config.js';
+import { QwenError } from '../../shared/errors.js';
+import { serviceInstalled } from '../autostart.js';
+import { TokenClient } from '../token-client.js';
+import { hintFor } from './exit-codes.js';
+
+/** Options every command accepts (defined on the root command). */
+export interface GlobalOptions {
+  socket?: string;
+}
+
+/** The environment a command runs with: `--socket` wins over `QWEN_TOKEND_SOCKET`. */
+export function commandEnv(globals: GlobalOptions, base: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  const env = { ...base };
+  if (globals.socket !== undefined) env.QWEN_TOKEND_SOCKET = globals.socket;
+  return env;
+}
+
+/** The resolved configuration; throws `QwenConfigError` naming the bad variable. */
+export function commandConfig(env: NodeJS.ProcessEnv): TokendConfig {
+  return resolveConfig(env, { platform: process.platform });
+}
+
+export interface OpenClientOptions {
+  /** Force autostart off (doctor must never start a daemon). */
+  autostart?: boolean;
+  /** How long one request may wait (default: the client's 30 s, a refresh may be running). */
+  requestTimeoutMs?: number;
+}
+
+/**
+ * A TokenClient for one command. When no daemon will be started for us, waiting the library's
+ * full reconnect window would only delay "daemon unreachable", so the CLI waits briefly.
+ */
+export function openClient(env: NodeJS.ProcessEnv, options: OpenClientOptions = {}): TokenClient {
+  const config = commandConfig(env);
+  const autostart = options.autostart ?? config.autostart;
+  const willStart = autostart && !serviceInstalled(config.home);
+  return new TokenClient({
+    env,
+    autostart,
+    reconnectWindowMs: willStart ? 10_000 : 1_000,
+    ...(options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs }),
+  });
+}
+
+/** Runs `fn` with a client and always closes it, so the process can exit at once. */
+export async function withClient<T>(env: NodeJS.ProcessEnv, fn: (client: TokenClient) => Promise<T>, options?: OpenClientOptions): Promise<T> {
+  const client = openClient(env, options);
+  try {
+    return await fn(client);
+  } finally {
+    await client.close();
+  }
+}
+
+/** Writes text to stdout. */
+export function out(text: string): void {
+  process.stdout.write(text);
+}
+
+/** Writes one JSON document as one line to stdout. */
+export function outJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value)}\n`);
+}
+
+/** Writes one line to stderr. */
+export function note(text: string): void {
+  process.stderr.write(`${text}\n`);
+}
+
+/** True when output goes to a person at a terminal (no CI, not piped). */
+export function interactive(env: NodeJS.ProcessEnv = process.env): boolean {
+  return process.stdout.isTTY === true && !('CI' in env) && env.TERM !== 'dumb';
+}
+
+/** Collapses a message to one line: errors are read in terminals and grepped in logs. */
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ').trim();
+}
+
+/** Prints `qwen-token: <message>` (and a hint line) to stderr; never a stack trace. */
+export function reportError(err: unknown): void {
+  const message = err instanceof Error ? err.message : String(err);
+  note(`qwen-token: ${oneLine(message) || (err instanceof QwenError ? err.code : 'unexpected error')}`);
+  const hint = hintFor(err);
+  if (hint) note(`hint: ${hint}`);
+}
+
+/** Resolves once everything written so far to stdout and stderr has been handed to the OS. */
+export function flushOutput(): Promise<void> {
+  const drain = (stream: NodeJS.WriteStream) =>
+    new Promise<void>((done) => {
+      if (stream.destroyed || !stream.writable) return done();
+      stream.write('', () => done());
+    });
+  return Promise.all([drain(process.stdout), drain(process.stderr)]).then(() => undefined);
+}

@@ -1,0 +1,55 @@
+/**
+ * The qwen-token CLI's exit codes. Scripts branch on them, so they never change meaning.
+ */
+import {
+  QwenConfigError,
+  QwenDaemonUnavailableError,
+  QwenRefreshTokenInvalidError,
+  QwenTokenExpiredError,
+  QwenTokenNotAvailableError,
+} from '../../shared/errors.js';
+
+export const ExitCodes = {
+  ok: 0,
+  /** Anything not covered below. */
+  error: 1,
+  /** Unknown command or option, bad option value. */
+  usage: 2,
+  /** No credentials, or the refresh token was rejected: `qwen-token login`. */
+  needsLogin: 3,
+  /** No daemon answers on the socket (and none could be started). */
+  daemonUnavailable: 4,
+  /** The token is past expiry and refreshing it keeps failing. */
+  tokenExpired: 5,
+  /** Interrupted by Ctrl-C (128 + SIGINT). */
+  cancelled: 130,
+} as const;
+
+export type ExitCode = (typeof ExitCodes)[keyof typeof ExitCodes];
+
+/** The exit code for an error that ended a command. */
+export function exitCodeFor(err: unknown): ExitCode {
+  if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) return ExitCodes.needsLogin;
+  if (err instanceof QwenDaemonUnavailableError) return ExitCodes.daemonUnavailable;
+  if (err instanceof QwenTokenExpiredError) return ExitCodes.tokenExpired;
+  return ExitCodes.error;
+}
+
+/** What to do about an error, in one line, or undefined when the message says it already. */
+export function hintFor(err: unknown): string | undefined {
+  if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) return 'run `qwen-token login`';
+  if (err instanceof QwenDaemonUnavailableError) return 'run `qwen-token doctor` to see what is wrong';
+  if (err instanceof QwenTokenExpiredError) return 'see `qwen-token status` for the last refresh error; `qwen-token login` if it persists';
+  if (err instanceof QwenConfigError) return 'fix the setting named above; `qwen-token doctor` checks the whole setup';
+  return undefined;
+}
+
+/** The exit-code table as shown at the end of `--help`. */
+export const EXIT_CODES_HELP = `Exit codes:
+  0    ok
+  1    error
+  2    usage error (unknown command or option, bad value)
+  3    needs login (no credentials, or the refresh token was rejected)
+  4    daemon unreachable
+  5    token expired and refreshing it fails
+  130  cancelled (Ctrl-C)`;

@@ -1,0 +1,43 @@
+/**
+ * qwen-tokend's client library: ask the one daemon for a fresh Qwen OAuth token.
+ *
+ *   import { getAccessToken } from 'qwen-tokend';
+ *   const token = await getAccessToken();
+ */
+import { TokenClient, type TokenRequestOptions } from './token-client.js';
+import type { TokenResult } from '../shared/protocol.js';
+
+export { TokenClient } from './token-client.js';
+export type { TokenClientOptions, TokenRequestOptions, LoginOptions, TokenClientEvents } from './token-client.js';
+export {
+  QwenError,
+  QwenOAuthError,
+  QwenRefreshTokenInvalidError,
+  QwenTokenExpiredError,
+  QwenTokenNotAvailableError,
+  QwenDaemonUnavailableError,
+  QwenCredentialsFileError,
+  QwenConfigError,
+  QwenProtocolError,
+  QwenLoginInProgressError,
+  QwenChatApiError,
+  ErrorCodes,
+} from '../shared/errors.js';
+export type { TokenResult, StatusResult, LoginStartResult, TokenState } from '../shared/protocol.js';
+export { chatBaseUrl, DEFAULT_CHAT_BASE_URL } from '../shared/credentials.js';
+export { fingerprint } from '../shared/fingerprint.js';
+
+/** A valid access token from the shared client (one connection per process). */
+export function getAccessToken(options?: TokenRequestOptions): Promise<string> {
+  return TokenClient.getInstance().getAccessToken(options);
+}
+
+/** The full token record from the shared client, including `base_url` for the chat API. */
+export function getCredentials(options?: TokenRequestOptions): Promise<TokenResult> {
+  return TokenClient.getInstance().getCredentials(options);
+}
+
+/** Closes the shared client so the process can exit (it does not keep the event loop alive anyway). */
+export function shutdown(): Promise<void> {
+  return TokenClient.shutdown();
+}

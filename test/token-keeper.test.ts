@@ -1,0 +1,144 @@
+/**
+ * TokenKeeper in-process against the real local Qwen server: single-flight refresh, serving
+ * through failures, adoption racing a refresh.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { systemClock } from '../shared/clock.js';
+import type { Credentials } from '../shared/credentials.js';
+import { CredentialFile } from '../daemon/credential-store.js';
+import { silentLogger } from '../daemon/logger.js';
+import { QwenOAuthClient } from '../daemon/oauth.js';
+import { TokenKeeper } from '../daemon/token-keeper.js';
+import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+
+let dir: string;
+let server: QwenTestServer;
+let keeper: TokenKeeper | undefined;
+
+beforeEach(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'qtd-keeper-'));
+  server = await startQwenServer();
+});
+
+afterEach(async () => {
+  await keeper?.stop();
+  keeper = undefined;
+  await server.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+function makeKeeper(withCli = false): { keeper: TokenKeeper; own: CredentialFile; cli: CredentialFile | null } {
+  const logger = silentLogger();
+  const own = new CredentialFile(join(dir, 'own', 'creds.json'), { logger, moveCorruptAside: true, ownsDirectory: true, label: 'own' });
+  const cli = withCli
+    ? new CredentialFile(join(dir, 'qwen', 'oauth_creds.json'), { logger, moveCorruptAside: false, ownsDirectory: false, label: 'qwen-cli' })
+    : null;
+  const oauth = new QwenOAuthClient({ baseUrl: server.baseUrl, clientId: server.settings.clientId, scope: 'openid', timeoutMs: 2000 });
+  const k = new TokenKeeper({
+    config: { refreshLeadMs: 300_000, retryMs: 60_000, qwenCliLockPath: join(dir, 'qwen', 'oauth_creds.lock'), qwenCliLockStaleMs: 35_000, httpTimeoutMs: 2000 },
+    oauth,
+    ownFile: own,
+    cliFile: cli,
+    clock: systemClock,
+    logger,
+  });
+  keeper = k;
+  return { keeper: k, own, cli };
+}
+
+function seeded(expiresIn: number): Credentials {
+  const t = server.issueTokens({ expiresIn });
+  return { access_token: t.access_token, refresh_token: t.refresh_token, token_type: 'Bearer', resource_url: t.resource_url, expiry_date: t.expiry_date };
+}
+
+describe('TokenKeeper', () => {
+  it('200 concurrent requests for an expired token share exactly one HTTP refresh', async () => {
+    const { keeper: k, own } = makeKeeper();
+    const old = { ...seeded(3600), expiry_date: Date.now() - 1 };
+    await own.write(old);
+    // Slow the token endpoint so every request arrives while the refresh is in flight.
+    server.injectFault({ kind: 'delay', delayMs: 200, times: 1 });
+    await k.start();
+    const results = await Promise.all(Array.from({ length: 200 }, () => k.getAccessToken()));
+    expect(server.counts.refresh).toBe(1);
+    const tokens = new Set(results.map((c) => c.access_token));
+    expect(tokens.size).toBe(1);
+    expect([...tokens][0]).not.toBe(old.access_token);
+    expect((await own.read()).status).toBe('ok');
+  });
+
+  it('200 concurrent forced refreshes also share one HTTP call', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    await k.start();
+    server.injectFault({ kind: 'delay', delayMs: 100, times: 1 });
+    const results = await Promise.all(Array.from({ length: 200 }, () => k.refresh()));
+    expect(server.counts.refresh).toBe(1);
+    expect(new Set(results.map((c) => c.access_token)).size).toBe(1);
+  });
+
+  it('a refresh failure for a refresh token replaced meanwhile does not declare needs_login', async () => {
+    const { keeper: k, own } = makeKeeper();
+    const first = seeded(3600);
+    await own.write(first);
+    await k.start();
+    server.revokeRefreshToken(first.refresh_token);
+    server.injectFault({ kind: 'delay', delayMs: 300, times: 1 });
+    const refreshing = k.refresh().catch((e: unknown) => e);
+    // While the refresh is in flight, another process writes a new login to our file.
+    const second = seeded(7200);
+    await new Promise((r) => setTimeout(r, 50));
+    const { writeFile } = await import('node:fs/promises');
+    const { serializeCredentials } = await import('../shared/credentials.js');
+    await writeFile(own.path, serializeCredentials(second), { mode: 0o600 });
+    await k.fileChanged('own');
+    await refreshing;
+    expect(k.snapshot().state).toBe('valid');
+    expect((await k.getAccessToken()).access_token).toBe(second.access_token);
+  });
+
+  it('emits token_refreshed, refresh_failed and state_changed', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    const events: string[] = [];
+    k.on('token_refreshed', () => events.push('token_refreshed'));
+    k.on('refresh_failed', (f) => events.push(`refresh_failed:${f.state}`));
+    k.on('state_changed', (s) => events.push(`state:${s.previous}->${s.state}`));
+    await k.start();
+    await k.refresh();
+    server.injectFault({ kind: '5xx', times: 1 });
+    await k.refresh().catch(() => undefined);
+    expect(events).toEqual([
+      'state:no_credentials->valid',
+      'state:valid->refreshing',
+      'state:refreshing->valid',
+      'token_refreshed',
+      'state:valid->refreshing',
+      'state:refreshing->retrying',
+      'refresh_failed:retrying',
+    ]);
+  });
+
+  it('keeps the refreshed token in memory and serves it when the file cannot be written', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    await k.start();
+    const { chmod } = await import('node:fs/promises');
+    await chmod(join(dir, 'own'), 0o500);
+    try {
+      if (process.getuid?.() === 0) {
+        // root ignores directory permissions; make the target a directory instead.
+        await rm(own.path);
+        const { mkdir } = await import('node:fs/promises');
+        await mkdir(own.path);
+      }
+      const refreshed = await k.refresh();
+      expect((await k.getAccessToken()).access_token).toBe(refreshed.access_token);
+    } finally {
+      await chmod(join(dir, 'own'), 0o700);
+    }
+  });
+});
