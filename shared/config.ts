@@ -86,6 +86,11 @@ function readUrl(env: NodeJS.ProcessEnv, name: string, fallback: string): string
   if (url.protocol !== 'https:' && url.protocol !== 'http:') {
     throw new QwenConfigError(`${name} must be an http(s) URL, got "${raw}"`);
   }
+  // Tokens never travel in clear text, except to a server on this machine (tests, proxies).
+  const loopback = ['localhost', '127.0.0.1', '[::1]'].includes(url.hostname) || url.hostname.startsWith('127.');
+  if (url.protocol === 'http:' && !loopback) {
+    throw new QwenConfigError(`${name} must use https (plain http is allowed only for loopback addresses), got "${raw}"`);
+  }
   return raw.replace(/\/+$/, '');
 }
 

@@ -1,0 +1,273 @@
+/**
+ * The socket protocol and the client library against the real daemon process: many client
+ * processes, single-flight over the socket, reconnects, autostart, hostile frames, permissions,
+ * and a non-Node client.
+ */
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { chmod, mkdir, stat, writeFile } from 'node:fs/promises';
+import { createConnection, type Socket } from 'node:net';
+import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, it } from 'vitest';
+import { fingerprint } from '../shared/fingerprint.js';
+import { MAX_FRAME_BYTES, StatusResult } from '../shared/protocol.js';
+import { QwenDaemonUnavailableError } from '../shared/errors.js';
+import { TokenClient } from '../client/token-client.js';
+import { DAEMON_BIN, REPO_ROOT, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+
+const CHILD = join(REPO_ROOT, 'test', 'support', 'client-child.mjs');
+let fx: DaemonFixture;
+const children: ChildProcess[] = [];
+
+afterEach(async () => {
+  for (const c of children.splice(0)) c.kill('SIGKILL');
+  await fx?.cleanup();
+});
+
+interface ChildMessage {
+  event: string;
+  fp?: string;
+  cached?: string;
+  at?: number;
+  code?: string;
+}
+
+function startChild(env: NodeJS.ProcessEnv): { proc: ChildProcess; messages: ChildMessage[]; next: (event: string) => Promise<ChildMessage> } {
+  const proc = spawn(process.execPath, [CHILD], { env, stdio: ['pipe', 'pipe', 'inherit'] });
+  children.push(proc);
+  const messages: ChildMessage[] = [];
+  const waiters: Array<{ event: string; resolve: (m: ChildMessage) => void }> = [];
+  createInterface({ input: proc.stdout! }).on('line', (line) => {
+    const msg = JSON.parse(line) as ChildMessage;
+    messages.push(msg);
+    for (const w of waiters.splice(0)) {
+      if (w.event === msg.event || msg.event === 'error') w.resolve(msg);
+      else waiters.push(w);
+    }
+  });
+  const next = (event: string) =>
+    new Promise<ChildMessage>((resolve) => {
+      const found = messages.find((m) => m.event === event || m.event === 'error');
+      if (found) resolve(found);
+      else waiters.push({ event, resolve });
+    });
+  return { proc, messages, next };
+}
+
+/** Sends raw bytes on a fresh connection and collects the lines it gets back. */
+function rawConnection(socketPath: string): Promise<{ socket: Socket; lines: string[] }> {
+  return new Promise((resolve, reject) => {
+    const socket = createConnection(socketPath);
+    const lines: string[] = [];
+    let buf = '';
+    socket.on('data', (d) => {
+      buf += d.toString();
+      let nl = buf.indexOf('\n');
+      while (nl !== -1) {
+        lines.push(buf.slice(0, nl));
+        buf = buf.slice(nl + 1);
+        nl = buf.indexOf('\n');
+      }
+    });
+    socket.on('error', () => undefined);
+    socket.once('connect', () => resolve({ socket, lines }));
+    socket.once('error', reject);
+  });
+}
+
+async function until(probe: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await probe())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+describe('IPC', () => {
+  it('20 client processes get the same token; a forced refresh is pushed to all of them', async () => {
+    fx = await createFixture();
+    const seeded = credsFrom(fx.server);
+    await fx.writeOwn(seeded);
+    await fx.start();
+    const kids = Array.from({ length: 20 }, () => startChild(fx.env));
+    const first = await Promise.all(kids.map((k) => k.next('token')));
+    expect(first.every((m) => m.event === 'token' && m.fp === fingerprint(seeded.access_token))).toBe(true);
+    const admin = fx.client();
+    const before = (await admin.status()).requests_served;
+    const refreshed = await admin.refresh();
+    // The daemon answers the refresh and pushes to subscribers in the same tick, so the
+    // admin's answer is the reference point for how late the pushes arrive.
+    const answeredAt = Date.now();
+    const pushes = await Promise.all(kids.map((k) => k.next('pushed')));
+    const latencies = pushes.map((p) => Math.max(0, p.at! - answeredAt)).sort((a, b) => a - b);
+    console.log(`push after the refresh answer, 20 processes: median ${latencies[10]} ms, max ${latencies[19]} ms`);
+    for (const p of pushes) {
+      expect(p.fp).toBe(fingerprint(refreshed.access_token));
+      expect(p.cached).toBe(fingerprint(refreshed.access_token));
+    }
+    // The children answered from their pushed cache: only the admin's refresh + status reached the daemon.
+    const after = (await admin.status()).requests_served;
+    expect(after - before).toBe(2);
+  });
+
+  it('an expired token and 500 concurrent getAccessToken calls over the socket cause exactly one refresh', async () => {
+    fx = await createFixture();
+    await fx.writeOwn({ ...credsFrom(fx.server), expiry_date: Date.now() + 400 });
+    await fx.start({ QWEN_TOKEND_REFRESH_LEAD_MS: '0' });
+    const clients = Array.from({ length: 10 }, () => fx.client());
+    await Promise.all(clients.map((c) => c.hello()));
+    await new Promise((r) => setTimeout(r, 450)); // now it has expired
+    fx.server.injectFault({ kind: 'delay', delayMs: 150, times: 1 });
+    const tokens = await Promise.all(
+      clients.flatMap((c) => Array.from({ length: 50 }, () => c.getAccessToken({ noCache: true, minValidityMs: 0 }))),
+    );
+    expect(tokens).toHaveLength(500);
+    expect(new Set(tokens).size).toBe(1);
+    expect(fx.server.counts.refresh).toBe(1);
+  });
+
+  it('clients reconnect after the daemon is killed and restarted', async () => {
+    fx = await createFixture();
+    await fx.writeOwn(credsFrom(fx.server));
+    await fx.start();
+    const client = fx.client({ reconnectWindowMs: 8000 });
+    const token = await client.getAccessToken();
+    await fx.stop('SIGKILL');
+    // A call while the daemon is down waits (with backoff) for it to come back.
+    const pending = client.getAccessToken({ noCache: true });
+    await new Promise((r) => setTimeout(r, 200));
+    await fx.start();
+    expect(await pending).toBe(token);
+    expect((await client.status()).pid).toBe(fx.proc!.pid);
+  });
+
+  it('with autostart on and no daemon, the first getAccessToken starts one', async () => {
+    fx = await createFixture();
+    await fx.writeOwn(credsFrom(fx.server));
+    const client = new TokenClient({ env: { ...fx.env, QWEN_TOKEND_AUTOSTART: '1' } });
+    try {
+      const token = await client.getAccessToken();
+      expect(token).toBe((await fx.readOwn())?.access_token);
+      const status = await client.status();
+      expect(status.pid).toBeGreaterThan(0);
+      process.kill(status.pid, 'SIGTERM');
+      await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 5000, 'daemon exit');
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('without autostart and no daemon, clients get QwenDaemonUnavailableError naming the socket', async () => {
+    fx = await createFixture();
+    const client = fx.client({ reconnectWindowMs: 200 });
+    const err = await client.getAccessToken().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(QwenDaemonUnavailableError);
+    expect((err as Error).message).toContain(fx.socketPath);
+  });
+
+  it('malformed, oversized and half-sent frames leave the daemon serving others', async () => {
+    fx = await createFixture();
+    const seeded = credsFrom(fx.server);
+    await fx.writeOwn(seeded);
+    await fx.start();
+    const bad = await Promise.all(Array.from({ length: 30 }, () => rawConnection(fx.socketPath)));
+    bad[0]!.socket.write('{not json\n');
+    bad[1]!.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 7, method: 'nope' })}\n`);
+    bad[2]!.socket.write(`${JSON.stringify({ jsonrpc: '1.0', id: 8, method: 'status' })}\n`);
+    bad[3]!.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 9, method: 'getAccessToken', params: { minValidityMs: 'soon' } })}\n`);
+    bad[4]!.socket.write(`${'x'.repeat(MAX_FRAME_BYTES + 10)}\n`);
+    bad[5]!.socket.write('['.repeat(20000) + ']'.repeat(20000) + '\n');
+    bad[6]!.socket.write('{"jsonrpc":"2.0","id":1,"method":"getAcc'); // half a frame, never finished
+    bad[7]!.socket.write(Buffer.from([0xff, 0xfe, 0x00, 0x0a]));
+    for (const b of bad.slice(8)) b.socket.write('y'.repeat(MAX_FRAME_BYTES + 1)); // oversized without newline
+    await until(() => bad[0]!.lines.length > 0 && bad[1]!.lines.length > 0 && bad[2]!.lines.length > 0 && bad[3]!.lines.length > 0 && bad[4]!.lines.length > 0 && bad[5]!.lines.length > 0, 3000, 'error replies');
+    expect(JSON.parse(bad[0]!.lines[0]!).error.code).toBe(-32700);
+    expect(JSON.parse(bad[1]!.lines[0]!).error.code).toBe(-32601);
+    expect(JSON.parse(bad[1]!.lines[0]!).id).toBe(7);
+    expect(JSON.parse(bad[2]!.lines[0]!).error.code).toBe(-32600);
+    expect(JSON.parse(bad[3]!.lines[0]!).error.code).toBe(-32602);
+    expect(JSON.parse(bad[4]!.lines[0]!).error.message).toMatch(/exceeds/);
+    expect(JSON.parse(bad[5]!.lines[0]!).error.code).toBe(-32600);
+    // Meanwhile a well-formed client is served.
+    const good = await rawConnection(fx.socketPath);
+    good.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 'a', method: 'getAccessToken' })}\n`);
+    await until(() => good.lines.length > 0, 3000, 'token reply');
+    const reply = JSON.parse(good.lines[0]!);
+    expect(reply.id).toBe('a');
+    expect(reply.result.access_token).toBe(seeded.access_token);
+    expect(reply.result.base_url).toBe('https://portal.qwen.ai/v1');
+    for (const b of bad) b.socket.destroy();
+    good.socket.destroy();
+    const status = StatusResult.parse(await fx.client().status());
+    expect(status.state).toBe('valid');
+  });
+
+  it('the socket is 0600 in a 0700 directory, and a looser directory is refused', async () => {
+    fx = await createFixture();
+    await fx.start();
+    expect((await stat(fx.socketPath)).mode & 0o777).toBe(0o600);
+    expect((await stat(dirname(fx.socketPath))).mode & 0o777).toBe(0o700);
+    await fx.stop();
+    await chmod(dirname(fx.socketPath), 0o755);
+    const proc = spawn(process.execPath, [DAEMON_BIN], { env: fx.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    proc.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+    const code = await new Promise<number | null>((done) => proc.once('exit', (c) => done(c)));
+    expect(code).toBe(78);
+    expect(stderr).toContain('mode 0755');
+    expect(stderr).toContain(dirname(fx.socketPath));
+  });
+
+  it('refuses a socket path over the platform limit, naming it', async () => {
+    fx = await createFixture();
+    const deep = join(fx.root, 'r'.repeat(60), 's'.repeat(60));
+    await mkdir(deep, { recursive: true, mode: 0o700 });
+    const path = join(deep, 'qwen-tokend.sock');
+    const proc = spawn(process.execPath, [DAEMON_BIN], { env: { ...fx.env, QWEN_TOKEND_SOCKET: path }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    proc.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+    const code = await new Promise<number | null>((done) => proc.once('exit', (c) => done(c)));
+    expect(code).toBe(78);
+    expect(stderr).toContain(path);
+  });
+
+  it('never unlinks a non-socket file at the socket path', async () => {
+    fx = await createFixture();
+    await writeFile(fx.socketPath, 'precious');
+    const proc = spawn(process.execPath, [DAEMON_BIN], { env: fx.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const code = await new Promise<number | null>((done) => proc.once('exit', (c) => done(c)));
+    expect(code).not.toBe(0);
+    const { readFile } = await import('node:fs/promises');
+    expect(await readFile(fx.socketPath, 'utf8')).toBe('precious');
+  });
+
+  it('a stale socket file left by a killed daemon is replaced', async () => {
+    fx = await createFixture();
+    await fx.start();
+    await fx.stop('SIGKILL');
+    expect((await stat(fx.socketPath)).isSocket()).toBe(true);
+    await fx.start();
+    expect((await fx.client().hello()).pid).toBe(fx.proc!.pid);
+  });
+
+  it('a Python client using only the socket module gets the token (the README example)', async () => {
+    fx = await createFixture();
+    const seeded = credsFrom(fx.server);
+    await fx.writeOwn(seeded);
+    await fx.start();
+    const script = [
+      'import json, os, socket',
+      's = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)',
+      's.connect(os.environ["QWEN_TOKEND_SOCKET"])',
+      's.sendall(b\'{"jsonrpc":"2.0","id":1,"method":"getAccessToken"}\\n\')',
+      'reply = json.loads(s.makefile().readline())',
+      'token = reply["result"]["access_token"]',
+      'import hashlib',
+      'h = hashlib.sha256(token.encode()).hexdigest()',
+      'print(h[:4] + "\\u2026" + h[-4:])',
+    ].join('\n');
+    const { stdout } = await promisify(execFile)('python3', ['-c', script], { env: fx.env });
+    expect(stdout.trim()).toBe(fingerprint(seeded.access_token));
+  });
+});
