@@ -72,6 +72,9 @@ describe('qwen-tokend daemon', () => {
     expect(await mode(fx.qwenCliPath)).toBe(0o600);
     expect(fx.server.counts.refresh).toBe(1);
     expect(fx.server.reuseCount).toBe(0);
+    // Its own writes are not mistaken for another process's.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(fx.logs().filter((l) => /adopted/.test(l.msg))).toEqual([]);
     // The lock the daemon took (the Qwen CLI's own protocol) is released.
     await expect(stat(join(fx.qwenHome, 'oauth_creds.lock'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
