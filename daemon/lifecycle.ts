@@ -66,6 +66,8 @@ export function reduce(state: LifecycleState, event: LifecycleEvent, now: number
     case 'refresh_started':
       return { ...state, refreshing: true };
     case 'refresh_succeeded':
+      // A logout while the refresh was in flight wins: its result must not bring credentials back.
+      if (!state.credentials) return { ...state, refreshing: false };
       return {
         ...state,
         credentials: event.credentials,
@@ -124,8 +126,10 @@ export function nextRefreshAt(state: LifecycleState, config: LifecycleConfig, no
     dueByExpiry = since + Math.max(0, Math.floor((creds.expiry_date - since) / 2));
   }
   if (state.failures === 0 || state.lastFailureAt === null) return dueByExpiry;
-  // A clock that went backwards must not push the retry hours into the future.
-  const failedAt = Math.min(state.lastFailureAt, now);
+  // The clock went backwards past the failure: the planned retry time means nothing on the
+  // new clock, so retry now; that failure (if any) is stamped on the new clock.
+  if (state.lastFailureAt > now) return now;
+  const failedAt = state.lastFailureAt;
   const regular = failedAt + config.retryMs;
   const finalAttempt = creds.expiry_date - finalAttemptLeadMs(config);
   if (failedAt < finalAttempt && regular > finalAttempt) return finalAttempt;

@@ -153,7 +153,10 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   /** Forgets the credentials and deletes our file (and the Qwen CLI's when asked). */
   async logout(includeQwenCli: boolean): Promise<string[]> {
+    // Let an in-flight refresh end first (aborted, or finishing its write), so it cannot
+    // write the credentials back after we delete them.
     this.abortRefresh?.abort();
+    await this.inflight;
     this.unsaved = null;
     this.sourceFile = null;
     this.dispatch({ type: 'credentials_cleared' });
