@@ -41,3 +41,19 @@ export function getCredentials(options?: TokenRequestOptions): Promise<TokenResu
 export function shutdown(): Promise<void> {
   return TokenClient.shutdown();
 }
+
+export { createQwenFetch, qwenBaseURL, defaultUserAgent } from './qwen-fetch.js';
+export type { QwenFetch, QwenFetchOptions } from './qwen-fetch.js';
+export { QwenChatModel, QWEN_CHAT_MODELS, QWEN_MODEL_NAMES, QWEN_PORTAL_PREFIX, resolveModelName } from './chat-model.js';
+export type {
+  QwenChatModelOptions,
+  QwenCallOptions,
+  QwenChatInput,
+  QwenChatMessage,
+  QwenContentPart,
+  QwenChatResult,
+  QwenChatCompletion,
+  QwenUsage,
+  QwenModelName,
+  QwenWireModel,
+} from './chat-model.js';
