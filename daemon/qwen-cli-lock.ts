@@ -23,6 +23,8 @@ export interface QwenCliLockOptions {
   /** Wall-clock time source; staleness compares it with file mtimes, so it must track real time. */
   clock?: Clock;
   logger: Logger;
+  /** Stops waiting for the lock (shutdown); noticed within one poll interval. */
+  signal?: AbortSignal;
 }
 
 const DEFAULT_POLL_MS = 50;
@@ -64,6 +66,9 @@ export class QwenCliLock {
     const deadline = this.clock.now() + this.options.acquireTimeoutMs;
     await this.ensureDirectory();
     for (;;) {
+      if (this.options.signal?.aborted) {
+        throw new QwenOAuthError(`stopped waiting for the Qwen CLI's lock ${this.lockPath}`, { oauthError: 'cancelled' });
+      }
       if (await this.tryCreate()) return;
       const broken = await this.breakIfStale();
       const now = this.clock.now();

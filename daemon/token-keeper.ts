@@ -341,6 +341,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       acquireTimeoutMs: config.qwenCliLockStaleMs + 5_000,
       clock: this.deps.clock,
       logger,
+      signal,
     };
     return withQwenCliLock(config.qwenCliLockPath, lockOptions, async () => {
       const inside = await cliFile.read();

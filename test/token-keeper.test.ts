@@ -141,4 +141,24 @@ describe('TokenKeeper', () => {
       await chmod(join(dir, 'own'), 0o700);
     }
   });
+
+  it('stop() abandons a refresh that waits for a Qwen CLI lock held elsewhere', async () => {
+    const { keeper: k, own, cli } = makeKeeper(true);
+    const creds = seeded(3600);
+    await own.write(creds);
+    await cli!.write(creds);
+    const { mkdir, writeFile, stat } = await import('node:fs/promises');
+    await mkdir(join(dir, 'qwen'), { recursive: true });
+    // A fresh lock held by "the Qwen CLI": the refresh must wait for it (up to 40 s).
+    await writeFile(join(dir, 'qwen', 'oauth_creds.lock'), 'someone-elses-uuid');
+    await k.start();
+    const refreshing = k.refresh().catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 100));
+    // Resolves long before the 40 s acquisition timeout (the test's own timeout is 20 s).
+    await k.stop();
+    await refreshing;
+    expect(server.counts.refresh).toBe(0);
+    // The other holder's lock is untouched.
+    expect((await stat(join(dir, 'qwen', 'oauth_creds.lock'))).isFile()).toBe(true);
+  });
 });
