@@ -4,7 +4,7 @@
  * Decisions come from `lifecycle.ts`; this module only does the I/O around them.
  */
 import { EventEmitter } from 'node:events';
-import type { Clock, TimerHandle } from '../shared/clock.js';
+import { systemClock, type Clock, type TimerHandle } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
 import type { Credentials } from '../shared/credentials.js';
 import { sameCredentials } from '../shared/credentials.js';
@@ -339,7 +339,8 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       staleMs: config.qwenCliLockStaleMs,
       // Long enough to outwait a lock abandoned by a killed process.
       acquireTimeoutMs: config.qwenCliLockStaleMs + 5_000,
-      clock: this.deps.clock,
+      // Staleness compares with real file mtimes: always the system clock, even under a test clock.
+      clock: systemClock,
       logger,
       signal,
     };
