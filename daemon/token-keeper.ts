@@ -4,6 +4,7 @@
  * Decisions come from `lifecycle.ts`; this module only does the I/O around them.
  */
 import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { systemClock, type Clock, type TimerHandle } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
 import type { Credentials } from '../shared/credentials.js';
@@ -32,6 +33,9 @@ import {
 import type { Logger } from './logger.js';
 import { credentialsFromGrant, type QwenOAuthClient } from './oauth.js';
 import { withQwenCliLock } from './qwen-cli-lock.js';
+
+/** How long shutdown waits for an in-flight refresh before abandoning it (within the 2 s exit budget). */
+const STOP_GRACE_MS = 1_000;
 
 /** Longest single timer: a wall-clock jump or a suspend is noticed within this long. */
 const MAX_TIMER_MS = 30_000;
@@ -201,6 +205,9 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   async stop(): Promise<void> {
     this.stopped = true;
     this.clearTimer();
+    // Give a refresh already at the server a moment to finish and be saved: abandoned after
+    // the server rotated, it would leave only a retired refresh token on disk.
+    if (this.inflight) await Promise.race([this.inflight, sleep(STOP_GRACE_MS)]);
     this.abortRefresh?.abort();
     await this.inflight;
     await this.fileWork;
