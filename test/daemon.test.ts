@@ -188,6 +188,21 @@ describe('qwen-tokend daemon', () => {
     expect((await client.status()).state).not.toBe('needs_login');
   });
 
+  it('with QWEN_TOKEND_QWEN_CLI_SYNC=off neither imports nor writes the Qwen CLI file', async () => {
+    fx = await createFixture({ env: { QWEN_TOKEND_QWEN_CLI_SYNC: 'off' } });
+    const cli = credsFrom(fx.server);
+    await fx.writeCli(cli);
+    await fx.start();
+    const client = fx.client();
+    expect((await client.status()).state).toBe('no_credentials');
+    expect((await client.status()).qwen_cli_link.enabled).toBe(false);
+    const own = credsFrom(fx.server);
+    await fx.writeOwn(own);
+    await until(async () => ((await client.status()).state === 'valid' ? true : undefined), 3000, 'own file adopted');
+    await client.refresh();
+    expect(await fx.readCli()).toEqual(cli);
+  });
+
   it('refuses a second instance with a message naming the running one', async () => {
     fx = await createFixture();
     await fx.start();

@@ -251,6 +251,24 @@ describe('IPC', () => {
     expect((await fx.client().hello()).pid).toBe(fx.proc!.pid);
   });
 
+  it('a client process exits by itself after getAccessToken without calling close()', async () => {
+    fx = await createFixture();
+    await fx.writeOwn(credsFrom(fx.server));
+    await fx.start();
+    const script = [
+      `import { getAccessToken, fingerprint } from ${JSON.stringify(join(REPO_ROOT, 'dist', 'client', 'index.js'))};`,
+      'const token = await getAccessToken();',
+      'console.log(fingerprint(token));',
+    ].join('\n');
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { env: fx.env, stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+    // If the idle socket kept the event loop alive, this would never resolve (test timeout).
+    const code = await new Promise<number | null>((done) => child.once('exit', (c) => done(c)));
+    expect(code).toBe(0);
+    expect(out.trim()).toBe(fingerprint((await fx.readOwn())!.access_token));
+  });
+
   it('a Python client using only the socket module gets the token (the README example)', async () => {
     fx = await createFixture();
     const seeded = credsFrom(fx.server);
