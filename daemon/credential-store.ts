@@ -214,8 +214,12 @@ export class CredentialFile {
     return (this.lastWrite !== undefined && this.lastWrite.text === text) || this.writing === text;
   }
 
-  /** Reads and validates the file; a corrupt file is reported (and moved aside when configured). */
-  async read(): Promise<FileRead> {
+  /**
+   * Reads and validates the file; a corrupt file is reported (and moved aside when configured).
+   * `settling`: the read follows a change event, so the file may be half-written by a writer
+   * that does not rename into place; a corrupt result is then reported quietly and left alone.
+   */
+  async read(options: { settling?: boolean } = {}): Promise<FileRead> {
     let fh: FileHandle;
     try {
       fh = await open(this.path, 'r');
@@ -253,6 +257,10 @@ export class CredentialFile {
         err instanceof QwenCredentialsFileError
           ? err
           : new QwenCredentialsFileError(`${this.path} is not a valid credential file`, { cause: err });
+      if (options.settling) {
+        this.logger.debug({ file: this.label, path: this.path }, 'credential file not valid yet; will look again once it settles');
+        return { status: 'corrupt', error, movedTo: undefined };
+      }
       return this.reportCorrupt(error, info);
     }
     return { status: 'ok', credentials, mtimeMs: info.mtimeMs, text };

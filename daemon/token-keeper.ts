@@ -37,6 +37,9 @@ import { withQwenCliLock } from './qwen-cli-lock.js';
 /** How long shutdown waits for an in-flight refresh before abandoning it (within the 2 s exit budget). */
 const STOP_GRACE_MS = 1_000;
 
+/** A credential file that reads as corrupt after a change is judged again after this quiet time. */
+const SETTLE_MS = 500;
+
 /** Longest single timer: a wall-clock jump or a suspend is noticed within this long. */
 const MAX_TIMER_MS = 30_000;
 
@@ -95,6 +98,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   /** Credentials a failed write could not persist yet; written again on the next wake. */
   private unsaved: Credentials | null = null;
   private fileWork: Promise<void> = Promise.resolve();
+  private readonly settleTimers = new Map<'own' | 'qwen-cli', TimerHandle>();
 
   constructor(private readonly deps: TokenKeeperDeps) {
     super();
@@ -205,6 +209,8 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   async stop(): Promise<void> {
     this.stopped = true;
     this.clearTimer();
+    for (const timer of this.settleTimers.values()) this.deps.clock.clearTimeout(timer);
+    this.settleTimers.clear();
     // Give a refresh already at the server a moment to finish and be saved: abandoned after
     // the server rotated, it would leave only a retired refresh token on disk.
     if (this.inflight) await Promise.race([this.inflight, sleep(STOP_GRACE_MS)]);
@@ -400,11 +406,17 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     return null;
   }
 
-  private async adoptFrom(which: 'own' | 'qwen-cli'): Promise<void> {
+  private async adoptFrom(which: 'own' | 'qwen-cli', settled = false): Promise<void> {
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;
-    const read = await file.read();
+    const read = await file.read({ settling: !settled });
+    if (read.status === 'corrupt' && !settled) {
+      // Possibly caught mid-write by a writer that does not rename into place: judge it
+      // (and move a corrupt own file aside) only once it has stopped changing.
+      this.recheckWhenSettled(which);
+      return;
+    }
     // A vanished file is no news: the Qwen CLI deletes its file after a failed refresh,
     // which says nothing about the credentials we hold.
     if (read.status !== 'ok') return;
@@ -423,6 +435,18 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     );
     if (which === 'qwen-cli') await this.save(read.credentials, false);
     this.emit('token_refreshed', read.credentials);
+  }
+
+  private recheckWhenSettled(which: 'own' | 'qwen-cli'): void {
+    const pending = this.settleTimers.get(which);
+    if (pending) this.deps.clock.clearTimeout(pending);
+    const timer = this.deps.clock.setTimeout(() => {
+      this.settleTimers.delete(which);
+      const work = this.fileWork.then(() => this.adoptFrom(which, true));
+      this.fileWork = work.catch(() => undefined);
+    }, SETTLE_MS);
+    timer.unref?.();
+    this.settleTimers.set(which, timer);
   }
 
   /** Writes our file (and the Qwen CLI's when asked). A failed write keeps the token in memory and retries later. */

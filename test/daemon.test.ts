@@ -3,7 +3,7 @@
  * ahead of expiry, file modes, adoption of outside changes, faults, needs_login, single instance.
  */
 import { spawn } from 'node:child_process';
-import { rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { serializeCredentials } from '../shared/credentials.js';
@@ -94,8 +94,41 @@ describe('qwen-tokend daemon', () => {
     await until(async () => (await client.getAccessToken({ noCache: true })) === fresher.access_token, 1000, 'adoption');
     const latency = Date.now() - writtenAt;
     console.log(`adoption latency: ${latency} ms`);
+    // Adopted from the Qwen CLI file, then saved to our own.
+    await until(async () => ((await fx.readOwn())?.access_token === fresher.access_token ? true : undefined), 3000, 'own file saved');
     expect(await fx.readOwn()).toEqual(fresher);
     expect(fx.server.counts.refresh).toBe(0);
+  });
+
+  it('a file written in two steps (not renamed into place) is adopted, not moved aside as corrupt', async () => {
+    fx = await createFixture({ env: { QWEN_TOKEND_QWEN_CLI_SYNC: 'off' } });
+    await fx.start();
+    const client = fx.client();
+    const creds = credsFrom(fx.server);
+    const text = serializeCredentials(creds);
+    const { open, readdir } = await import('node:fs/promises');
+    await mkdir(dirname(fx.tokenPath), { recursive: true });
+    const fh = await open(fx.tokenPath, 'w', 0o600);
+    await fh.write(text.slice(0, 20));
+    await fh.sync();
+    await new Promise((r) => setTimeout(r, 150)); // the watcher sees the half-written file
+    await fh.write(text.slice(20));
+    await fh.close();
+    await until(async () => ((await client.status()).state === 'valid' ? true : undefined), 5000, 'adoption');
+    expect(await client.getAccessToken({ noCache: true })).toBe(creds.access_token);
+    expect((await readdir(dirname(fx.tokenPath))).filter((f) => f.includes('.corrupt-'))).toEqual([]);
+  });
+
+  it('a file that stays corrupt after a change is moved aside once it settles, keeping the token in memory', async () => {
+    fx = await createFixture({ env: { QWEN_TOKEND_QWEN_CLI_SYNC: 'off' } });
+    const creds = credsFrom(fx.server);
+    await fx.writeOwn(creds);
+    await fx.start();
+    const client = fx.client();
+    await writeFile(fx.tokenPath, 'garbage that is not json');
+    const { readdir } = await import('node:fs/promises');
+    await until(async () => ((await readdir(dirname(fx.tokenPath))).some((f) => f.includes('.corrupt-')) ? true : undefined), 5000, 'moved aside');
+    expect(await client.getAccessToken({ noCache: true })).toBe(creds.access_token);
   });
 
   it('treats a vanished Qwen CLI file as no news and ignores older credentials', async () => {
