@@ -343,7 +343,16 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    */
   private async refreshOnce(creds: Credentials, signal: AbortSignal): Promise<{ credentials: Credentials; via: 'http' | 'qwen-cli' }> {
     const { cliFile, config, logger } = this.deps;
-    if (!cliFile || !(await this.cliHolds(creds.refresh_token))) {
+    const outside = cliFile ? await cliFile.read({ settling: true }) : null;
+    const theirs = outside?.status === 'ok' ? outside.credentials : null;
+    if (cliFile && theirs && theirs.refresh_token !== creds.refresh_token && theirs.expiry_date > creds.expiry_date) {
+      // The Qwen CLI refreshed (or logged in) and its file event has not reached us yet:
+      // refreshing now would present a refresh token it has just retired. Take its result.
+      this.sourceFile = cliFile.path;
+      await this.save(theirs, false);
+      return { credentials: theirs, via: 'qwen-cli' };
+    }
+    if (!cliFile || theirs?.refresh_token !== creds.refresh_token) {
       const fresh = await this.httpRefresh(creds, signal);
       await this.save(fresh, false);
       return { credentials: fresh, via: 'http' };
@@ -382,11 +391,6 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   private async httpRefresh(creds: Credentials, signal: AbortSignal): Promise<Credentials> {
     const grant = await this.deps.oauth.refreshTokenGrant(creds.refresh_token, signal);
     return credentialsFromGrant(grant, creds, this.deps.clock.now());
-  }
-
-  private async cliHolds(refreshToken: string): Promise<boolean> {
-    const read = await this.deps.cliFile?.read();
-    return read?.status === 'ok' && read.credentials.refresh_token === refreshToken;
   }
 
   /** Before declaring needs_login: adopt a different, usable refresh token from either file. */
@@ -452,6 +456,16 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   /** Writes our file (and the Qwen CLI's when asked). A failed write keeps the token in memory and retries later. */
   private async save(credentials: Credentials, alsoQwenCli: boolean): Promise<void> {
     const { ownFile, cliFile, logger } = this.deps;
+    // The Qwen CLI's file first: a crash between the two writes then leaves the newer
+    // credentials in the CLI's file, which the next start imports into ours (the later
+    // expiry wins). The other order would leave the CLI on a retired refresh token.
+    if (alsoQwenCli && cliFile) {
+      try {
+        await cliFile.write(credentials);
+      } catch (err) {
+        logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file");
+      }
+    }
     try {
       await ownFile.write(credentials);
       // Anything older that failed to save is superseded by what was just written.
@@ -459,13 +473,6 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     } catch (err) {
       this.unsaved = credentials;
       logger.error({ path: ownFile.path, err: (err as Error).message }, 'could not save credentials; keeping them in memory and retrying');
-    }
-    if (alsoQwenCli && cliFile) {
-      try {
-        await cliFile.write(credentials);
-      } catch (err) {
-        logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file");
-      }
     }
   }
 }
