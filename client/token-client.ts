@@ -97,6 +97,8 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   private starting: Promise<void> | null = null;
   private cached: TokenResult | null = null;
   private closed = false;
+  /** A daemon answered this client before: a lost connection is then a restart worth waiting for. */
+  private everConnected = false;
 
   constructor(options: TokenClientOptions = {}) {
     super();
@@ -239,7 +241,9 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         const connection = await this.connect();
         return await connection.call(method, params, this.requestTimeoutMs);
       } catch (err) {
-        const retryable = err instanceof QwenDaemonUnavailableError && IDEMPOTENT.has(method) && !this.closed;
+        // Wait out a daemon restart, but not a daemon that was never there (and that we may
+        // not start): that answer is final at once, not after the whole reconnect window.
+        const retryable = err instanceof QwenDaemonUnavailableError && IDEMPOTENT.has(method) && !this.closed && this.everConnected;
         if (!retryable || this.clock.now() >= deadline) throw err;
         const backoff = Math.min(50 * 2 ** attempt, 1_000);
         await sleep(backoff / 2 + Math.random() * (backoff / 2));
@@ -266,6 +270,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       connection = await this.waitForSocket();
     }
     this.connection = connection;
+    this.everConnected = true;
     // Every connection subscribes, so the cache is replaced by pushes, never left stale.
     const [hello] = await Promise.all([
       connection.call(Methods.hello, { protocol: PROTOCOL_VERSION }, this.requestTimeoutMs),

@@ -160,7 +160,9 @@ describe('IPC', () => {
 
   it('without autostart and no daemon, clients get QwenDaemonUnavailableError naming the socket', async () => {
     fx = await createFixture();
-    const client = fx.client({ reconnectWindowMs: 200 });
+    // The reconnect window is for restarts: a daemon that was never there is reported at once.
+    // With a 60 s window, waiting it out would blow this test's 20 s timeout.
+    const client = fx.client({ reconnectWindowMs: 60_000 });
     const err = await client.getAccessToken().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(QwenDaemonUnavailableError);
     expect((err as Error).message).toContain(fx.socketPath);

@@ -5,7 +5,7 @@
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
 import { QwenError } from '../../shared/errors.js';
 import { serviceInstalled } from '../autostart.js';
-import { TokenClient } from '../token-client.js';
+import type { TokenClient } from '../token-client.js';
 import { hintFor } from './exit-codes.js';
 
 /** Options every command accepts (defined on the root command). */
@@ -36,8 +36,10 @@ export interface OpenClientOptions {
  * A TokenClient for one command. When no daemon will be started for us, waiting the library's
  * full reconnect window would only delay "daemon unreachable", so the CLI waits briefly.
  */
-export function openClient(env: NodeJS.ProcessEnv, options: OpenClientOptions = {}): TokenClient {
+export async function openClient(env: NodeJS.ProcessEnv, options: OpenClientOptions = {}): Promise<TokenClient> {
   const config = commandConfig(env);
+  // Loaded on use: the client pulls in zod, which `--help` and usage errors do not need.
+  const { TokenClient } = await import('../token-client.js');
   const autostart = options.autostart ?? config.autostart;
   const willStart = autostart && !serviceInstalled(config.home);
   return new TokenClient({
@@ -50,7 +52,7 @@ export function openClient(env: NodeJS.ProcessEnv, options: OpenClientOptions = 
 
 /** Runs `fn` with a client and always closes it, so the process can exit at once. */
 export async function withClient<T>(env: NodeJS.ProcessEnv, fn: (client: TokenClient) => Promise<T>, options?: OpenClientOptions): Promise<T> {
-  const client = openClient(env, options);
+  const client = await openClient(env, options);
   try {
     return await fn(client);
   } finally {

@@ -53,3 +53,11 @@ export const EXIT_CODES_HELP = `Exit codes:
   4    daemon unreachable
   5    token expired and refreshing it fails
   130  cancelled (Ctrl-C)`;
+
+/** Thrown by a command that has said everything already and only needs to end with `exitCode`. */
+export class CommandExit extends Error {
+  constructor(readonly exitCode: ExitCode) {
+    super(`exit ${exitCode}`);
+    this.name = 'CommandExit';
+  }
+}

@@ -21,7 +21,7 @@ export function formatStatus(s: StatusResult): string {
   const rows: Array<[string, string]> = [
     ['state', STATE_TEXT[s.state] ?? s.state],
     ['token', s.expiry_date === null ? 'none' : describeExpiry(s.expiry_date, now)],
-    ['fingerprint', `${s.token_fingerprint} (refresh token ${s.refresh_token_fingerprint})`],
+    ['fingerprint', s.expiry_date === null ? 'none' : `${s.token_fingerprint} (refresh token ${s.refresh_token_fingerprint})`],
     ['next refresh', s.next_refresh_at === null ? 'none scheduled' : formatRelative(s.next_refresh_at, now)],
     ['last refresh', s.last_refresh_at === null ? 'never' : formatRelative(s.last_refresh_at, now)],
     [

@@ -1,0 +1,287 @@
+/**
+ * `qwen-token doctor`: checks the setup piece by piece and says how to fix what is wrong.
+ * It only looks: it never starts a daemon and never moves, rewrites or deletes a file.
+ */
+import type { Stats } from 'node:fs';
+import { lstat, readFile } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { Command } from 'commander';
+import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
+import { QwenProtocolError } from '../../shared/errors.js';
+import { fingerprint } from '../../shared/fingerprint.js';
+import type { StatusResult } from '../../shared/protocol.js';
+import { commandConfig, commandEnv, openClient, out, outJson, type GlobalOptions } from './context.js';
+import { describeExpiry, formatDuration, formatRelative } from './duration.js';
+import { CommandExit, ExitCodes } from './exit-codes.js';
+
+export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
+
+/** One finding. `hint` says how to fix a warn/fail. */
+export interface Check {
+  id: string;
+  title: string;
+  status: CheckStatus;
+  detail: string;
+  hint?: string;
+}
+
+function check(id: string, title: string, status: CheckStatus, detail: string, hint?: string): Check {
+  return hint === undefined ? { id, title, status, detail } : { id, title, status, detail, hint };
+}
+
+function modeText(st: Stats): string {
+  return (st.mode & 0o777).toString(8).padStart(4, '0');
+}
+
+function errnoCode(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException)?.code;
+}
+
+async function lstatOrNull(path: string): Promise<Stats | null> {
+  try {
+    return await lstat(path);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return null;
+    throw err;
+  }
+}
+
+const myUid = (): number | undefined => process.getuid?.();
+
+function checkSocketDir(dir: string, st: Stats | null): Check {
+  const title = 'socket directory';
+  if (st === null) return check('socket-dir', title, 'warn', `${dir} does not exist yet`, 'the daemon creates it (mode 0700) when it starts');
+  if (!st.isDirectory()) return check('socket-dir', title, 'fail', `${dir} is not a directory`, 'set QWEN_TOKEND_SOCKET to a path in a private directory');
+  const uid = myUid();
+  if (uid !== undefined && st.uid !== uid) {
+    return check('socket-dir', title, 'fail', `${dir} belongs to uid ${st.uid}, not to you (uid ${uid})`, 'set QWEN_TOKEND_SOCKET to a path in a directory you own');
+  }
+  if ((st.mode & 0o077) !== 0) {
+    return check('socket-dir', title, 'fail', `${dir} has mode ${modeText(st)}: other users could reach the socket`, `chmod 700 ${dir}`);
+  }
+  return check('socket-dir', title, 'ok', `${dir}: mode ${modeText(st)}, owned by you`);
+}
+
+function checkSocketFile(path: string, st: Stats | null): Check {
+  const title = 'socket';
+  if (st === null) return check('socket', title, 'warn', `${path} does not exist (no daemon is listening)`, 'start one with `qwen-tokend`, or let a client autostart it');
+  if (!st.isSocket()) return check('socket', title, 'fail', `${path} exists but is not a socket`, `move it away or set QWEN_TOKEND_SOCKET elsewhere`);
+  const uid = myUid();
+  if (uid !== undefined && st.uid !== uid) return check('socket', title, 'fail', `${path} belongs to uid ${st.uid}, not to you`, 'stop the other daemon, or set QWEN_TOKEND_SOCKET');
+  if ((st.mode & 0o077) !== 0) return check('socket', title, 'fail', `${path} has mode ${modeText(st)} (expected 0600)`, `chmod 600 ${path}, then restart qwen-tokend`);
+  return check('socket', title, 'ok', `${path}: a socket, mode ${modeText(st)}`);
+}
+
+interface FileCheckOptions {
+  id: string;
+  title: string;
+  /** Severity of permission and content problems (our own file: fail; the Qwen CLI's: warn). */
+  severity: 'warn' | 'fail';
+  /** What a missing file means. */
+  missing: { status: CheckStatus; detail: string; hint?: string };
+}
+
+/** Checks a credential file without changing it: presence, owner, modes, content. */
+async function checkCredentialFile(path: string, o: FileCheckOptions, now: number): Promise<Check> {
+  const bad = (detail: string, hint: string) => check(o.id, o.title, o.severity, detail, hint);
+  let st: Stats | null;
+  try {
+    st = await lstatOrNull(path);
+  } catch (err) {
+    return bad(`cannot inspect ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check the permissions of ${dirname(path)}`);
+  }
+  if (st === null) return check(o.id, o.title, o.missing.status, `${path} ${o.missing.detail}`, o.missing.hint);
+  if (!st.isFile()) return bad(`${path} is not a regular file`, `remove it and run \`qwen-token login\``);
+  const uid = myUid();
+  if (uid !== undefined && st.uid !== uid) return bad(`${path} belongs to uid ${st.uid}, not to you`, `chown it to yourself or remove it`);
+  if ((st.mode & 0o077) !== 0) return bad(`${path} has mode ${modeText(st)}: other users can read the tokens`, `chmod 600 ${path}`);
+  const dir = dirname(path);
+  const dirSt = await lstat(dir).catch(() => null);
+  if (dirSt && (dirSt.mode & 0o077) !== 0) return bad(`${dir} has mode ${modeText(dirSt)} (expected 0700)`, `chmod 700 ${dir}`);
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    return bad(`cannot read ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check its owner and mode`);
+  }
+  // Loaded on use: it pulls in zod.
+  const { parseCredentialsText } = await import('../../shared/credentials.js');
+  try {
+    const creds = parseCredentialsText(text, path);
+    return check(
+      o.id,
+      o.title,
+      'ok',
+      `${path}: valid, mode ${modeText(st)}; token ${fingerprint(creds.access_token)} ${describeExpiry(creds.expiry_date, now)}`,
+    );
+  } catch (err) {
+    return bad((err as Error).message, 'run `qwen-token login` to replace it');
+  }
+}
+
+async function checkQwenCliLock(config: TokendConfig, now: number): Promise<Check> {
+  const title = 'Qwen CLI lock';
+  const path = config.qwenCliLockPath;
+  let st: Stats | null;
+  try {
+    st = await lstatOrNull(path);
+  } catch (err) {
+    return check('qwen-cli-lock', title, 'warn', `cannot inspect ${path}: ${errnoCode(err)}`);
+  }
+  if (st === null) return check('qwen-cli-lock', title, 'ok', `${path}: not held`);
+  const age = Math.max(0, now - st.mtimeMs);
+  if (age < config.qwenCliLockStaleMs) {
+    return check('qwen-cli-lock', title, 'ok', `${path}: held for ${formatDuration(age)} (a refresh is running)`);
+  }
+  return check(
+    'qwen-cli-lock',
+    title,
+    'warn',
+    `${path}: stale, ${formatDuration(age)} old (stale after ${formatDuration(config.qwenCliLockStaleMs)}); it is broken at the next refresh`,
+    `if no qwen or qwen-tokend process is refreshing, remove ${path}`,
+  );
+}
+
+function checkState(s: StatusResult): Check {
+  const title = 'token state';
+  const login = s.login_in_progress ? '; a login is in progress' : '';
+  const expiry = s.expiry_date === null ? '' : `, token ${describeExpiry(s.expiry_date, s.now)} (${s.token_fingerprint})`;
+  const lastError = s.last_error ? `; last error: ${s.last_error.message} [${s.last_error.code}] ${formatRelative(s.last_error.at, s.now)}` : '';
+  switch (s.state) {
+    case 'valid':
+    case 'refreshing':
+      return check('state', title, 'ok', `${s.state}${expiry}${login}`);
+    case 'retrying':
+      return check('state', title, 'warn', `retrying (${s.retry_count} failed refreshes)${expiry}${lastError}${login}`, 'the old token is served while it is valid; see `qwen-token status`');
+    case 'expired':
+      return check('state', title, 'fail', `expired and refreshing fails${expiry}${lastError}${login}`, 'run `qwen-token refresh`; if it keeps failing, `qwen-token login`');
+    case 'needs_login':
+      return check('state', title, 'fail', `needs login: the refresh token was rejected${lastError}${login}`, 'run `qwen-token login`');
+    case 'no_credentials':
+      return check('state', title, 'fail', `no credentials${login}`, 'run `qwen-token login`');
+  }
+}
+
+/** Runs every check against the environment `env`; never starts a daemon. */
+export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
+  const checks: Check[] = [];
+  let config: TokendConfig;
+  try {
+    config = commandConfig(env);
+  } catch (err) {
+    checks.push(check('config', 'configuration', 'fail', (err as Error).message, 'set the variable named above to a valid value, or unset it for the default'));
+    return checks;
+  }
+  checks.push(check('config', 'configuration', 'ok', `resolves; socket ${config.socketPath}, token file ${config.tokenPath}`));
+  const now = Date.now();
+
+  let socketPathOk = true;
+  try {
+    checkSocketPathLength(config.socketPath, process.platform);
+    const limit = (SOCKET_PATH_LIMIT[process.platform] ?? 104) - 1;
+    checks.push(check('socket-path', 'socket path length', 'ok', `${Buffer.byteLength(config.socketPath)} bytes (limit ${limit})`));
+  } catch (err) {
+    socketPathOk = false;
+    checks.push(check('socket-path', 'socket path length', 'fail', (err as Error).message, 'set QWEN_TOKEND_SOCKET or XDG_RUNTIME_DIR to a shorter path'));
+  }
+
+  const dir = dirname(config.socketPath);
+  try {
+    checks.push(checkSocketDir(dir, await lstatOrNull(dir)));
+  } catch (err) {
+    checks.push(check('socket-dir', 'socket directory', 'fail', `cannot inspect ${dir}: ${errnoCode(err)}`, `check the permissions of ${dirname(dir)}`));
+  }
+  try {
+    checks.push(checkSocketFile(config.socketPath, await lstatOrNull(config.socketPath)));
+  } catch (err) {
+    checks.push(check('socket', 'socket', 'fail', `cannot inspect ${config.socketPath}: ${errnoCode(err)}`, `check the permissions of ${dir}`));
+  }
+
+  let status: StatusResult | null = null;
+  if (!socketPathOk) {
+    checks.push(check('daemon', 'daemon', 'skip', 'not checked: the socket path is too long'));
+  } else {
+    // Autostart off: a doctor that starts a daemon would hide the problem it should report.
+    const client = await openClient(env, { autostart: false, requestTimeoutMs: 5_000 });
+    try {
+      const hello = await client.hello();
+      checks.push(check('daemon', 'daemon', 'ok', `qwen-tokend ${hello.version} answers (protocol ${hello.protocol}, pid ${hello.pid})`));
+      status = await client.status();
+    } catch (err) {
+      const hint =
+        err instanceof QwenProtocolError
+          ? 'restart qwen-tokend after upgrading, so daemon and client speak the same protocol'
+          : 'start it with `qwen-tokend` (or `systemctl --user start qwen-tokend` when the service is installed)';
+      checks.push(check('daemon', 'daemon', 'fail', (err as Error).message, hint));
+    } finally {
+      await client.close();
+    }
+  }
+
+  checks.push(
+    await checkCredentialFile(
+      config.tokenPath,
+      {
+        id: 'own-file',
+        title: 'credential file',
+        severity: 'fail',
+        missing: { status: 'warn', detail: 'does not exist (not logged in yet)', hint: 'run `qwen-token login`' },
+      },
+      now,
+    ),
+  );
+
+  if (!config.qwenCliSync) {
+    checks.push(check('qwen-cli-link', 'Qwen CLI link', 'ok', 'off (QWEN_TOKEND_QWEN_CLI_SYNC=off): the Qwen CLI file is neither read nor written'));
+  } else {
+    checks.push(check('qwen-cli-link', 'Qwen CLI link', 'ok', `on: ${config.qwenCliCredsPath}`));
+    checks.push(
+      await checkCredentialFile(
+        config.qwenCliCredsPath,
+        {
+          id: 'qwen-cli-file',
+          title: 'Qwen CLI credential file',
+          severity: 'warn',
+          missing: { status: 'ok', detail: 'does not exist (nothing to import)' },
+        },
+        now,
+      ),
+    );
+    checks.push(await checkQwenCliLock(config, now));
+  }
+
+  checks.push(status ? checkState(status) : check('state', 'token state', 'skip', 'not checked: no daemon answered'));
+  return checks;
+}
+
+const MARK: Record<CheckStatus, string> = { ok: 'ok', warn: 'warn', fail: 'FAIL', skip: '-' };
+
+/** The human report: one line per check, a `fix:` line under each problem, a summary. */
+export function formatDoctor(checks: Check[]): string {
+  const width = Math.max(...checks.map((c) => c.title.length));
+  const lines: string[] = [];
+  for (const c of checks) {
+    lines.push(`${MARK[c.status].padEnd(4)}  ${c.title.padEnd(width)}  ${c.detail}`);
+    if (c.hint && (c.status === 'warn' || c.status === 'fail')) lines.push(`${' '.repeat(6 + width)}  fix: ${c.hint}`);
+  }
+  const fails = checks.filter((c) => c.status === 'fail').length;
+  const warns = checks.filter((c) => c.status === 'warn').length;
+  lines.push('');
+  lines.push(fails > 0 ? `${fails} problem(s) found${warns ? `, ${warns} warning(s)` : ''}.` : `No problems found${warns ? ` (${warns} warning(s))` : ''}.`);
+  return `${lines.join('\n')}\n`;
+}
+
+/** The `doctor` command. Exit 0 when nothing failed, 1 otherwise. */
+export function doctorCommand(): Command {
+  return new Command('doctor')
+    .description('check config, socket, permissions, credential files, the daemon and the Qwen CLI link')
+    .option('--json', 'print the checks as JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
+      const checks = await runDoctor(env);
+      const ok = !checks.some((c) => c.status === 'fail');
+      if (opts.json) outJson({ ok, checks });
+      else out(formatDoctor(checks));
+      if (!ok) throw new CommandExit(ExitCodes.error);
+    });
+}

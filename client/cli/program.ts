@@ -1,0 +1,71 @@
+/**
+ * The qwen-token command tree (commander) and `run()`, which turns every outcome into an
+ * exit code: usage errors 2, typed client errors their own codes, never a stack trace.
+ */
+import { Command, CommanderError } from 'commander';
+import { packageVersion } from '../../shared/version.js';
+import { reportError } from './context.js';
+import { doctorCommand } from './doctor.js';
+import { CommandExit, EXIT_CODES_HELP, ExitCodes, exitCodeFor } from './exit-codes.js';
+import { loginCommand } from './login.js';
+import { logoutCommand } from './logout.js';
+import { refreshCommand } from './refresh.js';
+import { serviceCommand } from './service.js';
+import { statusCommand } from './status.js';
+import { tokenCommand } from './token.js';
+import { watchCommand } from './watch.js';
+
+const SHORT_EXIT_CODES = 'Exit codes: 0 ok, 1 error, 2 usage, 3 needs login, 4 daemon unreachable, 5 token expired, 130 Ctrl-C.';
+
+/**
+ * Gives a command built elsewhere (`new Command(...)`) the root's error handling and output
+ * settings, recursively, and adds it to `parent`.
+ */
+export function addSubcommand(parent: Command, cmd: Command): Command {
+  const adopt = (from: Command, c: Command): void => {
+    c.copyInheritedSettings(from);
+    c.addHelpText('after', `\n${SHORT_EXIT_CODES}`);
+    for (const sub of c.commands) adopt(c, sub);
+  };
+  adopt(parent, cmd);
+  parent.addCommand(cmd);
+  return cmd;
+}
+
+/** The root `qwen-token` command with every subcommand. */
+export function createProgram(): Command {
+  const program = new Command('qwen-token')
+    .description('Check and drive qwen-tokend, the one owner of the Qwen OAuth token. Only `qwen-token token` prints the token itself.')
+    .version(packageVersion(), '-v, --version', 'print the version')
+    .helpOption('-h, --help', 'show help')
+    .option('--socket <path>', "the daemon's socket (overrides QWEN_TOKEND_SOCKET)")
+    .exitOverride()
+    .configureOutput({
+      // One line in our own voice: `qwen-token: unknown command 'x'`.
+      outputError: (text, write) => write(`qwen-token: ${text.replace(/^error: /, '')}`),
+    })
+    .showHelpAfterError('(run `qwen-token --help` for usage)')
+    .addHelpText('after', `\n${EXIT_CODES_HELP}\n`);
+  for (const cmd of [statusCommand(), tokenCommand(), loginCommand(), refreshCommand(), logoutCommand(), watchCommand(), doctorCommand(), serviceCommand()]) {
+    addSubcommand(program, cmd);
+  }
+  return program;
+}
+
+/** Parses `argv` (without node and script) and runs the command; resolves with the exit code. */
+export async function run(argv: string[], program: Command = createProgram()): Promise<number> {
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return ExitCodes.ok;
+  } catch (err) {
+    if (err instanceof CommandExit) return err.exitCode;
+    if (err instanceof CommanderError) {
+      // Help and version exit 0; `cmd.error()` keeps the code it asked for; the rest is usage.
+      if (err.exitCode === 0) return ExitCodes.ok;
+      if (err.code === 'commander.error') return err.exitCode;
+      return ExitCodes.usage;
+    }
+    reportError(err);
+    return exitCodeFor(err);
+  }
+}

@@ -1,0 +1,107 @@
+/**
+ * Pure pieces of the qwen-token CLI: the duration formatter and parser, and the error → exit
+ * code mapping.
+ */
+import { describe, expect, it } from 'vitest';
+import { describeExpiry, formatDuration, formatRelative, parseDuration } from '../client/cli/duration.js';
+import { ExitCodes, exitCodeFor, hintFor } from '../client/cli/exit-codes.js';
+import { parseMinValidity } from '../client/cli/token.js';
+import {
+  QwenConfigError,
+  QwenDaemonUnavailableError,
+  QwenError,
+  QwenOAuthError,
+  QwenRefreshTokenInvalidError,
+  QwenTokenExpiredError,
+  QwenTokenNotAvailableError,
+} from '../shared/errors.js';
+
+const S = 1000;
+const M = 60 * S;
+const H = 60 * M;
+const D = 24 * H;
+
+describe('formatDuration', () => {
+  it.each([
+    [0, '<1s'],
+    [999, '<1s'],
+    [1000, '1s'],
+    [45 * S + 999, '45s'],
+    [60 * S, '1m'],
+    [3 * M + 5 * S, '3m 5s'],
+    [59 * M + 59 * S + 999, '59m 59s'],
+    [H, '1h'],
+    [4 * H + 12 * M + 59 * S, '4h 12m'],
+    [6 * H - 1, '5h 59m'],
+    [D + 5 * M, '1d'],
+    [2 * D + 3 * H + 30 * M, '2d 3h'],
+    [-(3 * M), '3m'],
+  ])('%d ms → %s', (ms, text) => {
+    expect(formatDuration(ms)).toBe(text);
+  });
+
+  it('says "forever" for an infinite duration', () => {
+    expect(formatDuration(Infinity)).toBe('forever');
+  });
+});
+
+describe('relative times', () => {
+  const now = 1_750_000_000_000;
+  it('formats future and past', () => {
+    expect(formatRelative(now + 4 * H + 12 * M, now)).toBe('in 4h 12m');
+    expect(formatRelative(now - 3 * M, now)).toBe('3m ago');
+    expect(formatRelative(now, now)).toBe('in <1s');
+  });
+
+  it('describes an expiry', () => {
+    expect(describeExpiry(now + 4 * H + 12 * M + 30 * S, now)).toBe('expires in 4h 12m');
+    expect(describeExpiry(now - 3 * M - 10 * S, now)).toBe('expired 3m 10s ago');
+    expect(describeExpiry(now, now)).toBe('expired <1s ago');
+  });
+});
+
+describe('parseDuration', () => {
+  it.each([
+    ['90', 90 * S],
+    ['1.5', 1500],
+    ['250ms', 250],
+    ['90s', 90 * S],
+    ['5m', 5 * M],
+    ['1h30m', H + 30 * M],
+    ['1H', H],
+    [' 2d ', 2 * D],
+    ['0', 0],
+  ])('%s → %d ms', (text, ms) => {
+    expect(parseDuration(text)).toBe(ms);
+  });
+
+  it.each(['', 'abc', '5x', '-5m', '5 m', 'm5', '1h-30m', '1e3'])('rejects %j', (text) => {
+    expect(parseDuration(text)).toBeUndefined();
+  });
+
+  it('--min-validity is capped at the protocol maximum of 24h', () => {
+    expect(parseMinValidity('24h')).toBe(D);
+    expect(() => parseMinValidity('25h')).toThrow(/at most 24h/);
+    expect(() => parseMinValidity('soon')).toThrow(/expected a duration/);
+  });
+});
+
+describe('exit codes', () => {
+  it('maps each typed error to its documented code', () => {
+    expect(exitCodeFor(new QwenTokenNotAvailableError('x'))).toBe(ExitCodes.needsLogin);
+    expect(exitCodeFor(new QwenRefreshTokenInvalidError('x'))).toBe(ExitCodes.needsLogin);
+    expect(exitCodeFor(new QwenDaemonUnavailableError('x'))).toBe(ExitCodes.daemonUnavailable);
+    expect(exitCodeFor(new QwenTokenExpiredError('x'))).toBe(ExitCodes.tokenExpired);
+    expect(exitCodeFor(new QwenOAuthError('x'))).toBe(ExitCodes.error);
+    expect(exitCodeFor(new QwenError('x'))).toBe(ExitCodes.error);
+    expect(exitCodeFor(new Error('x'))).toBe(ExitCodes.error);
+    expect(Object.values(ExitCodes)).toEqual([0, 1, 2, 3, 4, 5, 130]);
+  });
+
+  it('gives a hint for the errors a person can act on', () => {
+    expect(hintFor(new QwenTokenNotAvailableError('x'))).toContain('qwen-token login');
+    expect(hintFor(new QwenDaemonUnavailableError('x'))).toContain('qwen-token doctor');
+    expect(hintFor(new QwenConfigError('x'))).toBeDefined();
+    expect(hintFor(new Error('x'))).toBeUndefined();
+  });
+});
