@@ -19,6 +19,7 @@ import {
 import { fingerprint } from '../shared/fingerprint.js';
 import { createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
 import { INVALID_ACCESS_TOKEN_BODY, type RecordedRequest } from './support/qwen-server.js';
+import { until } from './support/wait.js';
 
 let fx: DaemonFixture | undefined;
 /** Where the current test's requests start in `server.requests`. */
@@ -70,14 +71,6 @@ function refreshes(): number {
 
 function lastChat(): RecordedRequest | undefined {
   return chatRequests().at(-1);
-}
-
-async function until(probe: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!probe()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 async function rejection(promise: Promise<unknown>): Promise<Error> {

@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { serializeCredentials } from '../shared/credentials.js';
 import { QwenRefreshTokenInvalidError, QwenTokenExpiredError } from '../shared/errors.js';
 import { DAEMON_BIN, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+import { until } from './support/wait.js';
 
 let fx: DaemonFixture;
 afterEach(async () => {
@@ -17,16 +18,6 @@ afterEach(async () => {
 
 async function mode(path: string): Promise<number> {
   return (await stat(path)).mode & 0o777;
-}
-
-async function until<T>(probe: () => Promise<T | undefined> | T | undefined, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined && value !== false) return value as T;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 describe('qwen-tokend daemon', () => {
@@ -91,11 +82,11 @@ describe('qwen-tokend daemon', () => {
     await writeFile(tmp, serializeCredentials(fresher), { mode: 0o600 });
     const writtenAt = Date.now();
     await rename(tmp, fx.qwenCliPath);
-    await until(async () => (await client.getAccessToken({ noCache: true })) === fresher.access_token, 1000, 'adoption');
+    await until(async () => (await client.getAccessToken({ noCache: true })) === fresher.access_token, 'adoption', 1000);
     const latency = Date.now() - writtenAt;
     console.log(`adoption latency: ${latency} ms`);
     // Adopted from the Qwen CLI file, then saved to our own.
-    await until(async () => ((await fx.readOwn())?.access_token === fresher.access_token ? true : undefined), 3000, 'own file saved');
+    await until(async () => ((await fx.readOwn())?.access_token === fresher.access_token), 'own file saved', 3000);
     expect(await fx.readOwn()).toEqual(fresher);
     expect(fx.server.counts.refresh).toBe(0);
   });
@@ -114,7 +105,7 @@ describe('qwen-tokend daemon', () => {
     await new Promise((r) => setTimeout(r, 150)); // the watcher sees the half-written file
     await fh.write(text.slice(20));
     await fh.close();
-    await until(async () => ((await client.status()).state === 'valid' ? true : undefined), 5000, 'adoption');
+    await until(async () => ((await client.status()).state === 'valid'), 'adoption', 5000);
     expect(await client.getAccessToken({ noCache: true })).toBe(creds.access_token);
     expect((await readdir(dirname(fx.tokenPath))).filter((f) => f.includes('.corrupt-'))).toEqual([]);
   });
@@ -127,7 +118,7 @@ describe('qwen-tokend daemon', () => {
     const client = fx.client();
     await writeFile(fx.tokenPath, 'garbage that is not json');
     const { readdir } = await import('node:fs/promises');
-    await until(async () => ((await readdir(dirname(fx.tokenPath))).some((f) => f.includes('.corrupt-')) ? true : undefined), 5000, 'moved aside');
+    await until(async () => ((await readdir(dirname(fx.tokenPath))).some((f) => f.includes('.corrupt-'))), 'moved aside', 5000);
     expect(await client.getAccessToken({ noCache: true })).toBe(creds.access_token);
   });
 
@@ -202,7 +193,7 @@ describe('qwen-tokend daemon', () => {
     // A new login elsewhere (a file with a different refresh token) clears the state.
     const relogged = credsFrom(fx.server, 3600);
     await fx.writeCli(relogged);
-    await until(async () => ((await client.status()).state === 'valid' ? true : undefined), 3000, 'valid again');
+    await until(async () => ((await client.status()).state === 'valid'), 'valid again', 3000);
     expect(await client.getAccessToken({ noCache: true })).toBe(relogged.access_token);
   });
 
@@ -231,7 +222,7 @@ describe('qwen-tokend daemon', () => {
     expect((await client.status()).qwen_cli_link.enabled).toBe(false);
     const own = credsFrom(fx.server);
     await fx.writeOwn(own);
-    await until(async () => ((await client.status()).state === 'valid' ? true : undefined), 3000, 'own file adopted');
+    await until(async () => ((await client.status()).state === 'valid'), 'own file adopted', 3000);
     await client.refresh();
     expect(await fx.readCli()).toEqual(cli);
   });

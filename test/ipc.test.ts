@@ -15,6 +15,7 @@ import { MAX_FRAME_BYTES, StatusResult } from '../shared/protocol.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
 import { TokenClient } from '../client/token-client.js';
 import { DAEMON_BIN, REPO_ROOT, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+import { until } from './support/wait.js';
 
 const CHILD = join(REPO_ROOT, 'test', 'support', 'client-child.mjs');
 let fx: DaemonFixture;
@@ -74,14 +75,6 @@ function rawConnection(socketPath: string): Promise<{ socket: Socket; lines: str
     socket.once('connect', () => resolve({ socket, lines }));
     socket.once('error', reject);
   });
-}
-
-async function until(probe: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 describe('IPC', () => {
@@ -152,7 +145,7 @@ describe('IPC', () => {
       const status = await client.status();
       expect(status.pid).toBeGreaterThan(0);
       process.kill(status.pid, 'SIGTERM');
-      await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 5000, 'daemon exit');
+      await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 'daemon exit', 5000);
     } finally {
       await client.close();
     }
@@ -183,7 +176,7 @@ describe('IPC', () => {
     bad[6]!.socket.write('{"jsonrpc":"2.0","id":1,"method":"getAcc'); // half a frame, never finished
     bad[7]!.socket.write(Buffer.from([0xff, 0xfe, 0x00, 0x0a]));
     for (const b of bad.slice(8)) b.socket.write('y'.repeat(MAX_FRAME_BYTES + 1)); // oversized without newline
-    await until(() => bad[0]!.lines.length > 0 && bad[1]!.lines.length > 0 && bad[2]!.lines.length > 0 && bad[3]!.lines.length > 0 && bad[4]!.lines.length > 0 && bad[5]!.lines.length > 0, 3000, 'error replies');
+    await until(() => bad[0]!.lines.length > 0 && bad[1]!.lines.length > 0 && bad[2]!.lines.length > 0 && bad[3]!.lines.length > 0 && bad[4]!.lines.length > 0 && bad[5]!.lines.length > 0, 'error replies', 3000);
     expect(JSON.parse(bad[0]!.lines[0]!).error.code).toBe(-32700);
     expect(JSON.parse(bad[1]!.lines[0]!).error.code).toBe(-32601);
     expect(JSON.parse(bad[1]!.lines[0]!).id).toBe(7);
@@ -194,7 +187,7 @@ describe('IPC', () => {
     // Meanwhile a well-formed client is served.
     const good = await rawConnection(fx.socketPath);
     good.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 'a', method: 'getAccessToken' })}\n`);
-    await until(() => good.lines.length > 0, 3000, 'token reply');
+    await until(() => good.lines.length > 0, 'token reply', 3000);
     const reply = JSON.parse(good.lines[0]!);
     expect(reply.id).toBe('a');
     expect(reply.result.access_token).toBe(seeded.access_token);

@@ -12,16 +12,9 @@ import { parseCredentialsText, serializeCredentials } from '../shared/credential
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import { assertNoSecrets, createFixture, credsFrom, DAEMON_BIN, type DaemonFixture } from './support/daemon.js';
+import { until } from './support/wait.js';
 
 /** Polls `check` every 10 ms until it holds; throws with `what` after `timeoutMs`. */
-async function until(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
 let fx: DaemonFixture | null = null;
 let ownDaemon: ChildProcess | null = null;
 
