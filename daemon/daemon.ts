@@ -28,6 +28,9 @@ import type { Logger } from './logger.js';
 import { QwenOAuthClient } from './oauth.js';
 import { TokenKeeper } from './token-keeper.js';
 
+/** How long a state change must hold before subscribers are told (see the state_changed wiring). */
+const STATE_SETTLE_MS = 250;
+
 export interface DaemonOptions {
   config: TokendConfig;
   logger: Logger;
@@ -173,7 +176,24 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     keeper.on('refresh_failed', ({ error, state, nextRetryAt }) =>
       server.broadcast(Notifications.tokenRefreshFailed, { code: error.code, message: error.message, state, next_retry_at: nextRetryAt }),
     );
-    keeper.on('state_changed', (change) => server.broadcast(Notifications.stateChanged, change));
+    // State changes are announced settled: coalesced over STATE_SETTLE_MS, so a quick refresh
+    // (valid → refreshing → valid) costs subscribers one push (token.refreshed), not three,
+    // and never sits between a refresh and its HTTP call.
+    let announced = keeper.snapshot().state;
+    let settleTimer: NodeJS.Timeout | null = null;
+    keeper.on('state_changed', () => {
+      settleTimer ??= setTimeout(() => {
+        settleTimer = null;
+        const state = keeper.snapshot().state;
+        if (state === announced) return;
+        server.broadcast(Notifications.stateChanged, { state, previous: announced });
+        announced = state;
+      }, STATE_SETTLE_MS);
+      settleTimer.unref();
+    });
+    cleanups.push(async () => {
+      if (settleTimer) clearTimeout(settleTimer);
+    });
     login.on('completed', (creds) => server.broadcast(Notifications.loginCompleted, { expiry_date: creds.expiry_date }));
     login.on('failed', (err) => server.broadcast(Notifications.loginFailed, { code: err.code, message: err.message }));
 

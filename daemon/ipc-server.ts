@@ -181,7 +181,9 @@ export class IpcServer {
     await removeStaleSocket(socketPath);
     await new Promise<void>((resolveListen, reject) => {
       this.server.once('error', reject);
-      this.server.listen(socketPath, () => {
+      // A backlog as deep as the connection limit: a burst of clients connecting at once
+      // (every agent starting together) queues instead of failing with EAGAIN.
+      this.server.listen({ path: socketPath, backlog: this.server.maxConnections }, () => {
         this.server.off('error', reject);
         resolveListen();
       });
@@ -193,7 +195,8 @@ export class IpcServer {
 
   /** Sends a notification to every subscribed connection. */
   broadcast(method: string, params: unknown): number {
-    const line = `${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`;
+    // Encoded once: with a thousand subscribers, per-socket string conversion adds up.
+    const line = Buffer.from(`${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`);
     let sent = 0;
     for (const conn of this.connections) {
       if (!conn.subscribed || conn.socket.destroyed) continue;

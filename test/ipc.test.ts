@@ -246,6 +246,30 @@ describe('IPC', () => {
     expect((await fx.client().hello()).pid).toBe(fx.proc!.pid);
   });
 
+  it('subscribers hear a quick successful refresh as one token.refreshed, and a failure as one settled state.changed', async () => {
+    fx = await createFixture();
+    await fx.writeOwn(credsFrom(fx.server));
+    await fx.start();
+    const sub = await rawConnection(fx.socketPath);
+    sub.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'subscribe' })}\n`);
+    await until(() => sub.lines.length === 1, 'subscribed');
+    const admin = fx.client();
+    await admin.refresh(); // warm-up: the first refresh also loads the daemon's HTTP stack
+    await new Promise((r) => setTimeout(r, 600)); // longer than the 250 ms state settle time
+    sub.lines.splice(1);
+    await admin.refresh();
+    await new Promise((r) => setTimeout(r, 600));
+    const methods = () => sub.lines.slice(1).map((l) => JSON.parse(l).method as string);
+    expect(methods()).toEqual(['token.refreshed']);
+    fx.server.injectFault({ kind: '5xx', times: 1 });
+    await admin.refresh().catch(() => undefined);
+    await until(() => methods().includes('state.changed'), 'state.changed');
+    await new Promise((r) => setTimeout(r, 600));
+    expect(methods()).toEqual(['token.refreshed', 'token.refresh_failed', 'state.changed']);
+    expect(JSON.parse(sub.lines.at(-1)!).params).toEqual({ state: 'retrying', previous: 'valid' });
+    sub.socket.destroy();
+  });
+
   it('a client process exits by itself after getAccessToken without calling close()', async () => {
     fx = await createFixture();
     await fx.writeOwn(credsFrom(fx.server));
