@@ -4,7 +4,7 @@
  */
 import { createConnection, type Socket } from 'node:net';
 import { errorFromWire, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
-import { RpcIncomingSchema } from '../shared/protocol.js';
+import { RpcErrorSchema } from '../shared/protocol.js';
 
 /** Replies are small; anything this large is a broken or hostile peer. */
 const MAX_INCOMING_FRAME = 1024 * 1024;
@@ -120,18 +120,26 @@ export class DaemonConnection {
     } catch {
       return; // Not ours to crash on; a broken line answers nothing.
     }
-    const parsed = RpcIncomingSchema.safeParse(data);
-    if (!parsed.success) return;
-    const msg = parsed.data;
-    if ('method' in msg) {
+    // Dispatch on the envelope's shape, then validate what it carries with the schema for that
+    // kind (results are validated by the caller, per method): cheaper than a union parse on
+    // every frame, and just as strict.
+    if (typeof data !== 'object' || data === null || (data as { jsonrpc?: unknown }).jsonrpc !== '2.0') return;
+    const msg = data as { id?: unknown; method?: unknown; params?: unknown; result?: unknown; error?: unknown };
+    if (typeof msg.method === 'string') {
       this.options.onNotification?.(msg.method, msg.params);
       return;
     }
     if (typeof msg.id !== 'number') return;
-    const entry = this.settle(msg.id);
-    if (!entry) return;
-    if ('error' in msg) entry.reject(errorFromWire(msg.error.data?.code, msg.error.message, msg.error.data?.oauth_error));
-    else entry.resolve(msg.result);
+    if (msg.error !== undefined) {
+      const error = RpcErrorSchema.safeParse(msg.error);
+      const entry = this.settle(msg.id);
+      if (!entry) return;
+      if (!error.success) entry.reject(new QwenProtocolError('qwen-tokend sent a malformed error'));
+      else entry.reject(errorFromWire(error.data.data?.code, error.data.message, error.data.data?.oauth_error));
+      return;
+    }
+    if (!('result' in msg)) return;
+    this.settle(msg.id)?.resolve(msg.result);
   }
 
   private failAll(err: QwenError): void {

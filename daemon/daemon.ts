@@ -57,8 +57,13 @@ function parse<T extends z.ZodType>(schema: T, params: unknown): z.infer<T> {
   return result.data;
 }
 
+/** Built once per credential record: every getAccessToken answer reuses it. */
+const tokenResults = new WeakMap<Credentials, TokenResult>();
+
 /** What clients receive for a token: the record plus the chat API's base URL. */
 export function tokenResult(c: Credentials): TokenResult {
+  const cached = tokenResults.get(c);
+  if (cached) return cached;
   const result: TokenResult = {
     access_token: c.access_token,
     token_type: c.token_type,
@@ -66,6 +71,7 @@ export function tokenResult(c: Credentials): TokenResult {
     base_url: chatBaseUrl(c.resource_url),
   };
   if (c.resource_url) result.resource_url = c.resource_url;
+  tokenResults.set(c, result);
   return result;
 }
 

@@ -63,13 +63,6 @@ export const RpcErrorSchema = z.object({
 });
 export type RpcError = z.infer<typeof RpcErrorSchema>;
 
-/** Any message the client may receive: a response (result or error) or a notification. */
-export const RpcIncomingSchema = z.union([
-  z.object({ jsonrpc: z.literal('2.0'), id: RpcId, result: z.unknown() }),
-  z.object({ jsonrpc: z.literal('2.0'), id: RpcId, error: RpcErrorSchema }),
-  z.object({ jsonrpc: z.literal('2.0'), method: z.string(), params: z.unknown().optional() }),
-]);
-
 // ---- params ----
 export const EmptyParams = z.object({}).strict();
 export const HelloParams = z.object({ client: z.string().max(200).optional(), protocol: z.number().int().optional() }).strict();
