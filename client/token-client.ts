@@ -265,9 +265,15 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     try {
       connection = await this.openSocket();
     } catch (err) {
-      if (!isUnreachable(err)) throw err;
-      await this.startDaemon(err as NodeJS.ErrnoException);
-      connection = await this.waitForSocket();
+      if ((err as NodeJS.ErrnoException)?.code === 'EAGAIN') {
+        // A daemon is there but its accept queue is full (a burst of clients, or it is
+        // paused): as transient as a restart, so wait for it rather than fail or start another.
+        connection = await this.waitForSocket();
+      } else {
+        if (!isUnreachable(err)) throw err;
+        await this.startDaemon(err as NodeJS.ErrnoException);
+        connection = await this.waitForSocket();
+      }
     }
     this.connection = connection;
     this.everConnected = true;

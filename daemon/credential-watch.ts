@@ -3,6 +3,9 @@ import { dirname, resolve } from 'node:path';
 import { watch, type FSWatcher } from 'chokidar';
 import type { Logger } from './logger.js';
 
+/** After the last event for a file, read it once more this much later. */
+const TRAILING_CHECK_MS = 150;
+
 export interface WatchedFile {
   path: string;
   onChange: () => void;
@@ -15,6 +18,7 @@ export interface WatchedFile {
  */
 export class CredentialWatcher {
   private watcher: FSWatcher | null = null;
+  private stopTrailing: () => void = () => undefined;
 
   constructor(
     private readonly files: WatchedFile[],
@@ -36,9 +40,25 @@ export class CredentialWatcher {
         return !dirs.includes(p) && !byPath.has(p);
       },
     });
+    // chokidar reports a second change of one path within ~50 ms as nothing: two quick writes
+    // (a refresh, then a login) would leave us on the first. Look again once it is quiet.
+    const trailing = new Map<string, NodeJS.Timeout>();
     const fire = (path: string) => {
-      const file = byPath.get(resolve(path));
-      if (file) file.onChange();
+      const key = resolve(path);
+      const file = byPath.get(key);
+      if (!file) return;
+      file.onChange();
+      clearTimeout(trailing.get(key));
+      const timer = setTimeout(() => {
+        trailing.delete(key);
+        file.onChange();
+      }, TRAILING_CHECK_MS);
+      timer.unref();
+      trailing.set(key, timer);
+    };
+    this.stopTrailing = () => {
+      for (const timer of trailing.values()) clearTimeout(timer);
+      trailing.clear();
     };
     watcher.on('add', fire);
     watcher.on('change', fire);
@@ -48,6 +68,7 @@ export class CredentialWatcher {
   }
 
   async close(): Promise<void> {
+    this.stopTrailing();
     await this.watcher?.close();
     this.watcher = null;
   }

@@ -36,7 +36,9 @@ export interface IpcServerOptions {
 }
 
 /** Replies waiting in one connection's send buffer beyond this mean the client stopped reading. */
-const MAX_UNREAD_BYTES = 4 * 1024 * 1024;
+const MAX_UNREAD_BYTES = 1024 * 1024;
+/** Above this many unread reply bytes we stop reading that client's requests until it catches up. */
+const PAUSE_UNREAD_BYTES = 64 * 1024;
 /** Requests one connection may have in flight before we stop reading from it. */
 const MAX_INFLIGHT_PER_CONNECTION = 256;
 
@@ -123,11 +125,25 @@ class Connection implements RpcConnection {
   }
 
   requestStarted(): void {
-    if (++this.inflight >= MAX_INFLIGHT_PER_CONNECTION) this.socket.pause();
+    this.inflight++;
+    this.updateFlow();
   }
 
   requestDone(): void {
-    if (--this.inflight < MAX_INFLIGHT_PER_CONNECTION && this.socket.isPaused()) this.socket.resume();
+    this.inflight--;
+    this.updateFlow();
+  }
+
+  /**
+   * Back-pressure: a client with too many requests in flight, or that does not read its
+   * replies, is not read from until it catches up, so it cannot make the daemon buffer
+   * without bound (or starve others).
+   */
+  updateFlow(): void {
+    const socket = this.socket;
+    const hold = this.inflight >= MAX_INFLIGHT_PER_CONNECTION || socket.writableLength > PAUSE_UNREAD_BYTES;
+    if (hold && !socket.isPaused()) socket.pause();
+    else if (!hold && socket.isPaused() && !socket.destroyed) socket.resume();
   }
 
   send(message: unknown): void {
@@ -137,7 +153,7 @@ class Connection implements RpcConnection {
       this.socket.destroy();
       return;
     }
-    this.socket.write(`${JSON.stringify(message)}\n`);
+    if (!this.socket.write(`${JSON.stringify(message)}\n`)) this.updateFlow();
   }
 }
 
@@ -230,6 +246,7 @@ export class IpcServer {
     const conn = new Connection(this.nextId++, socket, this);
     this.connections.add(conn);
     socket.on('data', (chunk: Buffer) => conn.onData(chunk));
+    socket.on('drain', () => conn.updateFlow());
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {
       conn.clearPartialTimer();

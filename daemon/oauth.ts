@@ -104,16 +104,24 @@ type Exchange<T> = { ok: true; value: T } | { ok: false; answer: ErrorAnswer };
 
 const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
 
-/** Server-sent text made safe for a one-line message: no control characters, bounded length. */
+/**
+ * Server-sent text made safe for a one-line message: no control characters, bounded length,
+ * and no token-like runs (a server may echo the refresh token it rejects; our messages reach
+ * logs, clients and terminals, so anything that could be a credential is cut out).
+ */
 function clip(text: string | undefined): string | undefined {
   if (!text) return undefined;
-  const clean = text.replace(/[\u0000-\u001f\u007f]+/g, ' ').trim();
+  const clean = text
+    .replace(/[\u0000-\u001f\u007f]+/g, ' ')
+    .replace(/[A-Za-z0-9._~+/=-]{16,}/g, '[redacted]')
+    .trim();
   return clean.length > 160 ? `${clean.slice(0, 157)}...` : clean;
 }
 
 function describeOAuthError(answer: ErrorAnswer): string {
   const description = clip(answer.description);
-  return description ? `${answer.error}: ${description}` : String(answer.error);
+  const error = clip(answer.error) ?? 'error';
+  return description ? `${error}: ${description}` : error;
 }
 
 function isJson(contentType: string | null): boolean {
@@ -170,7 +178,7 @@ function httpFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
   let message = `${endpoint} answered HTTP ${answer.status}`;
   if (answer.html) message += ' with an HTML page';
   else if (answer.error) message += ` (${describeOAuthError(answer)})`;
-  return new QwenOAuthError(message, { status: answer.status, oauthError: answer.error, retryable: true });
+  return new QwenOAuthError(message, { status: answer.status, oauthError: clip(answer.error), retryable: true });
 }
 
 function malformed(endpoint: string, what: string): QwenOAuthError {
@@ -292,7 +300,7 @@ export class QwenOAuthClient {
       const { answer } = result;
       if (answer.error && answer.status >= 400 && answer.status < 500 && answer.status !== 429 && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
         throw new QwenOAuthError(`${DEVICE_ENDPOINT} refused the request (${describeOAuthError(answer)})`, {
-          oauthError: answer.error,
+          oauthError: clip(answer.error),
           status: answer.status,
         });
       }
@@ -343,7 +351,7 @@ export class QwenOAuthClient {
     }
     if (answer.error && answer.status >= 400 && answer.status < 500) {
       throw new QwenOAuthError(`${TOKEN_ENDPOINT} refused the device code (${describeOAuthError(answer)}); run the login again`, {
-        oauthError: answer.error,
+        oauthError: clip(answer.error),
         status: answer.status,
       });
     }
