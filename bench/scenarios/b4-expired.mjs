@@ -1,0 +1,136 @@
+/**
+ * B4: the token is past expiry and 1,000 getAccessToken() calls arrive at once over several
+ * connections (child processes, so the bench process hosting the Qwen server stays idle).
+ * The daemon starts on an expired token, its own refresh at start-up is answered 503, and the
+ * retry is 10 minutes away: the burst is what makes it refresh. Exactly one refresh must reach
+ * the server; every call must get the new token. Baseline: direct HTTP refresh calls from this
+ * process to the same server (one warm-up, then the median of `baselineCalls`).
+ */
+import { join } from 'node:path';
+import { startWorker } from '../lib/children.mjs';
+import { tokenRequestLine } from '../lib/wire.mjs';
+import { expiredCredsFrom, startBenchDaemon } from '../lib/daemon.mjs';
+import { fmtMs, median, round, summarize } from '../lib/stats.mjs';
+import { replyBytesOf, row, until, withWorkers } from './common.mjs';
+
+/** One refresh grant straight to the server, timed end to end (response body read). */
+async function directRefresh(server) {
+  const { refresh_token } = server.issueTokens();
+  const body = new URLSearchParams({ grant_type: 'refresh_token', refresh_token, client_id: server.settings.clientId });
+  const t0 = performance.now();
+  const res = await fetch(`${server.baseUrl}/api/v1/oauth2/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' },
+    body,
+  });
+  const json = await res.json();
+  const ms = performance.now() - t0;
+  if (!res.ok || typeof json.access_token !== 'string') throw new Error(`direct refresh failed: HTTP ${res.status}`);
+  return ms;
+}
+
+/**
+ * Context for B4 (not the target's baseline): the same burst, same shape, against a bare NDJSON
+ * server that makes one HTTP refresh and then answers every line, with no validation at all.
+ */
+async function bareBurst(server, env, dir, replyBytes, { processes, connectionsPerProcess, callsPerConnection }) {
+  return withWorkers(async (workers) => {
+    const socketPath = join(dir, 'bare-burst.sock');
+    const bare = startWorker('bare-burst-server.mjs', { socketPath, replyBytes, warmUrl: `${server.baseUrl}/warm-up` }, env);
+    workers.push(bare);
+    await bare.next('ready');
+    const clients = [];
+    for (let i = 0; i < processes; i++) {
+      const w = startWorker('raw-burst.mjs', { socketPath, connections: connectionsPerProcess, callsPerConnection }, env);
+      workers.push(w);
+      clients.push(w);
+    }
+    await Promise.all(clients.map((w) => w.next('ready')));
+    const { refresh_token } = server.issueTokens();
+    bare.send({ cmd: 'arm', url: `${server.baseUrl}/api/v1/oauth2/token`, form: { grant_type: 'refresh_token', refresh_token, client_id: server.settings.clientId } });
+    await bare.next('armed');
+    for (const w of clients) w.send({ cmd: 'go' });
+    const results = await Promise.all(clients.map((w) => w.next('result')));
+    return summarize(results.flatMap((r) => r.latMs));
+  });
+}
+
+export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, callsPerConnection = 125, baselineCalls = 5, context = true } = {}) {
+  const { server } = ctx;
+  const total = processes * connectionsPerProcess * callsPerConnection;
+  server.clearFaults();
+  server.injectFault({ kind: '5xx', endpoint: 'token', times: 1 });
+  const refreshesAtStart = server.counts.refresh;
+  const d = await startBenchDaemon(server, { creds: expiredCredsFrom(server), env: { QWEN_TOKEND_RETRY_MS: '600000' } });
+  try {
+    await until(async () => {
+      const s = await d.status();
+      return s.state === 'expired' && s.retry_count >= 1;
+    }, 10_000, 'the daemon to hold an expired token after a failed refresh');
+    if (server.counts.refresh !== refreshesAtStart + 1) throw new Error('expected exactly the one failed start-up refresh');
+    const oldFp = (await d.status()).token_fingerprint;
+
+    await directRefresh(server);
+    const baselineSamples = [];
+    for (let i = 0; i < baselineCalls; i++) baselineSamples.push(await directRefresh(server));
+    const baseline = median(baselineSamples);
+
+    return await withWorkers(async (workers) => {
+      for (let i = 0; i < processes; i++) {
+        workers.push(startWorker('burst-client.mjs', { connections: connectionsPerProcess, callsPerConnection }, d.env));
+      }
+      await Promise.all(workers.map((w) => w.next('ready')));
+      const refreshesBefore = server.counts.refresh;
+      const cpu0 = await d.daemon.cpuMs();
+      const goAt = Date.now();
+      for (const w of workers) w.send({ cmd: 'go' });
+      const results = await Promise.all(workers.map((w) => w.next('result')));
+      const refreshes = server.counts.refresh - refreshesBefore;
+      const daemonCpuMs = (await d.daemon.cpuMs()) - cpu0;
+      // When the one refresh reached the server, from "go" (server clock = this process's clock).
+      const refreshArrivedMs = (server.lastRequest('token')?.at ?? Number.NaN) - goAt;
+      const status = await d.status();
+      const lat = summarize(results.flatMap((r) => r.latMs));
+      const fps = {};
+      const errors = {};
+      for (const r of results) {
+        for (const [fp, n] of Object.entries(r.fps)) fps[fp] = (fps[fp] ?? 0) + n;
+        for (const [code, n] of Object.entries(r.errors)) errors[code] = (errors[code] ?? 0) + n;
+      }
+      const answered = fps[status.token_fingerprint] ?? 0;
+      const correct = refreshes === 1 && answered === total && status.token_fingerprint !== oldFp && Object.keys(errors).length === 0;
+      const limit = baseline + 20;
+      const replyBytes = await replyBytesOf(d.socketPath, tokenRequestLine(1));
+      const bare = context
+        ? await bareBurst(server, d.env, join(d.root, 'run'), replyBytes, { processes, connectionsPerProcess, callsPerConnection })
+        : null;
+      return [
+        row('B4', `expired token, ${total.toLocaleString('en-US')} concurrent calls`, {
+          measured: `${refreshes} refresh; p50 ${fmtMs(lat.p50)}, p99 ${fmtMs(lat.p99)}`,
+          baseline: `1 HTTP refresh: ${fmtMs(baseline)}${bare ? ` (context: bare burst p99 ${fmtMs(bare.p99)})` : ''}`,
+          ratio: `p99 = baseline + ${fmtMs(lat.p99 - baseline)}`,
+          target: 'exactly 1 refresh; p99 ≤ baseline + 20 ms',
+          pass: correct && lat.p99 <= limit,
+          data: {
+            calls: total,
+            connections: processes * connectionsPerProcess,
+            processes,
+            refreshes,
+            callsGivenNewToken: answered,
+            errors,
+            latencyMs: Object.fromEntries(Object.entries(lat).map(([k, v]) => [k, round(v)])),
+            directRefreshMs: baselineSamples.map((v) => round(v)),
+            baselineMs: round(baseline),
+            ...(bare ? { bareBurstMs: Object.fromEntries(Object.entries(bare).map(([k, v]) => [k, round(v)])) } : {}),
+            refreshReachedServerAfterMs: refreshArrivedMs,
+            daemonCpuMsForBurst: round(daemonCpuMs, 1),
+            correct,
+          },
+        }),
+      ];
+    });
+  } finally {
+    server.clearFaults();
+    await d.close();
+  }
+}

@@ -1,0 +1,243 @@
+/**
+ * B5 and B6:
+ * - B6 idle: VmRSS (from /proc/<pid>/status) 1 s after the daemon listens.
+ * - 1,000 subscribed connections (TokenClients in child processes) -> B6 "1,000 conns" RSS.
+ * - B5: forced refreshes (a `refresh` request from this process); for each client, the time
+ *   from sending that request until the client has the new token (its `token.refreshed` event,
+ *   wall clock across processes). Every client must then answer the new token from its cache,
+ *   with no request reaching the daemon. Context: the same fan-out with bare sockets.
+ * - B6 growth, on a fresh daemon: RSS after a first million getAccessToken requests (the heap
+ *   has reached its working size), then after a second million, pipelined over raw connections.
+ *   Growth across the second million is what a leak would show.
+ */
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { startWorker } from '../lib/children.mjs';
+import { startBenchDaemon } from '../lib/daemon.mjs';
+import { fmtMb, fmtMs, fmtRate, round, summarize } from '../lib/stats.mjs';
+import { row, withWorkers } from './common.mjs';
+
+function wallNow() {
+  return performance.timeOrigin + performance.now();
+}
+
+async function pipeline(d, { processes, connectionsPerProcess, total, window }) {
+  return withWorkers(async (workers) => {
+    const per = Math.ceil(total / processes);
+    for (let i = 0; i < processes; i++) {
+      const share = Math.min(per, total - i * per);
+      workers.push(startWorker('pipeline.mjs', { socketPath: d.socketPath, connections: connectionsPerProcess, total: share, window }, d.env));
+    }
+    const t0 = performance.now();
+    const results = await Promise.all(workers.map((w) => w.next('result')));
+    return {
+      received: results.reduce((n, r) => n + r.received, 0),
+      errorChunks: results.reduce((n, r) => n + r.errorChunks, 0),
+      firstOk: results.every((r) => r.firstOk),
+      elapsedMs: performance.now() - t0,
+    };
+  });
+}
+
+/**
+ * Context for B5 (no target): the same fan-out with nothing but Node in the way. This process
+ * writes one line of the notification's size to `connections` raw sockets held by the same
+ * number of child processes; time until each has it.
+ */
+async function bareFanout(dir, env, { connections, processes, rounds, lineBytes }) {
+  const socketPath = join(dir, 'fanout.sock');
+  const accepted = [];
+  const server = createServer((s) => {
+    s.on('error', () => undefined);
+    accepted.push(s);
+  });
+  await new Promise((resolve) => server.listen(socketPath, resolve));
+  try {
+    return await withWorkers(async (workers) => {
+      const per = Math.ceil(connections / processes);
+      for (let i = 0; i < processes; i++) {
+        workers.push(startWorker('raw-subscribers.mjs', { count: Math.min(per, connections - i * per), wave: 25, socketPath }, env));
+      }
+      await Promise.all(workers.map((w) => w.next('ready')));
+      const line = `${JSON.stringify({ pad: 'x'.repeat(Math.max(0, lineBytes - 12)) })}\n`;
+      const latencies = [];
+      for (let r = -1; r < rounds; r++) {
+        const t0 = wallNow();
+        for (const s of accepted) s.write(line);
+        for (const w of workers) w.send({ cmd: 'report' });
+        const reports = await Promise.all(workers.map((w) => w.next('report')));
+        if (r >= 0) latencies.push(...reports.flatMap((rep) => rep.arrivals.map((at) => at - t0)));
+        await sleep(100);
+      }
+      return summarize(latencies);
+    });
+  } finally {
+    for (const s of accepted) s.destroy();
+    server.close();
+  }
+}
+
+export async function runConnections(
+  ctx,
+  {
+    connections = 1000,
+    processes = 4,
+    rounds = 3,
+    warmupRounds = 1,
+    requests = 1_000_000,
+    warmupRequests = 1_000_000,
+    pipelineProcesses = 2,
+    pipelineConnections = 4,
+    window = 128,
+    settleMs = 1000,
+  } = {},
+) {
+  const d = await startBenchDaemon(ctx.server);
+  const rows = [];
+  let idleKb;
+  let b5;
+  try {
+    await sleep(settleMs);
+    idleKb = await d.daemon.rssKb();
+    const probe = d.client();
+    const tokenLine = Buffer.byteLength(JSON.stringify({ jsonrpc: '2.0', method: 'token.refreshed', params: await probe.getCredentials() })) + 1;
+    await probe.close();
+    const bare = await bareFanout(join(d.root, 'run'), d.env, { connections, processes, rounds, lineBytes: tokenLine });
+
+    b5 = await withWorkers(async (workers) => {
+      const per = Math.ceil(connections / processes);
+      for (let i = 0; i < processes; i++) {
+        workers.push(startWorker('subscribers.mjs', { count: Math.min(per, connections - i * per), wave: 25 }, d.env));
+      }
+      const ready = await Promise.all(workers.map((w) => w.next('ready')));
+      const connected = ready.reduce((n, r) => n + r.connected, 0);
+      await sleep(settleMs);
+      // The bench's own control connection makes it 1,001 (the limit is 1,024).
+      const control = d.client();
+      await control.subscribe();
+      const withConnsKb = await d.daemon.rssKb();
+      const statusConns = (await control.status()).connected_clients;
+      const latencies = [];
+      const perRound = [];
+      let correct = connected === connections;
+      // One unmeasured refresh first: the daemon's first refresh also loads its HTTP stack
+      // (undici, lazily, ~12 MB and tens of ms); the rounds measure the fan-out it is about.
+      for (let r = -warmupRounds; r < rounds; r++) {
+        const t0 = wallNow();
+        const fresh = await control.refresh();
+        const servedBefore = (await control.status()).requests_served;
+        for (const w of workers) w.send({ cmd: 'report' });
+        const reports = await Promise.all(workers.map((w) => w.next('report')));
+        const status = await control.status();
+        const servedAfter = status.requests_served;
+        const lat = reports.flatMap((rep) => rep.arrivals.map((at) => at - t0));
+        // The daemon logs "token refreshed" (pino time, ms) just before it pushes to clients.
+        const refreshedAt = lastLogTime(d.daemon.output, 'token refreshed');
+        const fanout = summarize(lat.map((ms) => ms + t0 - refreshedAt));
+        const held = reports.reduce((n, rep) => n + (rep.held[status.token_fingerprint] ?? 0), 0);
+        // Only the status request between the two snapshots may have reached the daemon.
+        const cacheOnly = servedAfter - servedBefore === 1;
+        const roundOk = lat.length === connected && held === connected && cacheOnly && fresh.expiry_date === status.expiry_date;
+        correct &&= roundOk;
+        const entry = { round: r < 0 ? 'warm-up (not counted)' : r + 1, ...roundSummary(summarize(lat)), refreshMs: round(refreshedAt - t0, 1), fanoutP95Ms: round(fanout.p95, 2), fanoutMaxMs: round(fanout.max, 2), received: lat.length, held, cacheOnly };
+        perRound.push(entry);
+        if (r >= 0) latencies.push(...lat);
+      }
+      await control.close();
+      return { connected, statusConns, withConnsKb, latencies, perRound, correct };
+    });
+
+    const lat = summarize(b5.latencies);
+    rows.push(
+      row('B5', `${connections.toLocaleString('en-US')} subscribed clients, forced refresh`, {
+        measured: `p95 ${fmtMs(lat.p95)}, max ${fmtMs(lat.max)}`,
+        baseline: `(context: bare fan-out p95 ${fmtMs(bare.p95)}, max ${fmtMs(bare.max)})`,
+        target: 'p95 ≤ 50 ms, max ≤ 200 ms',
+        pass: b5.correct && lat.p95 <= 50 && lat.max <= 200,
+        data: {
+          method: `${warmupRounds} unmeasured + ${rounds} measured forced refreshes; latency = client's token.refreshed event (wall clock) minus the moment the refresh request was sent; refreshMs/fanout split at the daemon's "token refreshed" log line`,
+          connected: b5.connected,
+          latencyMs: roundSummary(lat),
+          bareFanoutMs: { ...roundSummary(bare), method: `this process writes one ${tokenLine}-byte line to ${connections} raw sockets in ${processes} processes, ${rounds} rounds` },
+          perRound: b5.perRound,
+          correct: b5.correct,
+        },
+      }),
+    );
+  } finally {
+    await d.close();
+  }
+
+  // A fresh daemon for the growth check, so the 1,000 clients above do not blur "before".
+  const g = await startBenchDaemon(ctx.server);
+  try {
+    await sleep(settleMs);
+    const shape = { processes: pipelineProcesses, connectionsPerProcess: pipelineConnections, window };
+    const freshKb = await g.daemon.rssKb();
+    const warm = await pipeline(g, { ...shape, total: warmupRequests });
+    await sleep(settleMs);
+    const beforeKb = await g.daemon.rssKb();
+    const cpu0 = await g.daemon.cpuMs();
+    const load = await pipeline(g, { ...shape, total: requests });
+    const cpuUsPerRequest = (((await g.daemon.cpuMs()) - cpu0) * 1000) / requests;
+    const rightAfterKb = await g.daemon.rssKb();
+    await sleep(settleMs);
+    const afterKb = await g.daemon.rssKb();
+    const growth = afterKb / beforeKb - 1;
+    const loadOk = load.received === requests && load.errorChunks === 0 && load.firstOk && warm.received === warmupRequests;
+
+    rows.push(
+      row('B6a', 'daemon RSS, idle', { measured: fmtMb(idleKb), target: '≤ 60 MB', pass: idleKb <= 60 * 1024, data: { rssKb: idleKb } }),
+      row('B6b', `daemon RSS, ${b5.connected.toLocaleString('en-US')} connections`, {
+        measured: fmtMb(b5.withConnsKb),
+        target: '≤ 120 MB',
+        pass: b5.connected === connections && b5.withConnsKb <= 120 * 1024,
+        data: { rssKb: b5.withConnsKb, connectedClients: b5.statusConns },
+      }),
+      row('B6c', `daemon RSS after ${millions(warmupRequests)} -> ${millions(warmupRequests + requests)} requests`, {
+        measured: `${fmtMb(beforeKb)} -> ${fmtMb(afterKb)} (${growth >= 0 ? '+' : ''}${(growth * 100).toFixed(1)}%); fresh ${fmtMb(freshKb)}`,
+        target: 'growth ≤ 10%',
+        pass: loadOk && growth <= 0.1,
+        data: {
+          method: `a fresh daemon serves ${warmupRequests.toLocaleString('en-US')} requests (its heap reaches working size: V8 grows the young generation once, to 32 MB), RSS "before"; then ${requests.toLocaleString('en-US')} more, RSS "after" ${settleMs} ms later; pipelined over ${pipelineProcesses * pipelineConnections} connections (window ${window})`,
+          freshKb,
+          beforeKb,
+          rightAfterKb,
+          afterKb,
+          growth: round(growth, 4),
+          requests: load.received,
+          errorChunks: load.errorChunks,
+          seconds: round(load.elapsedMs / 1000, 2),
+          rate: fmtRate(load.received / (load.elapsedMs / 1000)),
+          daemonCpuUsPerRequest: round(cpuUsPerRequest, 2),
+          correct: loadOk,
+        },
+      }),
+    );
+    return rows;
+  } finally {
+    await g.close();
+  }
+}
+
+function millions(n) {
+  return `${(n / 1e6).toLocaleString('en-US', { maximumFractionDigits: 2 })}M`;
+}
+
+function lastLogTime(lines, msg) {
+  for (let i = lines.length - 1; i >= 0; i--) {
+    if (!lines[i].includes(`"msg":"${msg}"`)) continue;
+    try {
+      const { time } = JSON.parse(lines[i]);
+      return typeof time === 'number' ? time : Date.parse(time);
+    } catch {
+      /* not a log line */
+    }
+  }
+  return Number.NaN;
+}
+
+function roundSummary(s) {
+  return Object.fromEntries(Object.entries(s).map(([k, v]) => [k, round(v, 2)]));
+}
