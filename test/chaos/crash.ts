@@ -51,9 +51,9 @@ function judge(raw: string | null, name: string, server: QwenTestServer): { cred
 }
 
 /**
- * A token from the restarted daemon, without any login. With 1 s tokens, a refresh slowed past
- * its 500 ms timeout by a loaded machine leaves the token expired for a moment: the client is
- * then told so (QwenTokenExpiredError) and asks again while the daemon retries on its schedule.
+ * A token from the restarted daemon, without any login. With 1 s tokens, a refresh slowed by a
+ * loaded machine leaves the token expired for a moment: the client is then told so
+ * (QwenTokenExpiredError) and asks again while the daemon retries on its schedule.
  */
 async function servedWithoutLogin(fx: DaemonFixture, ledger: SecretLedger, figures: CrashFigures): Promise<string> {
   const client = new TokenClient({ env: fx.env, autostart: false, minValidityMs: 0 });
@@ -90,11 +90,14 @@ export interface CrashFigures {
 export async function crashDuringWrite(scale: ChaosScale, ledger: SecretLedger): Promise<CrashFigures> {
   const fx: DaemonFixture = await createFixture({
     server: { expiresIn: 1 },
+    // The HTTP timeout stays well above a loaded machine's hiccups: a refresh the server carried
+    // out but answered after our timeout would retire the only refresh token we have (see the
+    // report: the slow-answer twin of the kill window). The stale-lock age must be twice it.
     env: {
       QWEN_TOKEND_REFRESH_LEAD_MS: '800',
       QWEN_TOKEND_RETRY_MS: '200',
-      QWEN_TOKEND_HTTP_TIMEOUT_MS: '500',
-      QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS: '1000',
+      QWEN_TOKEND_HTTP_TIMEOUT_MS: '1000',
+      QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS: '2000',
       QWEN_TOKEND_LOG_LEVEL: 'info',
     },
   });
@@ -195,8 +198,8 @@ export async function killBetweenWrites(ledger: SecretLedger): Promise<SplitWrit
     env: {
       QWEN_TOKEND_REFRESH_LEAD_MS: '800',
       QWEN_TOKEND_RETRY_MS: '200',
-      QWEN_TOKEND_HTTP_TIMEOUT_MS: '500',
-      QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS: '1000',
+      QWEN_TOKEND_HTTP_TIMEOUT_MS: '1000',
+      QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS: '2000',
       QWEN_TOKEND_LOG_LEVEL: 'info',
     },
   });

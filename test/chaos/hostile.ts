@@ -346,8 +346,8 @@ export async function slowReaders(scale: ChaosScale, ledger: SecretLedger): Prom
           const flushed = s.write(sent + perWrite <= framesEach ? batch : batch.subarray(0, (framesEach - sent) * frame.length));
           framesSent += Math.min(perWrite, framesEach - sent);
           if (!flushed) {
-            // A busy daemon catches up within seconds; one that stopped reading us never does.
-            const drained = await Promise.race([new Promise<boolean>((r) => s.once('drain', () => r(true)).once('close', () => r(true))), sleep(3_000).then(() => false)]);
+            // A busy daemon catches up within a second or two; one that stopped reading us never does.
+            const drained = await Promise.race([new Promise<boolean>((r) => s.once('drain', () => r(true)).once('close', () => r(true))), sleep(2_000).then(() => false)]);
             if (!drained) break; // the daemon stopped reading us: that is the point
           }
         }
