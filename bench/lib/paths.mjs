@@ -5,5 +5,4 @@ import { fileURLToPath } from 'node:url';
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const DAEMON_BIN = join(REPO_ROOT, 'dist', 'daemon', 'main.js');
 export const CLI_BIN = join(REPO_ROOT, 'dist', 'client', 'cli', 'main.js');
-export const CLIENT_LIB = join(REPO_ROOT, 'dist', 'client', 'index.js');
 export const WORKERS = join(REPO_ROOT, 'bench', 'workers');
