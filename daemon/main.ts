@@ -3,6 +3,8 @@
  * `qwen-tokend`: the daemon's entry point. Runs in the foreground (a service manager or the
  * client's autostart puts it in the background), logs JSON lines to stdout.
  */
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { pino } from 'pino';
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
@@ -30,6 +32,9 @@ QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE.
 
 function openLogger(config: TokendConfig): { logger: Logger; reopen: () => void } {
   if (!config.logFile) return { logger: createLogger({ level: config.logLevel }), reopen: () => undefined };
+  // The log usually lives in the state dir: create it private here, before anything else
+  // would create it with the umask's mode.
+  mkdirSync(dirname(config.logFile), { recursive: true, mode: 0o700 });
   const destination = pino.destination({ dest: config.logFile, sync: true, mkdir: true, mode: 0o600 });
   return { logger: createLogger({ level: config.logLevel, destination }), reopen: () => destination.reopen() };
 }

@@ -254,6 +254,20 @@ describe('qwen-tokend daemon', () => {
     expect(await readFile(join(dirname(fx.tokenPath), aside[0]!), 'utf8')).toBe('{"access_token": "abc", trunc');
   });
 
+  it('creates the state directory 0700 even when the log file (autostart) is opened first', async () => {
+    fx = await createFixture();
+    const logFile = join(dirname(fx.tokenPath), 'qwen-tokend.log');
+    const proc = spawn(process.execPath, [DAEMON_BIN], { env: { ...fx.env, QWEN_TOKEND_LOG_FILE: logFile }, stdio: 'ignore' });
+    try {
+      await until(async () => (await stat(fx.socketPath).then(() => true, () => false)), 'the socket');
+      expect(await mode(dirname(fx.tokenPath))).toBe(0o700);
+      expect(await mode(logFile)).toBe(0o600);
+    } finally {
+      proc.kill('SIGTERM');
+      await new Promise((done) => proc.once('exit', done));
+    }
+  });
+
   it('exits 78 with a clear message on a bad environment value', async () => {
     fx = await createFixture({ env: { QWEN_TOKEND_RETRY_MS: 'soon' } });
     const proc = spawn(process.execPath, [DAEMON_BIN], { env: fx.env, stdio: ['ignore', 'pipe', 'pipe'] });
