@@ -3,6 +3,7 @@ import type { Stats } from 'node:fs';
 import { chmod, link, lstat, mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
+import { errnoCode, processAlive } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 import { parseCredentialsText, serializeCredentials, type Credentials } from '../shared/credentials.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
@@ -62,14 +63,6 @@ function serialized<T>(path: string, task: () => Promise<T>): Promise<T> {
 
 // ---- small fs helpers ---------------------------------------------------------------------
 
-function errnoCode(err: unknown): string | undefined {
-  if (typeof err === 'object' && err !== null && 'code' in err) {
-    const code = (err as { code: unknown }).code;
-    return typeof code === 'string' ? code : undefined;
-  }
-  return undefined;
-}
-
 const REASONS: Record<string, string> = {
   EACCES: 'permission denied',
   EPERM: 'operation not permitted',
@@ -106,17 +99,6 @@ function escapeRegExp(s: string): string {
 /** Matches only the temp files `tempPathFor` makes for a file named `base`; group 1 is the pid. */
 function tempFilePattern(base: string): RegExp {
   return new RegExp(`^\\.${escapeRegExp(base)}\\.${TEMP_MARKER}-(\\d+)-[0-9a-f]+\\.tmp$`);
-}
-
-/** True when a process with this pid exists (EPERM means it exists but is not ours to signal). */
-function processAlive(pid: number): boolean {
-  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return errnoCode(err) === 'EPERM';
-  }
 }
 
 /** fsyncs a directory so a rename inside it survives a crash; some platforms refuse, which is fine. */

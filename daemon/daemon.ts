@@ -6,6 +6,7 @@ import type { z } from 'zod';
 import type { Clock } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
 import { chatBaseUrl, type Credentials } from '../shared/credentials.js';
+import { describeIssues } from '../shared/diagnostics.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import {
   EmptyParams,
@@ -52,7 +53,7 @@ export interface RunningDaemon {
 function parse<T extends z.ZodType>(schema: T, params: unknown): z.infer<T> {
   const result = schema.safeParse(params ?? {});
   if (!result.success) {
-    throw new InvalidParamsError(`invalid params: ${result.error.issues.map((i) => `${i.path.join('.') || '(root)'} ${i.message}`).join('; ')}`);
+    throw new InvalidParamsError(`invalid params: ${describeIssues(result.error)}`);
   }
   return result.data;
 }

@@ -6,6 +6,7 @@
 import { mkdir, readFile, rm, writeFile, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import lockfile from 'proper-lockfile';
+import { processAlive } from '../shared/diagnostics.js';
 import { QwenError } from '../shared/errors.js';
 import type { Logger } from './logger.js';
 
@@ -19,15 +20,6 @@ export interface InstanceInfo {
 
 export interface InstanceLock {
   release(): Promise<void>;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 async function readInfo(path: string): Promise<InstanceInfo | null> {
@@ -67,7 +59,7 @@ export async function acquireInstanceLock(
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ELOCKED') throw err;
     const holder = await readInfo(pidPath);
-    if (holder && holder.pid !== process.pid && alive(holder.pid)) {
+    if (holder && holder.pid !== process.pid && processAlive(holder.pid)) {
       throw new InstanceLockedError(
         `another qwen-tokend is already running (pid ${holder.pid}, socket ${holder.socket}, started ${holder.started}); stop it first or use it`,
       );

@@ -7,6 +7,7 @@ import { lstat, mkdir, chmod, unlink } from 'node:fs/promises';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { checkSocketPathLength } from '../shared/config.js';
+import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
 import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
@@ -268,7 +269,7 @@ export class IpcServer {
       const id = idOf(data);
       const message = Array.isArray(data)
         ? 'invalid request: batches are not supported; send one request per line'
-        : `invalid request: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'} ${i.message}`).join('; ')}`;
+        : `invalid request: ${describeIssues(parsed.error)}`;
       conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.invalidRequest, message } });
       return;
     }

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { Stats } from 'node:fs';
 import { chmod, link, mkdir, open, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { errnoCode } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 import { QwenCredentialsFileError, QwenError, QwenOAuthError } from '../shared/errors.js';
 import { describeFsError } from './credential-store.js';
@@ -28,14 +29,6 @@ export interface QwenCliLockOptions {
 }
 
 const DEFAULT_POLL_MS = 50;
-
-function errnoCode(err: unknown): string | undefined {
-  if (typeof err === 'object' && err !== null && 'code' in err) {
-    const code = (err as { code: unknown }).code;
-    return typeof code === 'string' ? code : undefined;
-  }
-  return undefined;
-}
 
 /** One acquisition of the Qwen CLI's lock file; use `withQwenCliLock` unless you need the two halves. */
 export class QwenCliLock {

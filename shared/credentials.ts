@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { describeIssues } from './diagnostics.js';
 import { QwenCredentialsFileError } from './errors.js';
 
 /**
@@ -48,10 +49,7 @@ function legacyExpiry(value: number | string): number | undefined {
 export function parseCredentials(data: unknown, source: string): Credentials {
   const result = CredentialsFileSchema.safeParse(data);
   if (!result.success) {
-    const issues = result.error.issues
-      .map((i) => `${i.path.length ? i.path.join('.') : '(root)'}: ${i.message}`)
-      .join('; ');
-    throw new QwenCredentialsFileError(`${source} is not a valid credential file (${issues})`);
+    throw new QwenCredentialsFileError(`${source} is not a valid credential file (${describeIssues(result.error)})`);
   }
   const v = result.data;
   const expiry = v.expiry_date ?? (v.expires_at === undefined ? undefined : legacyExpiry(v.expires_at));

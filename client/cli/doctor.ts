@@ -6,6 +6,7 @@ import type { Stats } from 'node:fs';
 import { lstat, readFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { Command } from 'commander';
+import { errnoCode } from '../../shared/diagnostics.js';
 import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
 import { QwenProtocolError } from '../../shared/errors.js';
 import { fingerprint } from '../../shared/fingerprint.js';
@@ -31,10 +32,6 @@ function check(id: string, title: string, status: CheckStatus, detail: string, h
 
 function modeText(st: Stats): string {
   return (st.mode & 0o777).toString(8).padStart(4, '0');
-}
-
-function errnoCode(err: unknown): string | undefined {
-  return (err as NodeJS.ErrnoException)?.code;
 }
 
 async function lstatOrNull(path: string): Promise<Stats | null> {
