@@ -19,7 +19,6 @@ export {
   QwenCredentialsFileError,
   QwenConfigError,
   QwenProtocolError,
-  QwenLoginInProgressError,
   QwenChatApiError,
   ErrorCodes,
 } from '../shared/errors.js';

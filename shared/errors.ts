@@ -16,7 +16,6 @@ export const ErrorCodes = {
   credentialsFile: 'QWEN_CREDENTIALS_FILE_INVALID',
   config: 'QWEN_CONFIG_INVALID',
   protocol: 'QWEN_PROTOCOL_ERROR',
-  loginInProgress: 'QWEN_LOGIN_IN_PROGRESS',
   chatApi: 'QWEN_CHAT_API_ERROR',
 } as const;
 
@@ -93,11 +92,6 @@ export class QwenProtocolError extends QwenError {
   override readonly code: ErrorCode = ErrorCodes.protocol;
 }
 
-/** A login was requested while another one is still running. */
-export class QwenLoginInProgressError extends QwenError {
-  override readonly code: ErrorCode = ErrorCodes.loginInProgress;
-}
-
 /** The chat API answered with an error that is not about the token. */
 export class QwenChatApiError extends QwenError {
   override readonly code: ErrorCode = ErrorCodes.chatApi;
@@ -118,7 +112,6 @@ const byCode: Record<string, new (message: string) => QwenError> = {
   [ErrorCodes.credentialsFile]: QwenCredentialsFileError,
   [ErrorCodes.config]: QwenConfigError,
   [ErrorCodes.protocol]: QwenProtocolError,
-  [ErrorCodes.loginInProgress]: QwenLoginInProgressError,
   [ErrorCodes.chatApi]: QwenChatApiError,
 };
 
