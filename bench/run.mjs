@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `npm run bench`: runs B1-B8 against the real daemon (dist/daemon/main.js) and the local Qwen
+ * `npm run bench`: runs B1-B8 against the real daemon (dist/bin/qwen-tokend.js) and the local Qwen
  * server, prints one table (each figure beside its same-run baseline) and writes
  * bench/results/latest.json. Exits 1 when any target is missed.
  *

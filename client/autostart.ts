@@ -5,9 +5,9 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { TokendConfig } from '../shared/config.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
+import { packagedDaemonBin } from '../shared/package.js';
 
 /** The launchd label and systemd unit name the `service` command installs. */
 export const SERVICE_LABEL = 'io.github.qwen-tokend';
@@ -25,10 +25,6 @@ export function serviceInstalled(home: string, platform: NodeJS.Platform = proce
   return existsSync(serviceFilePath(home, platform));
 }
 
-/** The daemon entry point next to this package's client (dist/client → dist/daemon/main.js). */
-export function defaultDaemonBin(): string {
-  return fileURLToPath(new URL('../daemon/main.js', import.meta.url));
-}
 
 /** Exit code with which a second daemon says another one already runs (not a failure here). */
 const ALREADY_RUNNING = 3;
@@ -38,7 +34,7 @@ const ALREADY_RUNNING = 3;
  * Rejects early when the child exits with a real failure.
  */
 export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exited: Promise<number | null> } {
-  const bin = config.daemonBin ?? defaultDaemonBin();
+  const bin = config.daemonBin ?? packagedDaemonBin();
   if (!existsSync(bin)) {
     throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${bin} does not exist (set QWEN_TOKEND_BIN or run \`npm run build\`)`);
   }

@@ -8,7 +8,7 @@ import { TokenClient } from './token-client.js';
 import { QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import type { TokenResult } from '../shared/protocol.js';
-import { packageVersion } from '../shared/version.js';
+import { packageVersion } from '../shared/package.js';
 
 /** A function with `fetch`'s signature (what the `openai` SDK and most HTTP SDKs accept). */
 export type QwenFetch = (input: string | URL | Request, init?: RequestInit) => Promise<Response>;

@@ -19,7 +19,7 @@ import {
   type StatusResult,
   type TokenResult,
 } from '../shared/protocol.js';
-import { packageVersion } from '../shared/version.js';
+import { packageVersion } from '../shared/package.js';
 import { CredentialFile } from './credential-store.js';
 import { CredentialWatcher } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';

@@ -9,7 +9,7 @@ import { pino } from 'pino';
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
-import { packageVersion } from '../shared/version.js';
+import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { InstanceLockedError } from './instance-lock.js';
 import { DaemonAlreadyRunningError } from './ipc-server.js';

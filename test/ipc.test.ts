@@ -4,7 +4,7 @@
  * and a non-Node client.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { chmod, mkdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createConnection, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -135,15 +135,20 @@ describe('IPC', () => {
     expect((await client.status()).pid).toBe(fx.proc!.pid);
   });
 
-  it('with autostart on and no daemon, the first getAccessToken starts one', async () => {
+  it('with autostart on and no daemon, the first getAccessToken starts one (the packaged bundle by default)', async () => {
     fx = await createFixture();
     await fx.writeOwn(credsFrom(fx.server));
-    const client = new TokenClient({ env: { ...fx.env, QWEN_TOKEND_AUTOSTART: '1' } });
+    const { QWEN_TOKEND_BIN: _unset, ...env } = fx.env;
+    const client = new TokenClient({ env: { ...env, QWEN_TOKEND_AUTOSTART: '1' } });
     try {
       const token = await client.getAccessToken();
       expect(token).toBe((await fx.readOwn())?.access_token);
       const status = await client.status();
       expect(status.pid).toBeGreaterThan(0);
+      if (process.platform === 'linux') {
+        const argv = (await readFile(`/proc/${status.pid}/cmdline`, 'utf8')).split('\0');
+        expect(argv[1]).toBe(DAEMON_BIN);
+      }
       process.kill(status.pid, 'SIGTERM');
       await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 'daemon exit', 5000);
     } finally {

@@ -1,5 +1,5 @@
 /**
- * Runs the real daemon (dist/daemon/main.js) for the bench: a temporary HOME and runtime dir,
+ * Runs the real daemon (the dist/bin/qwen-tokend.js bundle) for the bench: a temporary HOME and runtime dir,
  * a credential file minted by the local Qwen server, readiness by connecting to the socket,
  * and the daemon's resident memory read from /proc.
  */

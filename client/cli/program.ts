@@ -3,7 +3,7 @@
  * exit code: usage errors 2, typed client errors their own codes, never a stack trace.
  */
 import { Command, CommanderError } from 'commander';
-import { packageVersion } from '../../shared/version.js';
+import { packageVersion } from '../../shared/package.js';
 import { reportError } from './context.js';
 import { doctorCommand } from './doctor.js';
 import { CommandExit, EXIT_CODES_HELP, ExitCodes, exitCodeFor } from './exit-codes.js';

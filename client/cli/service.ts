@@ -12,10 +12,10 @@ import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { userInfo } from 'node:os';
 import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command, Option } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
+import { packagedDaemonBin, packageRoot } from '../../shared/package.js';
 import { SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
@@ -27,7 +27,7 @@ export type EnvironmentEntry = readonly [name: string, value: string];
 export interface SystemdUnitOptions {
   /** Absolute path of the node binary. */
   nodePath: string;
-  /** Absolute path of dist/daemon/main.js. */
+  /** Absolute path of the daemon program (dist/bin/qwen-tokend.js). */
   daemonPath: string;
   environment: readonly EnvironmentEntry[];
   /**
@@ -71,20 +71,6 @@ const RUNTIME_SOCKET_DIR = '%t/qwen-tokend';
 const TEMPLATE_FILES = { systemd: join('systemd', 'qwen-tokend.service'), launchd: join('launchd', `${SERVICE_LABEL}.plist`) };
 
 // ---- rendering (pure apart from reading the template) ------------------------------------
-
-/** The package root: this module runs from client/cli (tests) or dist/client/cli (installed). */
-function packageRoot(): string {
-  for (const rel of ['../../', '../../../']) {
-    const dir = fileURLToPath(new URL(rel, import.meta.url));
-    try {
-      const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name?: string };
-      if (pkg.name === 'qwen-tokend') return dir;
-    } catch {
-      /* try the next candidate */
-    }
-  }
-  throw new Error('cannot find the qwen-tokend package root (with its systemd/ and launchd/ templates)');
-}
 
 function readTemplate(which: keyof typeof TEMPLATE_FILES): string {
   return readFileSync(join(packageRoot(), TEMPLATE_FILES[which]), 'utf8');
@@ -199,15 +185,10 @@ export interface ServicePlan {
   contents: string;
 }
 
-/** The daemon entry point of this package (dist/client/cli/service.js → dist/daemon/main.js). */
-function packagedDaemon(): string {
-  return fileURLToPath(new URL('../../daemon/main.js', import.meta.url));
-}
-
 /** Works out the file to install for `platform` from the installing shell's environment. */
 export function planService(env: NodeJS.ProcessEnv, platform: ServicePlatform, nodePath = process.execPath): ServicePlan {
   const config = resolveConfig(env, { platform });
-  const daemonPath = config.daemonBin ? resolve(config.daemonBin) : packagedDaemon();
+  const daemonPath = config.daemonBin ? resolve(config.daemonBin) : packagedDaemonBin();
   // Paths are written resolved: the service does not run in the installing shell's directory.
   const resolved: Record<string, string> = {
     QWEN_TOKEN_PATH: config.tokenPath,

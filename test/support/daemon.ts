@@ -1,5 +1,5 @@
 /**
- * Runs the real daemon (dist/daemon/main.js) as a child process on a temporary HOME and runtime
+ * Runs the real daemon (the dist/bin/qwen-tokend.js bundle) as a child process on a temporary HOME and runtime
  * dir, against a local Qwen server. Every fixture checks at cleanup that no token the server
  * issued appears in the daemon's captured output.
  */
@@ -14,8 +14,8 @@ import { TokenClient, type TokenClientOptions } from '../../client/token-client.
 import { startQwenServer, type QwenServerOptions, type QwenTestServer } from './qwen-server.js';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const DAEMON_BIN = join(REPO_ROOT, 'dist', 'daemon', 'main.js');
-export const CLI_BIN = join(REPO_ROOT, 'dist', 'client', 'cli', 'main.js');
+export const DAEMON_BIN = join(REPO_ROOT, 'dist', 'bin', 'qwen-tokend.js');
+export const CLI_BIN = join(REPO_ROOT, 'dist', 'bin', 'qwen-token.js');
 
 export interface LogLine {
   level: number;
