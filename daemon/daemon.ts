@@ -2,11 +2,9 @@
  * Wires the daemon together: instance lock, credential files, token keeper, file watcher,
  * device login and the socket server with its method handlers.
  */
-import type { z } from 'zod';
 import type { Clock } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
 import { chatBaseUrl, type Credentials } from '../shared/credentials.js';
-import { describeIssues } from '../shared/diagnostics.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import {
   EmptyParams,
@@ -24,7 +22,7 @@ import { CredentialFile } from './credential-store.js';
 import { CredentialWatcher } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import { acquireInstanceLock, type InstanceLock } from './instance-lock.js';
-import { InvalidParamsError, IpcServer, type RpcHandler } from './ipc-server.js';
+import { IpcServer, rpcMethod, type RpcMethod } from './ipc-server.js';
 import type { Logger } from './logger.js';
 import { QwenOAuthClient } from './oauth.js';
 import { TokenKeeper } from './token-keeper.js';
@@ -50,15 +48,7 @@ export interface RunningDaemon {
   close(): Promise<void>;
 }
 
-function parse<T extends z.ZodType>(schema: T, params: unknown): z.infer<T> {
-  const result = schema.safeParse(params ?? {});
-  if (!result.success) {
-    throw new InvalidParamsError(`invalid params: ${describeIssues(result.error)}`);
-  }
-  return result.data;
-}
-
-/** Built once per credential record: every getAccessToken answer reuses it. */
+/** Built once per credential record (frozen, so the socket server serializes it once too). */
 const tokenResults = new WeakMap<Credentials, TokenResult>();
 
 /** What clients receive for a token: the record plus the chat API's base URL. */
@@ -72,6 +62,7 @@ export function tokenResult(c: Credentials): TokenResult {
     base_url: chatBaseUrl(c.resource_url),
   };
   if (c.resource_url) result.resource_url = c.resource_url;
+  Object.freeze(result);
   tokenResults.set(c, result);
   return result;
 }
@@ -120,21 +111,15 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     cleanups.push(() => watcher.close());
 
     let server: IpcServer;
-    const handlers: Record<string, RpcHandler> = {
-      [Methods.hello]: (params) => {
-        parse(HelloParams, params);
-        return { protocol: PROTOCOL_VERSION, daemon: 'qwen-tokend', version, pid: process.pid };
-      },
-      [Methods.getAccessToken]: async (params) => {
-        const { minValidityMs } = parse(GetAccessTokenParams, params);
-        return tokenResult(await keeper.getAccessToken(minValidityMs ?? 0));
-      },
-      [Methods.refresh]: async (params) => {
-        parse(EmptyParams, params);
-        return tokenResult(await keeper.refresh());
-      },
-      [Methods.status]: (params): StatusResult => {
-        parse(EmptyParams, params);
+    const methods: Record<string, RpcMethod> = {
+      [Methods.hello]: rpcMethod(HelloParams, () => ({ protocol: PROTOCOL_VERSION, daemon: 'qwen-tokend', version, pid: process.pid })),
+      [Methods.getAccessToken]: rpcMethod(GetAccessTokenParams, ({ minValidityMs = 0 }) => {
+        // The common case, a token valid long enough, is answered without a promise.
+        const ready = keeper.servableNow(minValidityMs);
+        return ready ? tokenResult(ready) : keeper.getAccessToken(minValidityMs).then(tokenResult);
+      }),
+      [Methods.refresh]: rpcMethod(EmptyParams, async () => tokenResult(await keeper.refresh())),
+      [Methods.status]: rpcMethod(EmptyParams, (): StatusResult => {
         const snap = keeper.snapshot();
         return {
           state: snap.state,
@@ -158,26 +143,16 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
           socket_path: config.socketPath,
           now: clock.now(),
         };
-      },
-      [Methods.loginStart]: async (params) => {
-        parse(EmptyParams, params);
-        return login.start();
-      },
-      [Methods.loginCancel]: (params) => {
-        parse(EmptyParams, params);
-        return { cancelled: login.cancel() };
-      },
-      [Methods.logout]: async (params) => {
-        const { qwenCli } = parse(LogoutParams, params);
-        return { removed: await keeper.logout(qwenCli ?? false) };
-      },
-      [Methods.subscribe]: (params, conn) => {
-        parse(EmptyParams, params);
+      }),
+      [Methods.loginStart]: rpcMethod(EmptyParams, () => login.start()),
+      [Methods.loginCancel]: rpcMethod(EmptyParams, () => ({ cancelled: login.cancel() })),
+      [Methods.logout]: rpcMethod(LogoutParams, async ({ qwenCli = false }) => ({ removed: await keeper.logout(qwenCli) })),
+      [Methods.subscribe]: rpcMethod(EmptyParams, (_params, conn) => {
         conn.subscribed = true;
         return { subscribed: true };
-      },
+      }),
     };
-    server = new IpcServer({ socketPath: config.socketPath, logger, handlers, platform: options.platform });
+    server = new IpcServer({ socketPath: config.socketPath, logger, methods, platform: options.platform });
 
     keeper.on('token_refreshed', (creds) => server.broadcast(Notifications.tokenRefreshed, tokenResult(creds)));
     keeper.on('refresh_failed', ({ error, state, nextRetryAt }) =>

@@ -6,14 +6,12 @@
 import { lstat, mkdir, chmod, unlink } from 'node:fs/promises';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
+import { z } from 'zod';
 import { checkSocketPathLength } from '../shared/config.js';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
-import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema } from '../shared/protocol.js';
+import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcIdSchema, RpcRequestSchema } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
-
-/** Thrown by a handler when its params do not validate: answered as JSON-RPC "invalid params". */
-export class InvalidParamsError extends Error {}
 
 /** Another daemon answers on the socket. */
 export class DaemonAlreadyRunningError extends QwenError {}
@@ -23,12 +21,31 @@ export interface RpcConnection {
   subscribed: boolean;
 }
 
-export type RpcHandler = (params: unknown, connection: RpcConnection) => unknown;
+/** One method: the schema its params must match, and what it does with them. */
+export interface RpcMethod {
+  readonly params: z.ZodType;
+  handle(params: unknown, connection: RpcConnection): unknown;
+}
+
+/**
+ * Declares a method. `params` should be strict: unknown members are a caller's mistake. An
+ * absent `params` member is validated as `{}`.
+ */
+export function rpcMethod<P extends z.ZodType>(params: P, handle: (params: z.output<P>, connection: RpcConnection) => unknown): RpcMethod {
+  return { params, handle: handle as RpcMethod['handle'] };
+}
+
+/** A method with the schema for a whole request frame to it, built once. */
+interface CompiledMethod {
+  readonly method: RpcMethod;
+  /** Envelope and params in one schema: the common case costs one validation pass. */
+  readonly frame: z.ZodType<{ id?: Id; params?: unknown }>;
+}
 
 export interface IpcServerOptions {
   socketPath: string;
   logger: Logger;
-  handlers: Record<string, RpcHandler>;
+  methods: Record<string, RpcMethod>;
   platform?: NodeJS.Platform;
   maxConnections?: number;
   maxFrameBytes?: number;
@@ -51,6 +68,7 @@ class Connection implements RpcConnection {
   private partsLength = 0;
   private inflight = 0;
   private partialTimer: NodeJS.Timeout | null = null;
+  private corked = false;
 
   constructor(
     readonly id: number,
@@ -148,13 +166,28 @@ class Connection implements RpcConnection {
   }
 
   send(message: unknown): void {
-    if (this.socket.destroyed || !this.socket.writable) return;
-    if (this.socket.writableLength > MAX_UNREAD_BYTES) {
+    this.sendLine(`${JSON.stringify(message)}\n`);
+  }
+
+  sendLine(line: string): void {
+    const socket = this.socket;
+    if (socket.destroyed || !socket.writable) return;
+    if (socket.writableLength > MAX_UNREAD_BYTES) {
       this.server.logger.warn({ conn: this.id }, 'closing a connection whose client stopped reading');
-      this.socket.destroy();
+      socket.destroy();
       return;
     }
-    if (!this.socket.write(`${JSON.stringify(message)}\n`)) this.updateFlow();
+    // More answers to this client are pending (say, many calls waiting on one refresh): hold
+    // the writes until this tick ends, so they leave in one system call instead of one each.
+    if (this.inflight > 0 && !this.corked) {
+      this.corked = true;
+      socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        socket.uncork();
+      });
+    }
+    if (!socket.write(line)) this.updateFlow();
   }
 }
 
@@ -168,9 +201,16 @@ export class IpcServer {
   private nextId = 1;
   private served = 0;
   private listening = false;
+  private readonly methods = new Map<string, CompiledMethod>();
+  /** Frozen results (a token record shared by every caller) are serialized once. */
+  private readonly resultJson = new WeakMap<object, string>();
 
   constructor(private readonly options: IpcServerOptions) {
     this.logger = options.logger;
+    for (const [name, method] of Object.entries(options.methods)) {
+      const frame = z.object({ jsonrpc: z.literal('2.0'), id: RpcIdSchema.optional(), method: z.literal(name), params: method.params.optional() });
+      this.methods.set(name, { method, frame });
+    }
     this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
     this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;
     this.server = createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
@@ -264,56 +304,81 @@ export class IpcServer {
       conn.send({ jsonrpc: '2.0', id: null, error: { code: RpcErrorCodes.parseError, message: 'parse error: the frame is not valid JSON' } });
       return;
     }
-    const parsed = RpcRequestSchema.safeParse(data);
-    if (!parsed.success) {
-      const id = idOf(data);
-      const message = Array.isArray(data)
-        ? 'invalid request: batches are not supported; send one request per line'
-        : `invalid request: ${describeIssues(parsed.error)}`;
-      conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.invalidRequest, message } });
+    const name = typeof data === 'object' && data !== null ? (data as { method?: unknown }).method : undefined;
+    const compiled = typeof name === 'string' ? this.methods.get(name) : undefined;
+    const parsed = compiled?.frame.safeParse(data);
+    if (!compiled || !parsed?.success) {
+      this.rejectFrame(conn, data, compiled);
       return;
     }
     const request = parsed.data;
     const isNotification = request.id === undefined;
     const id: Id = request.id ?? null;
-    const handler = Object.hasOwn(this.options.handlers, request.method) ? this.options.handlers[request.method] : undefined;
-    if (!handler) {
-      if (!isNotification) {
-        conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.methodNotFound, message: `method not found: ${request.method}` } });
-      }
-      return;
-    }
     this.served++;
     conn.requestStarted();
     let result: unknown;
     try {
-      result = handler(request.params ?? {}, conn);
+      result = compiled.method.handle(request.params ?? {}, conn);
     } catch (err) {
       conn.requestDone();
-      if (!isNotification) conn.send(this.errorResponse(id, err, request.method));
+      if (!isNotification) conn.send(this.errorResponse(id, err, name as string));
       return;
     }
     if (result instanceof Promise) {
       result.then(
         (value) => {
           conn.requestDone();
-          if (!isNotification) conn.send({ jsonrpc: '2.0', id, result: value ?? null });
+          if (!isNotification) conn.sendLine(this.resultLine(id, value));
         },
         (err) => {
           conn.requestDone();
-          if (!isNotification) conn.send(this.errorResponse(id, err, request.method));
+          if (!isNotification) conn.send(this.errorResponse(id, err, name as string));
         },
       );
       return;
     }
     conn.requestDone();
-    if (!isNotification) conn.send({ jsonrpc: '2.0', id, result: result ?? null });
+    if (!isNotification) conn.sendLine(this.resultLine(id, result));
+  }
+
+  /**
+   * Answers a frame that did not validate as a call of a known method, saying what is wrong:
+   * not a request at all, an unknown method, or params the method does not take.
+   */
+  private rejectFrame(conn: Connection, data: unknown, compiled: CompiledMethod | undefined): void {
+    const envelope = RpcRequestSchema.safeParse(data);
+    if (!envelope.success) {
+      const message = Array.isArray(data)
+        ? 'invalid request: batches are not supported; send one request per line'
+        : `invalid request: ${describeIssues(envelope.error)}`;
+      conn.send({ jsonrpc: '2.0', id: idOf(data), error: { code: RpcErrorCodes.invalidRequest, message } });
+      return;
+    }
+    const request = envelope.data;
+    if (request.id === undefined) return; // a notification gets no answer, not even an error
+    const id: Id = request.id;
+    if (!compiled) {
+      conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.methodNotFound, message: `method not found: ${request.method}` } });
+      return;
+    }
+    const params = compiled.method.params.safeParse(request.params ?? {});
+    const message = params.success ? 'invalid request' : `invalid params: ${describeIssues(params.error)}`;
+    conn.send({ jsonrpc: '2.0', id, error: { code: params.success ? RpcErrorCodes.invalidRequest : RpcErrorCodes.invalidParams, message } });
+  }
+
+  private resultLine(id: Id, result: unknown): string {
+    if (result === undefined || result === null || typeof result !== 'object' || !Object.isFrozen(result)) {
+      return `${JSON.stringify({ jsonrpc: '2.0', id, result: result ?? null })}\n`;
+    }
+    let json = this.resultJson.get(result);
+    if (json === undefined) {
+      json = JSON.stringify(result);
+      this.resultJson.set(result, json);
+    }
+    return `{"jsonrpc":"2.0","id":${JSON.stringify(id)},"result":${json}}\n`;
   }
 
   private errorResponse(id: Id, err: unknown, method: string): unknown {
-    if (err instanceof InvalidParamsError) {
-      return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.invalidParams, message: err.message } };
-    }
     if (err instanceof QwenError) {
       const data: Record<string, string> = { code: err.code };
       const oauthError = (err as { oauthError?: unknown }).oauthError;

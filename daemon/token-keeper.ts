@@ -70,6 +70,18 @@ export interface TokenKeeperDeps {
 
 type RefreshOutcome = { ok: true; credentials: Credentials } | { ok: false; error: QwenError };
 
+/** One refresh in flight, shared by everyone who asks meanwhile. */
+interface RefreshRun {
+  /**
+   * Settles as soon as the outcome is known. On success the new credentials are current in
+   * memory and may still be on their way to disk: the access token is valid at the server
+   * either way, so callers waiting for a token need not wait for two fsyncs.
+   */
+  readonly known: Promise<RefreshOutcome>;
+  /** Settles when the refresh is over: on success, its credentials written (or kept for a retry). */
+  readonly finished: Promise<RefreshOutcome>;
+}
+
 export interface KeeperSnapshot {
   state: TokenState;
   credentials: Credentials | null;
@@ -90,7 +102,7 @@ function toQwenError(err: unknown): QwenError {
 export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   private state: LifecycleState = initialState;
   private shownPhase: TokenState = 'no_credentials';
-  private inflight: Promise<RefreshOutcome> | null = null;
+  private inflight: RefreshRun | null = null;
   private abortRefresh: AbortController | null = null;
   private timer: TimerHandle | null = null;
   private sourceFile: string | null = null;
@@ -132,21 +144,27 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     }
   }
 
+  /** The credentials when they can be served right now, valid longer than `minValidityMs`; else null. */
+  servableNow(minValidityMs = 0): Credentials | null {
+    const decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
+    return decision.action === 'serve' ? this.state.credentials : null;
+  }
+
   /** A token valid for more than `minValidityMs`, refreshing first when needed. */
   async getAccessToken(minValidityMs = 0): Promise<Credentials> {
     let decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
     if (decision.action === 'refresh') {
-      await this.refreshNow();
+      await this.refreshNow().known;
       decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs, true);
     }
     if (decision.action === 'serve' && this.state.credentials) return this.state.credentials;
     throw this.unavailableError(decision.action === 'fail' ? decision.reason : 'expired');
   }
 
-  /** Forces a refresh now (joining one in flight); throws when it fails. */
+  /** Forces a refresh now (joining one in flight); resolves once it is saved, throws when it fails. */
   async refresh(): Promise<Credentials> {
     if (!this.state.credentials) throw this.unavailableError('no_credentials');
-    const outcome = await this.refreshNow();
+    const outcome = await this.refreshNow().finished;
     if (outcome.ok) return outcome.credentials;
     throw outcome.error;
   }
@@ -164,7 +182,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     // Let an in-flight refresh end first (aborted, or finishing its write), so it cannot
     // write the credentials back after we delete them.
     this.abortRefresh?.abort();
-    await this.inflight;
+    await this.inflight?.finished;
     this.unsaved = null;
     this.sourceFile = null;
     this.dispatch({ type: 'credentials_cleared' });
@@ -213,9 +231,9 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     this.settleTimers.clear();
     // Give a refresh already at the server a moment to finish and be saved: abandoned after
     // the server rotated, it would leave only a retired refresh token on disk.
-    if (this.inflight) await Promise.race([this.inflight, sleep(STOP_GRACE_MS)]);
+    if (this.inflight) await Promise.race([this.inflight.finished, sleep(STOP_GRACE_MS)]);
     this.abortRefresh?.abort();
-    await this.inflight;
+    await this.inflight?.finished;
     await this.fileWork;
   }
 
@@ -285,63 +303,91 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   }
 
   /** Single-flight refresh: every caller during a refresh shares its one HTTP call. */
-  private refreshNow(): Promise<RefreshOutcome> {
+  private refreshNow(): RefreshRun {
     if (this.inflight) return this.inflight;
     const creds = this.state.credentials;
-    if (!creds) return Promise.resolve({ ok: false, error: this.unavailableError('no_credentials') });
+    if (!creds) {
+      const none = Promise.resolve<RefreshOutcome>({ ok: false, error: this.unavailableError('no_credentials') });
+      return { known: none, finished: none };
+    }
     const abort = new AbortController();
     this.abortRefresh = abort;
     this.dispatch({ type: 'refresh_started' });
-    const run = this.runRefresh(creds, abort.signal).finally(() => {
+    let announce!: (outcome: RefreshOutcome) => void;
+    const announced = new Promise<RefreshOutcome>((resolve) => (announce = resolve));
+    const finished = this.runRefresh(creds, abort.signal, announce).finally(() => {
       this.inflight = null;
       this.abortRefresh = null;
       this.schedule();
     });
+    const run: RefreshRun = { known: Promise.race([announced, finished]), finished };
     this.inflight = run;
     return run;
   }
 
-  private async runRefresh(creds: Credentials, signal: AbortSignal): Promise<RefreshOutcome> {
+  private async runRefresh(creds: Credentials, signal: AbortSignal, announce: (outcome: RefreshOutcome) => void): Promise<RefreshOutcome> {
     const { logger } = this.deps;
     const used = creds.refresh_token;
-    try {
-      const { credentials, via } = await this.refreshOnce(creds, signal);
+    // (Typed by assertion: it is set inside the closure, which control-flow analysis does not follow.)
+    let published = null as { credentials: Credentials; via: 'http' | 'qwen-cli' } | null;
+    // Called with the new credentials before they are written: from here on they are current,
+    // waiting callers get them and subscribers are told.
+    const publish = (credentials: Credentials, via: 'http' | 'qwen-cli') => {
       this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
-      logger.info(
-        { token: fingerprint(credentials.access_token), expiry_date: credentials.expiry_date, via, rotated: credentials.refresh_token !== used },
-        via === 'http' ? 'token refreshed' : 'token already refreshed by the Qwen CLI; adopted it',
-      );
       if (!this.stopped) this.emit('token_refreshed', credentials);
-      return { ok: true, credentials };
+      published = { credentials, via };
+      announce({ ok: true, credentials });
+    };
+    try {
+      await this.refreshOnce(creds, signal, publish);
     } catch (err) {
-      const error = toQwenError(err);
-      const terminal = error instanceof QwenRefreshTokenInvalidError;
-      if (this.stopped) return { ok: false, error };
-      // Another process may hold a newer refresh token: look once before giving up.
-      const rescued = terminal ? await this.rescueFromFiles(used) : null;
-      // With rescued credentials current, this failure concerns a retired refresh token: the
-      // lifecycle records it without counting it (and the refresh is over either way).
-      this.dispatch({ type: 'refresh_failed', error: { code: error.code, message: error.message }, terminal, usedRefreshToken: used });
-      if (rescued) return { ok: true, credentials: rescued };
-      const snap = this.snapshot();
-      if (terminal) {
-        logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`qwen-token login\``);
-      } else {
-        logger.warn(
-          { code: error.code, state: snap.state, retry_count: snap.retryCount, next_retry_at: snap.nextRefreshAt },
-          `refresh failed, will retry: ${error.message}`,
-        );
-      }
-      this.emit('refresh_failed', { error, state: snap.state, nextRetryAt: snap.nextRefreshAt });
-      return { ok: false, error };
+      // Only releasing the Qwen CLI's lock can fail once the credentials were published.
+      if (!published) return this.refreshFailed(err, used);
+      logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
     }
+    if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
+    const { credentials, via } = published;
+    logger.info(
+      { token: fingerprint(credentials.access_token), expiry_date: credentials.expiry_date, via, rotated: credentials.refresh_token !== used },
+      via === 'http' ? 'token refreshed' : 'token already refreshed by the Qwen CLI; adopted it',
+    );
+    return { ok: true, credentials };
+  }
+
+  /** A refresh that failed: rescue from the files if the token was rejected, else record and retry later. */
+  private async refreshFailed(err: unknown, used: string): Promise<RefreshOutcome> {
+    const { logger } = this.deps;
+    const error = toQwenError(err);
+    const terminal = error instanceof QwenRefreshTokenInvalidError;
+    if (this.stopped) return { ok: false, error };
+    // Another process may hold a newer refresh token: look once before giving up.
+    const rescued = terminal ? await this.rescueFromFiles(used) : null;
+    // With rescued credentials current, this failure concerns a retired refresh token: the
+    // lifecycle records it without counting it (and the refresh is over either way).
+    this.dispatch({ type: 'refresh_failed', error: { code: error.code, message: error.message }, terminal, usedRefreshToken: used });
+    if (rescued) return { ok: true, credentials: rescued };
+    const snap = this.snapshot();
+    if (terminal) {
+      logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`qwen-token login\``);
+    } else {
+      logger.warn(
+        { code: error.code, state: snap.state, retry_count: snap.retryCount, next_retry_at: snap.nextRefreshAt },
+        `refresh failed, will retry: ${error.message}`,
+      );
+    }
+    this.emit('refresh_failed', { error, state: snap.state, nextRetryAt: snap.nextRefreshAt });
+    return { ok: false, error };
   }
 
   /**
    * One refresh. When the Qwen CLI's file holds the same refresh token, the refresh runs
    * inside the CLI's own lock, and is skipped if the CLI refreshed meanwhile.
    */
-  private async refreshOnce(creds: Credentials, signal: AbortSignal): Promise<{ credentials: Credentials; via: 'http' | 'qwen-cli' }> {
+  private async refreshOnce(
+    creds: Credentials,
+    signal: AbortSignal,
+    publish: (credentials: Credentials, via: 'http' | 'qwen-cli') => void,
+  ): Promise<void> {
     const { cliFile, config, logger } = this.deps;
     const outside = cliFile ? await cliFile.read({ settling: true }) : null;
     const theirs = outside?.status === 'ok' ? outside.credentials : null;
@@ -349,13 +395,15 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       // The Qwen CLI refreshed (or logged in) and its file event has not reached us yet:
       // refreshing now would present a refresh token it has just retired. Take its result.
       this.sourceFile = cliFile.path;
+      publish(theirs, 'qwen-cli');
       await this.save(theirs, false);
-      return { credentials: theirs, via: 'qwen-cli' };
+      return;
     }
     if (!cliFile || theirs?.refresh_token !== creds.refresh_token) {
       const fresh = await this.httpRefresh(creds, signal);
+      publish(fresh, 'http');
       await this.save(fresh, false);
-      return { credentials: fresh, via: 'http' };
+      return;
     }
     const lockOptions = {
       staleMs: config.qwenCliLockStaleMs,
@@ -376,15 +424,17 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
           (theirs.expiry_date > creds.expiry_date && theirs.expiry_date - now > config.refreshLeadMs);
         if (refreshedByCli && theirs.expiry_date > now) {
           this.sourceFile = cliFile.path;
+          publish(theirs, 'qwen-cli');
           await this.save(theirs, false);
-          return { credentials: theirs, via: 'qwen-cli' as const };
+          return;
         }
       }
       const fresh = await this.httpRefresh(creds, signal);
+      publish(fresh, 'http');
       // Write back where the token came from: a copy of a retired refresh token left in the
-      // CLI's file would make the CLI fail (and delete its file) on its next refresh.
+      // CLI's file would make the CLI fail (and delete its file) on its next refresh. The
+      // write happens inside the CLI's lock, so the CLI never refreshes from the old file.
       await this.save(fresh, inside.status === 'ok' && inside.credentials.refresh_token === creds.refresh_token);
-      return { credentials: fresh, via: 'http' as const };
     });
   }
 

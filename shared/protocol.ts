@@ -42,12 +42,13 @@ export const Notifications = {
   loginFailed: 'login.failed',
 } as const;
 
-const RpcId = z.union([z.string().max(200), z.number().finite(), z.null()]);
+/** A request id. Numbers first: that is what clients send, and a union stops at the first match. */
+export const RpcIdSchema = z.union([z.number(), z.string().max(200), z.null()]);
 
 /** A request or notification as received by the daemon. */
 export const RpcRequestSchema = z.object({
   jsonrpc: z.literal('2.0'),
-  id: RpcId.optional(),
+  id: RpcIdSchema.optional(),
   method: z.string().min(1).max(100),
   params: z.union([z.record(z.string(), z.unknown()), z.array(z.unknown())]).optional(),
 });

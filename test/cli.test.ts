@@ -10,6 +10,7 @@ import { fingerprint } from '../shared/fingerprint.js';
 import { StatusResult } from '../shared/protocol.js';
 import { ExitCodes } from '../client/cli/exit-codes.js';
 import { CLI_BIN, assertNoSecrets, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+import { until } from './support/wait.js';
 
 /**
  * Each describe block shares one fixture (daemon starts dominate the run time on two cores);
@@ -110,8 +111,9 @@ describe('with a logged-in daemon', () => {
     const before = await fx.readOwn();
     const r = await runCli(['token', '--min-validity', '24h']);
     expect(r.code).toBe(0);
+    // The daemon answers as soon as the server has; writing the file follows right after.
+    await until(async () => (await fx.readOwn())?.access_token !== before!.access_token, 'the refreshed credentials on disk', 5000);
     const after = await fx.readOwn();
-    expect(after!.access_token).not.toBe(before!.access_token);
     expect(r.stdout === `${after!.access_token}\n`).toBe(true);
     expect(r.stderr).toBe('');
   });

@@ -187,14 +187,17 @@ describe('IPC', () => {
     expect(JSON.parse(bad[1]!.lines[0]!).id).toBe(7);
     expect(JSON.parse(bad[2]!.lines[0]!).error.code).toBe(-32600);
     expect(JSON.parse(bad[3]!.lines[0]!).error.code).toBe(-32602);
+    expect(JSON.parse(bad[3]!.lines[0]!).error.message).toMatch(/^invalid params: minValidityMs: /);
+    expect(JSON.parse(bad[3]!.lines[0]!).id).toBe(9);
     expect(JSON.parse(bad[4]!.lines[0]!).error.message).toMatch(/exceeds/);
     expect(JSON.parse(bad[5]!.lines[0]!).error.code).toBe(-32600);
     // Meanwhile a well-formed client is served.
     const good = await rawConnection(fx.socketPath);
-    good.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 'a', method: 'getAccessToken' })}\n`);
+    const trickyId = 'a"\\\n\u2028}';
+    good.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: trickyId, method: 'getAccessToken' })}\n`);
     await until(() => good.lines.length > 0, 'token reply', 3000);
     const reply = JSON.parse(good.lines[0]!);
-    expect(reply.id).toBe('a');
+    expect(reply.id).toBe(trickyId);
     expect(reply.result.access_token).toBe(seeded.access_token);
     expect(reply.result.base_url).toBe('https://portal.qwen.ai/v1');
     for (const b of bad) b.socket.destroy();

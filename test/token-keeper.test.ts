@@ -80,6 +80,39 @@ describe('TokenKeeper', () => {
     expect(new Set(results.map((c) => c.access_token)).size).toBe(1);
   });
 
+  it('callers waiting on a refresh get the new token before it is written; refresh() waits for the write', async () => {
+    const { keeper: k, own } = makeKeeper();
+    const first = seeded(3600);
+    await own.write(first);
+    await k.start();
+    // Hold every write of our file until released: a slow disk.
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const write = own.write.bind(own);
+    own.write = async (c) => {
+      await gate;
+      return write(c);
+    };
+    const fresh = await k.getAccessToken(2 * 3600_000); // valid 1 h, asked for 2 h: refreshes
+    expect(fresh.access_token).not.toBe(first.access_token);
+    expect(server.counts.refresh).toBe(1);
+    const onDisk = await own.read();
+    expect(onDisk.status === 'ok' && onDisk.credentials.access_token).toBe(first.access_token);
+    // A forced refresh joining this one answers only once the credentials are saved.
+    let forcedDone = false;
+    const forced = k.refresh().then((c) => {
+      forcedDone = true;
+      return c;
+    });
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    expect(forcedDone).toBe(false);
+    release();
+    expect((await forced).access_token).toBe(fresh.access_token);
+    const saved = await own.read();
+    expect(saved.status === 'ok' && saved.credentials.access_token).toBe(fresh.access_token);
+    expect(server.counts.refresh).toBe(1);
+  });
+
   it('a refresh failure for a refresh token replaced meanwhile does not declare needs_login', async () => {
     const { keeper: k, own } = makeKeeper();
     const first = seeded(3600);
