@@ -6,11 +6,11 @@
 import { lstat, mkdir, chmod, unlink } from 'node:fs/promises';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
-import { z } from 'zod';
+import type { z } from 'zod';
 import { checkSocketPathLength } from '../shared/config.js';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
-import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcIdSchema, RpcRequestSchema } from '../shared/protocol.js';
+import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema, requestSchemaFor } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
 
 /** Another daemon answers on the socket. */
@@ -208,8 +208,7 @@ export class IpcServer {
   constructor(private readonly options: IpcServerOptions) {
     this.logger = options.logger;
     for (const [name, method] of Object.entries(options.methods)) {
-      const frame = z.object({ jsonrpc: z.literal('2.0'), id: RpcIdSchema.optional(), method: z.literal(name), params: method.params.optional() });
-      this.methods.set(name, { method, frame });
+      this.methods.set(name, { method, frame: requestSchemaFor(name, method.params) });
     }
     this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
     this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;

@@ -55,6 +55,17 @@ async function bareBurst(server, env, dir, replyBytes, { processes, connectionsP
   });
 }
 
+/** Context for B4: µs per frame to parse and validate `frames` frames in a fresh process, then warm. */
+async function coldValidation(env, frames) {
+  return withWorkers(async (workers) => {
+    const w = startWorker('cold-validation.mjs', { frames }, env);
+    workers.push(w);
+    const r = await w.next('result');
+    if (!r.valid) throw new Error('the frame schema rejected a valid getAccessToken frame');
+    return r;
+  });
+}
+
 export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, callsPerConnection = 125, baselineCalls = 5, context = true } = {}) {
   const { server } = ctx;
   const total = processes * connectionsPerProcess * callsPerConnection;
@@ -104,6 +115,7 @@ export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, cal
       const bare = context
         ? await bareBurst(server, d.env, join(d.root, 'run'), replyBytes, { processes, connectionsPerProcess, callsPerConnection })
         : null;
+      const validation = context ? await coldValidation(d.env, total) : null;
       return [
         row('B4', `expired token, ${total.toLocaleString('en-US')} concurrent calls`, {
           measured: `${refreshes} refresh; p50 ${fmtMs(lat.p50)}, p99 ${fmtMs(lat.p99)}`,
@@ -122,6 +134,15 @@ export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, cal
             directRefreshMs: baselineSamples.map((v) => round(v)),
             baselineMs: round(baseline),
             ...(bare ? { bareBurstMs: Object.fromEntries(Object.entries(bare).map(([k, v]) => [k, round(v)])) } : {}),
+            ...(validation
+              ? {
+                  frameCheckUs: {
+                    method: `JSON.parse + zod frame schema per frame: the first ${total} in a fresh process, then the same once optimized`,
+                    cold: round(validation.coldUsPerFrame, 2),
+                    warm: round(validation.warmUsPerFrame, 2),
+                  },
+                }
+              : {}),
             refreshReachedServerAfterMs: refreshArrivedMs,
             daemonCpuMsForBurst: round(daemonCpuMs, 1),
             correct,
