@@ -6,7 +6,10 @@
  */
 import { defineConfig } from 'rolldown';
 
-/** One self-contained bundle per program: shared chunks would be more files to load at start. */
+/**
+ * One bundle per program, sharing no chunks with the other (shared chunks are more files to load
+ * at start). The CLI's lazily imported parts (its daemon client, doctor) become chunks of its own.
+ */
 function program(name, input) {
   return defineConfig({
     input: { [name]: input },

@@ -34,7 +34,12 @@ const ALREADY_RUNNING = 3;
  * Rejects early when the child exits with a real failure.
  */
 export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exited: Promise<number | null> } {
-  const bin = config.daemonBin ?? packagedDaemonBin();
+  let bin: string;
+  try {
+    bin = config.daemonBin ?? packagedDaemonBin();
+  } catch (err) {
+    throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${(err as Error).message} (set QWEN_TOKEND_BIN to the daemon program)`);
+  }
   if (!existsSync(bin)) {
     throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${bin} does not exist (set QWEN_TOKEND_BIN or run \`npm run build\`)`);
   }

@@ -317,7 +317,7 @@ export class IpcServer {
     conn.requestStarted();
     let result: unknown;
     try {
-      result = compiled.method.handle(request.params ?? {}, conn);
+      result = compiled.method.handle(request.params, conn);
     } catch (err) {
       conn.requestDone();
       if (!isNotification) conn.send(this.errorResponse(id, err, name as string));
@@ -360,7 +360,8 @@ export class IpcServer {
       conn.send({ jsonrpc: '2.0', id, error: { code: RpcErrorCodes.methodNotFound, message: `method not found: ${request.method}` } });
       return;
     }
-    const params = compiled.method.params.safeParse(request.params ?? {});
+    // The params as sent (the envelope's parsed copy drops keys such as __proto__).
+    const params = compiled.method.params.safeParse((data as { params?: unknown }).params ?? {});
     const message = params.success ? 'invalid request' : `invalid params: ${describeIssues(params.error)}`;
     conn.send({ jsonrpc: '2.0', id, error: { code: params.success ? RpcErrorCodes.invalidRequest : RpcErrorCodes.invalidParams, message } });
   }

@@ -110,6 +110,11 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   /** Credentials a failed write could not persist yet; written again on the next wake. */
   private unsaved: Credentials | null = null;
   private fileWork: Promise<void> = Promise.resolve();
+  /**
+   * Set while a refresh's credentials are current in memory but not yet written: a file
+   * change is judged only after that write, so memory and disk cannot end up disagreeing.
+   */
+  private publishedUnsaved: Promise<void> | null = null;
   private readonly settleTimers = new Map<'own' | 'qwen-cli', TimerHandle>();
 
   constructor(private readonly deps: TokenKeeperDeps) {
@@ -298,7 +303,9 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     this.timer = null;
     if (this.stopped) return;
     this.notePhase();
-    if (this.unsaved) void this.save(this.unsaved, false);
+    // Not during a refresh: its own save supersedes the old record (written after it, the old
+    // record would put a retired refresh token on disk).
+    if (this.unsaved && !this.inflight) void this.save(this.unsaved, false);
     this.schedule();
   }
 
@@ -330,13 +337,21 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const used = creds.refresh_token;
     // (Typed by assertion: it is set inside the closure, which control-flow analysis does not follow.)
     let published = null as { credentials: Credentials; via: 'http' | 'qwen-cli' } | null;
+    let written = null as (() => void) | null;
     // Called with the new credentials before they are written: from here on they are current,
-    // waiting callers get them and subscribers are told.
+    // waiting callers get them and subscribers are told. Nothing here may keep the save from
+    // happening: a listener's exception is logged, not thrown.
     const publish = (credentials: Credentials, via: 'http' | 'qwen-cli') => {
-      this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
-      if (!this.stopped) this.emit('token_refreshed', credentials);
       published = { credentials, via };
+      this.publishedUnsaved = new Promise<void>((resolve) => (written = resolve));
+      this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
       announce({ ok: true, credentials });
+      if (this.stopped) return;
+      try {
+        this.emit('token_refreshed', credentials);
+      } catch (err) {
+        logger.error({ err: err instanceof Error ? err.message : String(err) }, 'a token_refreshed listener failed');
+      }
     };
     try {
       await this.refreshOnce(creds, signal, publish);
@@ -344,6 +359,9 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       // Only releasing the Qwen CLI's lock can fail once the credentials were published.
       if (!published) return this.refreshFailed(err, used);
       logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
+    } finally {
+      this.publishedUnsaved = null;
+      written?.();
     }
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
     const { credentials, via } = published;
@@ -361,7 +379,12 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const terminal = error instanceof QwenRefreshTokenInvalidError;
     if (this.stopped) return { ok: false, error };
     // Another process may hold a newer refresh token: look once before giving up.
-    const rescued = terminal ? await this.rescueFromFiles(used) : null;
+    const rescued = terminal
+      ? await this.rescueFromFiles(used).catch((rescueErr: unknown) => {
+          logger.warn({ err: rescueErr instanceof Error ? rescueErr.message : String(rescueErr) }, 'could not look for a newer refresh token on disk');
+          return null;
+        })
+      : null;
     // With rescued credentials current, this failure concerns a retired refresh token: the
     // lifecycle records it without counting it (and the refresh is over either way).
     this.dispatch({ type: 'refresh_failed', error: { code: error.code, message: error.message }, terminal, usedRefreshToken: used });
@@ -461,6 +484,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   }
 
   private async adoptFrom(which: 'own' | 'qwen-cli', settled = false): Promise<void> {
+    while (this.publishedUnsaved) await this.publishedUnsaved;
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;

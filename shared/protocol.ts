@@ -56,10 +56,10 @@ export type RpcRequest = z.infer<typeof RpcRequestSchema>;
 
 /**
  * The schema of a whole request frame to one method: envelope and params in one pass, so the
- * common case (a valid call) is validated once. An absent `params` member stays absent.
+ * common case (a valid call) is validated once. An absent `params` member is validated as `{}`.
  */
 export function requestSchemaFor<P extends z.ZodType>(method: string, params: P) {
-  return z.object({ jsonrpc: z.literal('2.0'), id: RpcIdSchema.optional(), method: z.literal(method), params: params.optional() });
+  return z.object({ jsonrpc: z.literal('2.0'), id: RpcIdSchema.optional(), method: z.literal(method), params: params.prefault({} as z.input<P>) });
 }
 
 export const RpcErrorSchema = z.object({

@@ -113,6 +113,49 @@ describe('TokenKeeper', () => {
     expect(server.counts.refresh).toBe(1);
   });
 
+  it('a file change arriving between a refresh and its write is judged after the write: memory and disk agree', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    await k.start();
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const write = own.write.bind(own);
+    own.write = async (c) => {
+      await gate;
+      return write(c);
+    };
+    const fresh = await k.getAccessToken(2 * 3600_000);
+    // Another process writes a later-expiring record to our file before our write lands.
+    const { writeFile } = await import('node:fs/promises');
+    const { serializeCredentials } = await import('../shared/credentials.js');
+    await writeFile(own.path, serializeCredentials(seeded(7200)), { mode: 0o600 });
+    const judged = k.fileChanged('own');
+    // Without waiting for our write, the change would be adopted now, and our write would then
+    // put different credentials on disk than the ones in memory.
+    const first = await Promise.race([judged.then(() => 'judged'), new Promise((r) => setTimeout(() => r('waiting'), 300))]);
+    release();
+    await judged;
+    expect(first).toBe('waiting');
+    const onDisk = await own.read();
+    expect(onDisk.status).toBe('ok');
+    expect(onDisk.status === 'ok' && onDisk.credentials.access_token).toBe(k.snapshot().credentials?.access_token);
+    expect(k.snapshot().credentials?.access_token).toBe(fresh.access_token);
+  });
+
+  it('a token_refreshed listener that throws does not keep the refreshed credentials from being saved', async () => {
+    const { keeper: k, own } = makeKeeper();
+    const first = seeded(3600);
+    await own.write(first);
+    await k.start();
+    k.on('token_refreshed', () => {
+      throw new Error('a broken listener');
+    });
+    const refreshed = await k.refresh();
+    expect(refreshed.refresh_token).not.toBe(first.refresh_token);
+    const onDisk = await own.read();
+    expect(onDisk.status === 'ok' && onDisk.credentials.refresh_token).toBe(refreshed.refresh_token);
+  });
+
   it('a refresh failure for a refresh token replaced meanwhile does not declare needs_login', async () => {
     const { keeper: k, own } = makeKeeper();
     const first = seeded(3600);
