@@ -52,7 +52,8 @@ async function bareFanout(dir, env, { connections, processes, rounds, lineBytes 
     s.on('error', () => undefined);
     accepted.push(s);
   });
-  await new Promise((resolve) => server.listen(socketPath, resolve));
+  // As deep a backlog as the daemon's: with the default, a wave of connects can meet EAGAIN.
+  await new Promise((resolve) => server.listen({ path: socketPath, backlog: connections }, resolve));
   try {
     return await withWorkers(async (workers) => {
       const per = Math.ceil(connections / processes);
