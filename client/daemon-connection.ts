@@ -27,6 +27,8 @@ export class DaemonConnection {
   private nextId = 1;
   private buffer = '';
   private closed = false;
+  private corked = false;
+  private callsThisTick = 0;
 
   private constructor(
     private readonly socket: Socket,
@@ -80,6 +82,21 @@ export class DaemonConnection {
       this.pending.set(id, entry);
       // While a call waits, the socket keeps the process alive; when idle, it must not.
       if (this.pending.size === 1) this.socket.ref();
+      // The first call of a tick is written at once; more calls in the same tick (a burst of
+      // getAccessToken() on an expired token) are held and leave together when the tick ends:
+      // one system call and one wake-up of the daemon instead of one each.
+      if (this.callsThisTick++ === 0) {
+        process.nextTick(() => {
+          this.callsThisTick = 0;
+          if (this.corked) {
+            this.corked = false;
+            this.socket.uncork();
+          }
+        });
+      } else if (!this.corked) {
+        this.corked = true;
+        this.socket.cork();
+      }
       this.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id, method, params: params ?? {} })}\n`);
     });
   }
