@@ -54,6 +54,18 @@ function seeded(expiresIn: number): Credentials {
   return { access_token: t.access_token, refresh_token: t.refresh_token, token_type: 'Bearer', resource_url: t.resource_url, expiry_date: t.expiry_date };
 }
 
+/** Holds every write of `file` until the returned function is called: a slow disk. */
+function holdWrites(file: CredentialFile): () => void {
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const write = file.write.bind(file);
+  file.write = async (c) => {
+    await gate;
+    return write(c);
+  };
+  return release;
+}
+
 describe('TokenKeeper', () => {
   it('200 concurrent requests for an expired token share exactly one HTTP refresh', async () => {
     const { keeper: k, own } = makeKeeper();
@@ -85,14 +97,7 @@ describe('TokenKeeper', () => {
     const first = seeded(3600);
     await own.write(first);
     await k.start();
-    // Hold every write of our file until released: a slow disk.
-    let release!: () => void;
-    const gate = new Promise<void>((resolve) => (release = resolve));
-    const write = own.write.bind(own);
-    own.write = async (c) => {
-      await gate;
-      return write(c);
-    };
+    const release = holdWrites(own);
     const fresh = await k.getAccessToken(2 * 3600_000); // valid 1 h, asked for 2 h: refreshes
     expect(fresh.access_token).not.toBe(first.access_token);
     expect(server.counts.refresh).toBe(1);
@@ -117,13 +122,7 @@ describe('TokenKeeper', () => {
     const { keeper: k, own } = makeKeeper();
     await own.write(seeded(3600));
     await k.start();
-    let release!: () => void;
-    const gate = new Promise<void>((resolve) => (release = resolve));
-    const write = own.write.bind(own);
-    own.write = async (c) => {
-      await gate;
-      return write(c);
-    };
+    const release = holdWrites(own);
     const fresh = await k.getAccessToken(2 * 3600_000);
     // Another process writes a later-expiring record to our file before our write lands.
     const { writeFile } = await import('node:fs/promises');
