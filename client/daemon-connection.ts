@@ -27,7 +27,7 @@ export class DaemonConnection {
   private nextId = 1;
   private buffer = '';
   private closed = false;
-  private corked = false;
+  /** Calls written in the current tick; from the second on, the socket is corked until it ends. */
   private callsThisTick = 0;
 
   private constructor(
@@ -85,16 +85,13 @@ export class DaemonConnection {
       // The first call of a tick is written at once; more calls in the same tick (a burst of
       // getAccessToken() on an expired token) are held and leave together when the tick ends:
       // one system call and one wake-up of the daemon instead of one each.
-      if (this.callsThisTick++ === 0) {
+      const call = ++this.callsThisTick;
+      if (call === 1) {
         process.nextTick(() => {
+          if (this.callsThisTick > 1) this.socket.uncork();
           this.callsThisTick = 0;
-          if (this.corked) {
-            this.corked = false;
-            this.socket.uncork();
-          }
         });
-      } else if (!this.corked) {
-        this.corked = true;
+      } else if (call === 2) {
         this.socket.cork();
       }
       this.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id, method, params: params ?? {} })}\n`);
