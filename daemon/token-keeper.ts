@@ -114,7 +114,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    * Set while a refresh's credentials are current in memory but not yet written: a file
    * change is judged only after that write, so memory and disk cannot end up disagreeing.
    */
-  private publishedUnsaved: Promise<void> | null = null;
+  private publishedUnsaved = false;
   private readonly settleTimers = new Map<'own' | 'qwen-cli', TimerHandle>();
 
   constructor(private readonly deps: TokenKeeperDeps) {
@@ -337,13 +337,12 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const used = creds.refresh_token;
     // (Typed by assertion: it is set inside the closure, which control-flow analysis does not follow.)
     let published = null as { credentials: Credentials; via: 'http' | 'qwen-cli' } | null;
-    let written = null as (() => void) | null;
     // Called with the new credentials before they are written: from here on they are current,
     // waiting callers get them and subscribers are told. Nothing here may keep the save from
     // happening: a listener's exception is logged, not thrown.
     const publish = (credentials: Credentials, via: 'http' | 'qwen-cli') => {
       published = { credentials, via };
-      this.publishedUnsaved = new Promise<void>((resolve) => (written = resolve));
+      this.publishedUnsaved = true;
       this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
       announce({ ok: true, credentials });
       if (this.stopped) return;
@@ -360,8 +359,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       if (!published) return this.refreshFailed(err, used);
       logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
     } finally {
-      this.publishedUnsaved = null;
-      written?.();
+      this.publishedUnsaved = false;
     }
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
     const { credentials, via } = published;
@@ -484,7 +482,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   }
 
   private async adoptFrom(which: 'own' | 'qwen-cli', settled = false): Promise<void> {
-    while (this.publishedUnsaved) await this.publishedUnsaved;
+    while (this.publishedUnsaved && this.inflight) await this.inflight.finished;
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;
