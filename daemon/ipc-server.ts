@@ -59,6 +59,14 @@ const MAX_UNREAD_BYTES = 1024 * 1024;
 const PAUSE_UNREAD_BYTES = 64 * 1024;
 /** Requests one connection may have in flight before we stop reading from it. */
 const MAX_INFLIGHT_PER_CONNECTION = 256;
+/**
+ * Frames one connection has handled in one go before the rest of its data waits for a later
+ * event-loop turn. A burst (a thousand calls when the token expired) would otherwise be parsed
+ * in one run while the refresh it started, the other clients and the timers all wait.
+ */
+const FRAMES_PER_SLICE = 32;
+/** Frames handled per event-loop turn for the connections waiting in line. */
+const FRAMES_PER_TURN = 128;
 
 type Id = string | number | null;
 
@@ -69,6 +77,8 @@ class Connection implements RpcConnection {
   private inflight = 0;
   private partialTimer: NodeJS.Timeout | null = null;
   private corked = false;
+  /** Received bytes not yet looked at: this connection is waiting in line for a turn. */
+  private held: Buffer | null = null;
 
   constructor(
     readonly id: number,
@@ -77,9 +87,51 @@ class Connection implements RpcConnection {
   ) {}
 
   onData(chunk: Buffer): void {
+    // Others are waiting in line: take a place behind them rather than jump the queue.
+    if (this.held || this.server.hasWaiting()) this.hold(chunk);
+    else this.consume(chunk);
+  }
+
+  /** Handles what was held back; returns how many frames it handled (it may hold some again). */
+  takeTurn(): number {
+    const chunk = this.held;
+    this.held = null;
+    if (!chunk || this.socket.destroyed) return 0;
+    const handled = this.consume(chunk);
+    this.updateFlow();
+    return handled;
+  }
+
+  /** Keeps `rest` for a later turn and stops reading until then. */
+  private hold(rest: Buffer): void {
+    this.held = this.held ? Buffer.concat([this.held, rest]) : rest;
+    this.updateFlow();
+    this.server.waitInLine(this);
+  }
+
+  /** Handles up to FRAMES_PER_SLICE complete lines of `chunk`, holds any further lines, keeps a partial one. */
+  private consume(chunk: Buffer): number {
+    const first = chunk.indexOf(10);
+    // Several frames at once (a pipelining client): their answers leave in one write, not one each.
+    const batch = first !== -1 && chunk.indexOf(10, first + 1) !== -1;
+    if (!batch) return this.consumeFrom(chunk, first);
+    this.socket.cork();
+    try {
+      return this.consumeFrom(chunk, first);
+    } finally {
+      this.socket.uncork();
+    }
+  }
+
+  private consumeFrom(chunk: Buffer, firstNewline: number): number {
     let start = 0;
-    let nl = chunk.indexOf(10);
+    let handled = 0;
+    let nl = firstNewline;
     while (nl !== -1) {
+      if (handled === FRAMES_PER_SLICE) {
+        this.hold(chunk.subarray(start));
+        return handled;
+      }
       let line: Buffer;
       if (this.partsLength > 0) {
         this.parts.push(chunk.subarray(start, nl));
@@ -90,7 +142,8 @@ class Connection implements RpcConnection {
       } else {
         line = chunk.subarray(start, nl);
       }
-      if (!this.frame(line)) return;
+      handled++;
+      if (!this.frame(line)) return handled;
       start = nl + 1;
       nl = chunk.indexOf(10, start);
     }
@@ -100,7 +153,7 @@ class Connection implements RpcConnection {
       this.partsLength += rest.length;
       if (this.partsLength > this.server.maxFrameBytes) {
         this.tooLarge();
-        return;
+        return handled;
       }
       if (!this.partialTimer) {
         this.partialTimer = setTimeout(() => {
@@ -110,6 +163,7 @@ class Connection implements RpcConnection {
         this.partialTimer.unref();
       }
     }
+    return handled;
   }
 
   clearPartialTimer(): void {
@@ -160,7 +214,7 @@ class Connection implements RpcConnection {
    */
   updateFlow(): void {
     const socket = this.socket;
-    const hold = this.inflight >= MAX_INFLIGHT_PER_CONNECTION || socket.writableLength > PAUSE_UNREAD_BYTES;
+    const hold = this.held !== null || this.inflight >= MAX_INFLIGHT_PER_CONNECTION || socket.writableLength > PAUSE_UNREAD_BYTES;
     if (hold && !socket.isPaused()) socket.pause();
     else if (!hold && socket.isPaused() && !socket.destroyed) socket.resume();
   }
@@ -204,6 +258,9 @@ export class IpcServer {
   private readonly methods = new Map<string, CompiledMethod>();
   /** Frozen results (a token record shared by every caller) are serialized once. */
   private readonly resultJson = new WeakMap<object, string>();
+  /** Connections with received frames held back for a later turn, in arrival order. */
+  private readonly waiting = new Set<Connection>();
+  private turnScheduled = false;
 
   constructor(private readonly options: IpcServerOptions) {
     this.logger = options.logger;
@@ -282,6 +339,41 @@ export class IpcServer {
     }
   }
 
+  /** True while some connection has frames held back for a later turn. */
+  hasWaiting(): boolean {
+    return this.waiting.size > 0;
+  }
+
+  /** Puts `conn` in line (once) for the next turn. */
+  waitInLine(conn: Connection): void {
+    this.waiting.add(conn);
+    if (!this.turnScheduled) {
+      this.turnScheduled = true;
+      // setImmediate runs after the poll phase: I/O that arrived meanwhile is handled first.
+      setImmediate(this.nextTurn);
+    }
+  }
+
+  /** One turn: up to FRAMES_PER_TURN frames, a slice per waiting connection in arrival order. */
+  private readonly nextTurn = (): void => {
+    this.turnScheduled = false;
+    const line = [...this.waiting];
+    this.waiting.clear();
+    let budget = FRAMES_PER_TURN;
+    let served = 0;
+    for (const conn of line) {
+      if (budget <= 0) break;
+      budget -= conn.takeTurn();
+      served++;
+    }
+    if (served < line.length) {
+      // Those not reached this turn go ahead of those that used theirs and queued again.
+      const again = [...this.waiting];
+      this.waiting.clear();
+      for (const conn of [...line.slice(served), ...again]) this.waitInLine(conn);
+    }
+  };
+
   private accept(socket: Socket): void {
     const conn = new Connection(this.nextId++, socket, this);
     this.connections.add(conn);
@@ -290,6 +382,7 @@ export class IpcServer {
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {
       conn.clearPartialTimer();
+      this.waiting.delete(conn);
       this.connections.delete(conn);
     });
   }

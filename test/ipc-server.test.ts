@@ -1,0 +1,119 @@
+/**
+ * The socket server in-process: how it shares the event loop when one client floods it.
+ * Client and server share this process, so everything a client writes is in the kernel before
+ * the server reads any of it: the order of events below does not depend on timing.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createConnection, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { z } from 'zod';
+import { IpcServer, rpcMethod } from '../daemon/ipc-server.js';
+import { silentLogger } from '../daemon/logger.js';
+
+let dir: string;
+let server: IpcServer;
+const sockets: Socket[] = [];
+/** What the server handled, in order: `a:<n>` and `b:<n>` per frame, plus marks. */
+let handled: string[];
+
+beforeEach(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'qwen-tokend-ipc-'));
+  handled = [];
+  server = new IpcServer({
+    socketPath: join(dir, 'run', 'd.sock'),
+    logger: silentLogger(),
+    methods: {
+      echo: rpcMethod(z.object({ from: z.string(), n: z.number().int() }).strict(), ({ from, n }) => {
+        handled.push(`${from}:${n}`);
+        if (from === 'a' && n === 1) setImmediate(() => handled.push('immediate'));
+        return { n };
+      }),
+    },
+  });
+  await server.listen();
+});
+
+afterEach(async () => {
+  for (const s of sockets.splice(0)) s.destroy();
+  await server.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A connection that collects the `result.n` of every answer, and calls `onAnswer` after each. */
+function connect(onAnswer: () => void = () => undefined): Promise<{ socket: Socket; answers: number[] }> {
+  return new Promise((resolve, reject) => {
+    const socket = createConnection(server.socketPath);
+    sockets.push(socket);
+    const answers: number[] = [];
+    let buf = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      buf += chunk;
+      let nl = buf.indexOf('\n');
+      while (nl !== -1) {
+        answers.push((JSON.parse(buf.slice(0, nl)) as { result: { n: number } }).result.n);
+        buf = buf.slice(nl + 1);
+        onAnswer();
+        nl = buf.indexOf('\n');
+      }
+    });
+    socket.once('connect', () => resolve({ socket, answers }));
+    socket.once('error', reject);
+  });
+}
+
+function frames(from: string, count: number): string {
+  let out = '';
+  for (let n = 1; n <= count; n++) out += `${JSON.stringify({ jsonrpc: '2.0', id: n, method: 'echo', params: { from, n } })}\n`;
+  return out;
+}
+
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 2_000 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
+  expect(check()).toBe(true);
+}
+
+describe('IpcServer under a flood of frames', () => {
+  const BURST = 3_000;
+
+  it('yields to the event loop part-way through one connection\'s burst, and still answers every frame in order', async () => {
+    const a = await connect();
+    a.socket.write(frames('a', BURST));
+    await until(() => a.answers.length === BURST);
+    expect(a.answers).toEqual(Array.from({ length: BURST }, (_, i) => i + 1));
+    expect(handled.filter((h) => h.startsWith('a:'))).toHaveLength(BURST);
+    // Work queued by the first frame (here a setImmediate; in the daemon, the refresh's file
+    // read and HTTP call) ran long before the burst was through, not after it.
+    const ranAfter = handled.indexOf('immediate');
+    expect(ranAfter).toBeGreaterThan(0);
+    expect(ranAfter).toBeLessThan(BURST / 10);
+  });
+
+  it('answers a second client while the first one\'s burst is still being handled', async () => {
+    let aAnswersWhenBWasAnswered = -1;
+    const a = await connect();
+    const b = await connect(() => {
+      aAnswersWhenBWasAnswered = a.answers.length;
+    });
+    a.socket.write(frames('a', BURST));
+    b.socket.write(frames('b', 1));
+    await until(() => a.answers.length === BURST && b.answers.length === 1);
+    // The server took b's frame early in the burst; so did the client receive its answer.
+    expect(handled.indexOf('b:1')).toBeLessThan(BURST / 10);
+    expect(aAnswersWhenBWasAnswered).toBeGreaterThanOrEqual(0);
+    expect(aAnswersWhenBWasAnswered).toBeLessThan(BURST);
+  });
+
+  it('a client that disconnects with frames still waiting for their turn leaves the others served', async () => {
+    const a = await connect();
+    const b = await connect();
+    a.socket.write(frames('a', BURST));
+    a.socket.destroy();
+    b.socket.write(frames('b', 3));
+    await until(() => b.answers.length === 3);
+    expect(b.answers).toEqual([1, 2, 3]);
+    await until(() => server.connectionCount === 1);
+  });
+});
