@@ -51,6 +51,8 @@ export interface IpcServerOptions {
   maxFrameBytes?: number;
   /** A partial frame left unfinished this long closes the connection. */
   partialFrameTimeoutMs?: number;
+  /** How long handling received frames may hold the event loop before the rest waits a turn. */
+  turnBudgetMs?: number;
 }
 
 /** Replies waiting in one connection's send buffer beyond this mean the client stopped reading. */
@@ -60,13 +62,15 @@ const PAUSE_UNREAD_BYTES = 64 * 1024;
 /** Requests one connection may have in flight before we stop reading from it. */
 const MAX_INFLIGHT_PER_CONNECTION = 256;
 /**
- * Frames one connection has handled in one go before the rest of its data waits for a later
- * event-loop turn. A burst (a thousand calls when the token expired) would otherwise be parsed
- * in one run while the refresh it started, the other clients and the timers all wait.
+ * How long handling received frames may keep the event loop before the rest waits for a later
+ * turn. A burst (a thousand calls when the token expired, before V8 has optimized anything:
+ * ~25 µs a frame) would otherwise be handled in one run while the refresh it started, the
+ * other clients and the timers all wait. Warm code handles a pipelined window of 128 frames
+ * well within it, so steady load never waits.
  */
-const FRAMES_PER_SLICE = 32;
-/** Frames handled per event-loop turn for the connections waiting in line. */
-const FRAMES_PER_TURN = 128;
+const TURN_BUDGET_MS = 2;
+/** Frames handled between two looks at the clock. */
+const FRAMES_PER_CLOCK_CHECK = 16;
 
 type Id = string | number | null;
 
@@ -89,17 +93,16 @@ class Connection implements RpcConnection {
   onData(chunk: Buffer): void {
     // Others are waiting in line: take a place behind them rather than jump the queue.
     if (this.held || this.server.hasWaiting()) this.hold(chunk);
-    else this.consume(chunk);
+    else this.consume(chunk, performance.now() + this.server.turnBudgetMs);
   }
 
-  /** Handles what was held back; returns how many frames it handled (it may hold some again). */
-  takeTurn(): number {
+  /** Handles what was held back, until `deadline` (it may hold the rest again). */
+  takeTurn(deadline: number): void {
     const chunk = this.held;
     this.held = null;
-    if (!chunk || this.socket.destroyed) return 0;
-    const handled = this.consume(chunk);
+    if (!chunk || this.socket.destroyed) return;
+    this.consume(chunk, deadline);
     this.updateFlow();
-    return handled;
   }
 
   /** Keeps `rest` for a later turn and stops reading until then. */
@@ -109,28 +112,31 @@ class Connection implements RpcConnection {
     this.server.waitInLine(this);
   }
 
-  /** Handles up to FRAMES_PER_SLICE complete lines of `chunk`, holds any further lines, keeps a partial one. */
-  private consume(chunk: Buffer): number {
+  /** Handles the complete lines of `chunk` until `deadline`, holds the lines left, keeps a partial one. */
+  private consume(chunk: Buffer, deadline: number): void {
     const first = chunk.indexOf(10);
     // Several frames at once (a pipelining client): their answers leave in one write, not one each.
     const batch = first !== -1 && chunk.indexOf(10, first + 1) !== -1;
-    if (!batch) return this.consumeFrom(chunk, first);
+    if (!batch) {
+      this.consumeFrom(chunk, first, deadline);
+      return;
+    }
     this.socket.cork();
     try {
-      return this.consumeFrom(chunk, first);
+      this.consumeFrom(chunk, first, deadline);
     } finally {
       this.socket.uncork();
     }
   }
 
-  private consumeFrom(chunk: Buffer, firstNewline: number): number {
+  private consumeFrom(chunk: Buffer, firstNewline: number, deadline: number): void {
     let start = 0;
     let handled = 0;
     let nl = firstNewline;
     while (nl !== -1) {
-      if (handled === FRAMES_PER_SLICE) {
+      if (handled % FRAMES_PER_CLOCK_CHECK === 0 && handled > 0 && performance.now() >= deadline) {
         this.hold(chunk.subarray(start));
-        return handled;
+        return;
       }
       let line: Buffer;
       if (this.partsLength > 0) {
@@ -143,7 +149,7 @@ class Connection implements RpcConnection {
         line = chunk.subarray(start, nl);
       }
       handled++;
-      if (!this.frame(line)) return handled;
+      if (!this.frame(line)) return;
       start = nl + 1;
       nl = chunk.indexOf(10, start);
     }
@@ -153,7 +159,7 @@ class Connection implements RpcConnection {
       this.partsLength += rest.length;
       if (this.partsLength > this.server.maxFrameBytes) {
         this.tooLarge();
-        return handled;
+        return;
       }
       if (!this.partialTimer) {
         this.partialTimer = setTimeout(() => {
@@ -163,7 +169,6 @@ class Connection implements RpcConnection {
         this.partialTimer.unref();
       }
     }
-    return handled;
   }
 
   clearPartialTimer(): void {
@@ -250,6 +255,7 @@ export class IpcServer {
   readonly logger: Logger;
   readonly maxFrameBytes: number;
   readonly partialFrameTimeoutMs: number;
+  readonly turnBudgetMs: number;
   private readonly server: Server;
   private readonly connections = new Set<Connection>();
   private nextId = 1;
@@ -269,6 +275,7 @@ export class IpcServer {
     }
     this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
     this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;
+    this.turnBudgetMs = options.turnBudgetMs ?? TURN_BUDGET_MS;
     this.server = createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
     this.server.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     this.server.on('drop', () => this.logger.warn({ max: this.server.maxConnections }, 'connection limit reached; refused a client'));
@@ -354,16 +361,20 @@ export class IpcServer {
     }
   }
 
-  /** One turn: up to FRAMES_PER_TURN frames, a slice per waiting connection in arrival order. */
+  /**
+   * One turn: the waiting connections, in arrival order, handle their frames until the turn's
+   * budget is spent. One that runs out of time waits again behind the others.
+   */
   private readonly nextTurn = (): void => {
     this.turnScheduled = false;
     const line = [...this.waiting];
     this.waiting.clear();
-    let budget = FRAMES_PER_TURN;
+    const deadline = performance.now() + this.turnBudgetMs;
     let served = 0;
     for (const conn of line) {
-      if (budget <= 0) break;
-      budget -= conn.takeTurn();
+      // The first in line always gets its go, so every turn makes progress.
+      if (served > 0 && performance.now() >= deadline) break;
+      conn.takeTurn(deadline);
       served++;
     }
     if (served < line.length) {

@@ -1,7 +1,8 @@
 /**
  * The socket server in-process: how it shares the event loop when one client floods it.
  * Client and server share this process, so everything a client writes is in the kernel before
- * the server reads any of it: the order of events below does not depend on timing.
+ * the server reads any of it. With a turn budget of 0 the server yields after every clock
+ * check (16 frames), so the order of events does not depend on timing.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
@@ -18,21 +19,27 @@ const sockets: Socket[] = [];
 /** What the server handled, in order: `a:<n>` and `b:<n>` per frame, plus marks. */
 let handled: string[];
 
-beforeEach(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'qwen-tokend-ipc-'));
-  handled = [];
+async function startServer(turnBudgetMs?: number): Promise<void> {
   server = new IpcServer({
     socketPath: join(dir, 'run', 'd.sock'),
     logger: silentLogger(),
+    turnBudgetMs,
     methods: {
-      echo: rpcMethod(z.object({ from: z.string(), n: z.number().int() }).strict(), ({ from, n }) => {
+      echo: rpcMethod(z.object({ from: z.string(), n: z.number().int(), busyMs: z.number().optional() }).strict(), ({ from, n, busyMs }) => {
         handled.push(`${from}:${n}`);
         if (from === 'a' && n === 1) setImmediate(() => handled.push('immediate'));
+        // A frame that takes this long to handle (as cold code does).
+        if (busyMs) for (const until = performance.now() + busyMs; performance.now() < until; );
         return { n };
       }),
     },
   });
   await server.listen();
+}
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qwen-tokend-ipc-'));
+  handled = [];
 });
 
 afterEach(async () => {
@@ -64,9 +71,9 @@ function connect(onAnswer: () => void = () => undefined): Promise<{ socket: Sock
   });
 }
 
-function frames(from: string, count: number): string {
+function frames(from: string, count: number, busyMs?: number): string {
   let out = '';
-  for (let n = 1; n <= count; n++) out += `${JSON.stringify({ jsonrpc: '2.0', id: n, method: 'echo', params: { from, n } })}\n`;
+  for (let n = 1; n <= count; n++) out += `${JSON.stringify({ jsonrpc: '2.0', id: n, method: 'echo', params: { from, n, busyMs } })}\n`;
   return out;
 }
 
@@ -79,6 +86,7 @@ describe('IpcServer under a flood of frames', () => {
   const BURST = 3_000;
 
   it('yields to the event loop part-way through one connection\'s burst, and still answers every frame in order', async () => {
+    await startServer(0);
     const a = await connect();
     a.socket.write(frames('a', BURST));
     await until(() => a.answers.length === BURST);
@@ -91,7 +99,20 @@ describe('IpcServer under a flood of frames', () => {
     expect(ranAfter).toBeLessThan(BURST / 10);
   });
 
+  it('with the default budget, frames that take 0.5 ms each do not keep the event loop for the whole burst', async () => {
+    await startServer();
+    const a = await connect();
+    a.socket.write(frames('a', 200, 0.5));
+    await until(() => a.answers.length === 200);
+    expect(a.answers).toEqual(Array.from({ length: 200 }, (_, i) => i + 1));
+    // 100 ms of handling in all; the loop got a turn after about 2 ms of it.
+    const ranAfter = handled.indexOf('immediate');
+    expect(ranAfter).toBeGreaterThan(0);
+    expect(ranAfter).toBeLessThan(100);
+  });
+
   it('answers a second client while the first one\'s burst is still being handled', async () => {
+    await startServer(0);
     let aAnswersWhenBWasAnswered = -1;
     const a = await connect();
     const b = await connect(() => {
@@ -107,6 +128,7 @@ describe('IpcServer under a flood of frames', () => {
   });
 
   it('a client that disconnects with frames still waiting for their turn leaves the others served', async () => {
+    await startServer(0);
     const a = await connect();
     const b = await connect();
     a.socket.write(frames('a', BURST));
