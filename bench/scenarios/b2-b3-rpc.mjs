@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path';
 import { startWorker } from '../lib/children.mjs';
-import { startBenchDaemon } from '../lib/daemon.mjs';
+import { readCpuMs, startBenchDaemon } from '../lib/daemon.mjs';
 import { fmtRate, fmtUs, round, summarize } from '../lib/stats.mjs';
 import { tokenRequestLine } from '../lib/wire.mjs';
 import { replyBytesOf, row, withWorkers } from './common.mjs';
@@ -19,7 +19,7 @@ async function startEcho(d, workers) {
   const echo = startWorker('echo-server.mjs', { socketPath: echoPath, replyBytes }, d.env);
   workers.push(echo);
   const ready = await echo.next('ready');
-  return { echoPath, replyBytes: ready.replyBytes };
+  return { echoPath, replyBytes: ready.replyBytes, echoPid: echo.proc.pid };
 }
 
 /** B2; `blocks` x `perBlock` round trips each side after `warmup` of each. */
@@ -27,12 +27,14 @@ export async function runB2(ctx, { blocks = 10, perBlock = 2000, warmup = 2000 }
   const d = await startBenchDaemon(ctx.server);
   try {
     return await withWorkers(async (workers) => {
-      const { echoPath, replyBytes } = await startEcho(d, workers);
+      const { echoPath, replyBytes, echoPid } = await startEcho(d, workers);
       const cpu0 = await d.daemon.cpuMs();
+      const echoCpu0 = await readCpuMs(echoPid);
       const w = startWorker('rpc-client.mjs', { mode: 'latency', target: 'both', echoPath, blocks, perBlock, warmup }, d.env);
       workers.push(w);
       const r = await w.next('result');
       const daemonCpuUsPerRequest = ((await d.daemon.cpuMs()) - cpu0) * 1000 / (blocks * perBlock + warmup + 1);
+      const echoCpuUsPerRequest = ((await readCpuMs(echoPid)) - echoCpu0) * 1000 / (blocks * perBlock + warmup);
       const status = await d.status();
       const daemon = summarize(r.daemonUs);
       const echo = summarize(r.echoUs);
@@ -54,6 +56,7 @@ export async function runB2(ctx, { blocks = 10, perBlock = 2000, warmup = 2000 }
             ratioP50: round(ratio),
             ratioP99: round(daemon.p99 / echo.p99),
             daemonCpuUsPerRequest: round(daemonCpuUsPerRequest, 2),
+            echoCpuUsPerRequest: round(echoCpuUsPerRequest, 2),
             correct,
           },
         }),

@@ -6,14 +6,32 @@
  * the server; every call must get the new token. Baseline: direct HTTP refresh calls from this
  * process to the same server (one warm-up, then the median of `baselineCalls`).
  * Context, not baselines: the same burst against a bare server, against a second daemon from raw
- * clients, and what checking the burst's frames costs in a fresh process.
+ * clients, what checking a request (daemon) and an answer (client) costs in a fresh process, and
+ * the CPU time every process spends on each burst: over the core count, the least wall time the
+ * burst can take here.
  */
+import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { startWorker } from '../lib/children.mjs';
 import { tokenRequestLine } from '../lib/wire.mjs';
-import { expiredCredsFrom, startBenchDaemon } from '../lib/daemon.mjs';
+import { expiredCredsFrom, readCpuMs, startBenchDaemon } from '../lib/daemon.mjs';
 import { fmtMs, median, round, summarize } from '../lib/stats.mjs';
 import { replyBytesOf, row, until, withWorkers } from './common.mjs';
+
+/**
+ * CPU time (ms, from /proc/<pid>/schedstat) that the server side and the client processes spend
+ * from `go` until every answer is in. Their sum over the core count is the least wall time the
+ * burst can take on this machine, however its work is scheduled.
+ */
+async function burstCpu(serverPid, clientPids, run) {
+  const before = await Promise.all([serverPid, ...clientPids].map(readCpuMs));
+  const result = await run();
+  const after = await Promise.all([serverPid, ...clientPids].map(readCpuMs));
+  const used = after.map((v, i) => v - before[i]);
+  const server = used[0];
+  const clients = used.slice(1).reduce((a, b) => a + b, 0);
+  return { result, cpu: { serverMs: round(server, 1), clientsMs: round(clients, 1), floorMs: round((server + clients) / cpus().length, 1) } };
+}
 
 /** One refresh grant straight to the server, timed end to end (response body read). */
 async function directRefresh(server) {
@@ -51,19 +69,24 @@ async function bareBurst(server, env, dir, replyBytes, { processes, connectionsP
     const { refresh_token } = server.issueTokens();
     bare.send({ cmd: 'arm', url: `${server.baseUrl}/api/v1/oauth2/token`, form: { grant_type: 'refresh_token', refresh_token, client_id: server.settings.clientId } });
     await bare.next('armed');
-    for (const w of clients) w.send({ cmd: 'go' });
-    const results = await Promise.all(clients.map((w) => w.next('result')));
-    return summarize(results.flatMap((r) => r.latMs));
+    const { result, cpu } = await burstCpu(bare.proc.pid, clients.map((w) => w.proc.pid), () => {
+      for (const w of clients) w.send({ cmd: 'go' });
+      return Promise.all(clients.map((w) => w.next('result')));
+    });
+    return { latency: summarize(result.flatMap((r) => r.latMs)), cpu };
   });
 }
 
-/** Context for B4: µs per frame to parse and validate `frames` frames in a fresh process, then warm. */
-async function coldValidation(env, frames) {
+/**
+ * Context for B4: µs per message to parse and validate `frames` messages in a fresh process,
+ * then warm; `kind` "frame" is the daemon's check of a request, "answer" the client's of a reply.
+ */
+async function coldValidation(env, kind, frames) {
   return withWorkers(async (workers) => {
-    const w = startWorker('cold-validation.mjs', { frames }, env);
+    const w = startWorker('cold-validation.mjs', { kind, frames }, env);
     workers.push(w);
     const r = await w.next('result');
-    if (!r.valid) throw new Error('the frame schema rejected a valid getAccessToken frame');
+    if (!r.valid) throw new Error(`the ${kind} schema rejected a valid message`);
     return r;
   });
 }
@@ -104,10 +127,12 @@ async function rawClientsBurst(server, { processes, connectionsPerProcess, calls
       }
       await Promise.all(workers.map((w) => w.next('ready')));
       const before = server.counts.refresh;
-      for (const w of workers) w.send({ cmd: 'go' });
-      const results = await Promise.all(workers.map((w) => w.next('result')));
+      const { result, cpu } = await burstCpu(d.daemon.pid, workers.map((w) => w.proc.pid), () => {
+        for (const w of workers) w.send({ cmd: 'go' });
+        return Promise.all(workers.map((w) => w.next('result')));
+      });
       if (server.counts.refresh - before !== 1) throw new Error('the raw-client burst did not cause exactly one refresh');
-      return summarize(results.flatMap((r) => r.latMs));
+      return { latency: summarize(result.flatMap((r) => r.latMs)), cpu };
     });
   } finally {
     server.clearFaults();
@@ -133,12 +158,12 @@ export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, cal
       }
       await Promise.all(workers.map((w) => w.next('ready')));
       const refreshesBefore = server.counts.refresh;
-      const cpu0 = await d.daemon.cpuMs();
       const goAt = Date.now();
-      for (const w of workers) w.send({ cmd: 'go' });
-      const results = await Promise.all(workers.map((w) => w.next('result')));
+      const { result: results, cpu } = await burstCpu(d.daemon.pid, workers.map((w) => w.proc.pid), () => {
+        for (const w of workers) w.send({ cmd: 'go' });
+        return Promise.all(workers.map((w) => w.next('result')));
+      });
       const refreshes = server.counts.refresh - refreshesBefore;
-      const daemonCpuMs = (await d.daemon.cpuMs()) - cpu0;
       // When the one refresh reached the server, from "go" (server clock = this process's clock).
       const refreshArrivedMs = (server.lastRequest('token')?.at ?? Number.NaN) - goAt;
       const status = await d.status();
@@ -153,14 +178,17 @@ export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, cal
       const correct = refreshes === 1 && answered === total && status.token_fingerprint !== oldFp && Object.keys(errors).length === 0;
       const limit = baseline + 20;
       const replyBytes = await replyBytesOf(d.socketPath, tokenRequestLine(1));
-      const bare = context
+      const bareRun = context
         ? await bareBurst(server, d.env, join(d.root, 'run'), replyBytes, { processes, connectionsPerProcess, callsPerConnection })
         : null;
-      const validation = context ? await coldValidation(d.env, total) : null;
-      const rawClients = context ? await rawClientsBurst(server, { processes, connectionsPerProcess, callsPerConnection }) : null;
+      const validation = context ? await coldValidation(d.env, 'frame', total) : null;
+      const answerValidation = context ? await coldValidation(d.env, 'answer', total / processes) : null;
+      const rawRun = context ? await rawClientsBurst(server, { processes, connectionsPerProcess, callsPerConnection }) : null;
+      const bare = bareRun?.latency;
+      const rawClients = rawRun?.latency;
       return [
         row('B4', `expired token, ${total.toLocaleString('en-US')} concurrent calls`, {
-          measured: `${refreshes} refresh; p50 ${fmtMs(lat.p50)}, p99 ${fmtMs(lat.p99)}`,
+          measured: `${refreshes} refresh; p50 ${fmtMs(lat.p50)}, p99 ${fmtMs(lat.p99)}; CPU floor ${fmtMs(cpu.floorMs)}`,
           baseline: `1 HTTP refresh: ${fmtMs(baseline)}${bare ? ` (context: bare burst p99 ${fmtMs(bare.p99)}, daemon with raw clients p99 ${fmtMs(rawClients.p99)})` : ''}`,
           ratio: `p99 = baseline + ${fmtMs(lat.p99 - baseline)}`,
           target: 'exactly 1 refresh; p99 ≤ baseline + 20 ms',
@@ -180,14 +208,24 @@ export async function runB4(ctx, { processes = 4, connectionsPerProcess = 2, cal
             ...(validation
               ? {
                   frameCheckUs: {
-                    method: `JSON.parse + zod frame schema per frame: the first ${total} in a fresh process, then the same once optimized`,
+                    method: `daemon side, JSON.parse + zod frame schema per request: the first ${total} in a fresh process, then the same once optimized`,
                     cold: round(validation.coldUsPerFrame, 2),
                     warm: round(validation.warmUsPerFrame, 2),
+                  },
+                  answerCheckUs: {
+                    method: `client side, JSON.parse + zod TokenResult schema per answer: the first ${total / processes} (one client process's share) in a fresh process, then the same once optimized`,
+                    cold: round(answerValidation.coldUsPerFrame, 2),
+                    warm: round(answerValidation.warmUsPerFrame, 2),
                   },
                 }
               : {}),
             refreshReachedServerAfterMs: refreshArrivedMs,
-            daemonCpuMsForBurst: round(daemonCpuMs, 1),
+            cpuMs: {
+              method: `CPU time from "go" to the last answer: the server side (daemon or bare server) and the sum of the ${processes} client processes; floor = their sum / ${cpus().length} cores, the least wall time the burst can take here`,
+              daemonWithLibraryClients: cpu,
+              ...(rawRun ? { daemonWithRawClients: rawRun.cpu } : {}),
+              ...(bareRun ? { bareBurst: bareRun.cpu } : {}),
+            },
             correct,
           },
         }),

@@ -1,17 +1,25 @@
-// B4 context: what checking a burst of getAccessToken frames costs in a process that has not
-// checked any before (as the daemon when a burst arrives soon after start), against the same
-// work once V8 has optimized it. Per frame: JSON.parse + the daemon's zod frame schema.
-import { GetAccessTokenParams, requestSchemaFor } from '../../dist/shared/protocol.js';
+// B4 context: what checking a burst's messages costs in a process that has not checked any
+// before (as the daemon, or a client, when a burst arrives soon after start), against the same
+// work once V8 has optimized it. One fresh process per kind:
+// - "frame": a getAccessToken request as the daemon checks it (JSON.parse + the zod frame schema);
+// - "answer": a token answer as the client library checks it (JSON.parse + the TokenResult schema).
+import { GetAccessTokenParams, TokenResult, requestSchemaFor } from '../../dist/shared/protocol.js';
 import { args, say } from './protocol.mjs';
 
-const { frames = 1000, warmFrames = 20_000 } = args;
-const schema = requestSchemaFor('getAccessToken', GetAccessTokenParams);
-const lines = Array.from({ length: frames }, (_, i) => JSON.stringify({ jsonrpc: '2.0', id: i + 1, method: 'getAccessToken', params: { minValidityMs: 60000 } }));
+const { kind = 'frame', frames = 1000, warmFrames = 20_000 } = args;
+const record = { access_token: 'a'.repeat(160), token_type: 'Bearer', expiry_date: Date.now() + 3_600_000, base_url: 'https://portal.qwen.ai/v1', resource_url: 'portal.qwen.ai' };
+const lines = Array.from({ length: frames }, (_, i) =>
+  kind === 'frame'
+    ? JSON.stringify({ jsonrpc: '2.0', id: i + 1, method: 'getAccessToken', params: { minValidityMs: 60000 } })
+    : JSON.stringify({ jsonrpc: '2.0', id: i + 1, result: record }),
+);
+const frameSchema = requestSchemaFor('getAccessToken', GetAccessTokenParams);
+const checkOne = kind === 'frame' ? (line) => frameSchema.safeParse(JSON.parse(line)).success : (line) => TokenResult.safeParse(JSON.parse(line).result).success;
 
 function check(n) {
   let valid = 0;
   const t0 = process.hrtime.bigint();
-  for (let i = 0; i < n; i++) if (schema.safeParse(JSON.parse(lines[i % frames])).success) valid++;
+  for (let i = 0; i < n; i++) if (checkOne(lines[i % frames])) valid++;
   return { us: Number(process.hrtime.bigint() - t0) / 1000 / n, valid };
 }
 

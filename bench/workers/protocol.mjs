@@ -1,4 +1,5 @@
 /** What every bench worker shares: its argument, JSON-line output and stdin commands. */
+import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 
 /** The JSON argument the bench passed. */
@@ -29,6 +30,11 @@ export function commands(onCommand, onEnd = () => process.exit(0)) {
     Promise.resolve(onCommand(msg)).catch(fail);
   });
   rl.on('close', () => Promise.resolve(onEnd()).catch(fail));
+}
+
+/** CPU time (ms) this process has used so far, from /proc/self/schedstat (Linux). */
+export function cpuNowMs() {
+  return Number(readFileSync('/proc/self/schedstat', 'utf8').split(' ')[0]) / 1e6;
 }
 
 /** Absolute wall-clock time in ms with sub-ms resolution, comparable across processes. */

@@ -2,11 +2,13 @@
 // receives a line (wall clock), with no parsing beyond finding the newline.
 import { createConnection } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { args, commands, fail, say, wallNow } from './protocol.mjs';
+import { args, commands, cpuNowMs, fail, say, wallNow } from './protocol.mjs';
 
 try {
   const { count, wave, socketPath } = args;
   let arrivals = [];
+  // CPU used when the last line of a round arrived: what receiving the fan-out cost.
+  let cpuAtLastMs = null;
   const sockets = [];
   for (let i = 0; i < count; i += wave) {
     const batch = [];
@@ -15,7 +17,7 @@ try {
         new Promise((resolve, reject) => {
           const s = createConnection(socketPath);
           s.on('data', (chunk) => {
-            if (chunk.includes(10)) arrivals.push(wallNow());
+            if (chunk.includes(10) && arrivals.push(wallNow()) === count) cpuAtLastMs = cpuNowMs();
           });
           s.once('error', reject);
           s.once('connect', () => resolve(s));
@@ -30,8 +32,9 @@ try {
       if (msg.cmd !== 'report') return;
       const deadline = Date.now() + 5_000;
       while (arrivals.length < sockets.length && Date.now() < deadline) await sleep(5);
-      say({ type: 'report', arrivals });
+      say({ type: 'report', arrivals, cpuAtLastMs });
       arrivals = [];
+      cpuAtLastMs = null;
     },
     () => {
       for (const s of sockets) s.destroy();

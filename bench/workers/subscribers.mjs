@@ -2,20 +2,22 @@
 // one is told about a refreshed token (wall clock, comparable across processes).
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TokenClient, fingerprint } from '../../dist/client/index.js';
-import { args, commands, fail, say, wallNow } from './protocol.mjs';
+import { args, commands, cpuNowMs, fail, say, wallNow } from './protocol.mjs';
 
 try {
   const { count, wave } = args;
   const clients = [];
   let arrivals = [];
   let tokens = [];
+  // CPU used when the last client of a round was told: what receiving the fan-out cost.
+  let cpuAtLastMs = null;
   // Connect in waves: a burst of connects beyond the listen backlog is refused (EAGAIN).
   for (let i = 0; i < count; i += wave) {
     const batch = [];
     for (let j = i; j < Math.min(count, i + wave); j++) {
       const c = new TokenClient({ autostart: false });
       c.on('token.refreshed', (t) => {
-        arrivals.push(wallNow());
+        if (arrivals.push(wallNow()) === count) cpuAtLastMs = cpuNowMs();
         tokens.push(t.access_token);
       });
       batch.push(c.subscribe().then(() => c));
@@ -41,9 +43,10 @@ try {
           const fp = fingerprint(t);
           pushed[fp] = (pushed[fp] ?? 0) + 1;
         }
-        say({ type: 'report', arrivals, held: fps, pushed });
+        say({ type: 'report', arrivals, held: fps, pushed, cpuAtLastMs });
         arrivals = [];
         tokens = [];
+        cpuAtLastMs = null;
       }
     },
     async () => {
