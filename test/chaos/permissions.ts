@@ -120,7 +120,10 @@ export async function permissions(ledger: SecretLedger): Promise<PermissionFigur
     expect(await mode(fx.tokenPath)).toBe('0600');
     // The world-readable Qwen CLI file was tightened, with a warning.
     expect(await mode(fx.qwenCliPath)).toBe('0600');
-    const warned = fx.logs().filter((l) => l.level === 40 && /was readable by group\/others .*changed it to 0600/.test(String(l.msg)));
+    const tightenedWarning = (l: { level: number; msg: unknown }) => l.level === 40 && /was readable by group\/others .*changed it to 0600/.test(String(l.msg));
+    // Log lines come over the daemon's stdout pipe, which may lag behind what the files show.
+    await fx.waitForLog(tightenedWarning, 2_000).catch(() => undefined);
+    const warned = fx.logs().filter(tightenedWarning);
     expect(warned.length).toBeGreaterThanOrEqual(1);
     tightened += warned.length;
     checked.push('adopt');
@@ -156,13 +159,17 @@ export async function permissions(ledger: SecretLedger): Promise<PermissionFigur
     const from = fx2.logs().length;
     await startWithOpenUmask(fx2);
     expect(await mode(fx2.tokenPath)).toBe('0600');
-    const fileWarning = fx2.logs().slice(from).filter((l) => l.level === 40 && String(l.msg).includes(fx2.tokenPath) && /0600/.test(String(l.msg)));
+    const namesFile = (l: { level: number; msg: unknown }) => l.level === 40 && String(l.msg).includes(fx2.tokenPath) && /0600/.test(String(l.msg));
+    await fx2.waitForLog(namesFile, 2_000, from).catch(() => undefined);
+    const fileWarning = fx2.logs().slice(from).filter(namesFile);
     expect(fileWarning.length, 'a warning names the file it tightened').toBeGreaterThanOrEqual(1);
     tightened += fileWarning.length;
     // The directory is tightened at the next write (here: a refresh), also with a warning.
     await fx2.client({ minValidityMs: 0 }).refresh();
     expect(await mode(dirname(fx2.tokenPath))).toBe('0700');
-    const dirWarning = fx2.logs().slice(from).filter((l) => l.level === 40 && /changed it to 0700/.test(String(l.msg)));
+    const dirTightened = (l: { level: number; msg: unknown }) => l.level === 40 && /changed it to 0700/.test(String(l.msg));
+    await fx2.waitForLog(dirTightened, 2_000, from).catch(() => undefined);
+    const dirWarning = fx2.logs().slice(from).filter(dirTightened);
     expect(dirWarning.length).toBeGreaterThanOrEqual(1);
     tightened += dirWarning.length;
 
