@@ -83,6 +83,8 @@ class Connection implements RpcConnection {
   private corked = false;
   /** Received bytes not yet looked at: this connection is waiting in line for a turn. */
   private held: Buffer | null = null;
+  /** The client closed its side; ours closes once everything it sent is answered. */
+  private peerEnded = false;
 
   constructor(
     readonly id: number,
@@ -103,6 +105,20 @@ class Connection implements RpcConnection {
     if (!chunk || this.socket.destroyed) return;
     this.consume(chunk, deadline);
     this.updateFlow();
+    this.endIfAnswered();
+  }
+
+  /**
+   * The client will send nothing more (a script piping requests into `nc -U`, say). Frames
+   * still waiting for their turn, and calls still running, are answered before our side closes.
+   */
+  onPeerEnd(): void {
+    this.peerEnded = true;
+    this.endIfAnswered();
+  }
+
+  private endIfAnswered(): void {
+    if (this.peerEnded && this.held === null && this.inflight === 0 && !this.socket.destroyed) this.socket.end();
   }
 
   /** Keeps `rest` for a later turn and stops reading until then. */
@@ -210,6 +226,8 @@ class Connection implements RpcConnection {
   requestDone(): void {
     this.inflight--;
     this.updateFlow();
+    // After the answer this request is about to write.
+    if (this.peerEnded && this.inflight === 0) process.nextTick(() => this.endIfAnswered());
   }
 
   /**
@@ -276,7 +294,8 @@ export class IpcServer {
     this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
     this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;
     this.turnBudgetMs = options.turnBudgetMs ?? TURN_BUDGET_MS;
-    this.server = createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
+    // Half-open: when a client closes its side, what it already sent is still answered.
+    this.server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
     this.server.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     this.server.on('drop', () => this.logger.warn({ max: this.server.maxConnections }, 'connection limit reached; refused a client'));
   }
@@ -389,6 +408,7 @@ export class IpcServer {
     const conn = new Connection(this.nextId++, socket, this);
     this.connections.add(conn);
     socket.on('data', (chunk: Buffer) => conn.onData(chunk));
+    socket.on('end', () => conn.onPeerEnd());
     socket.on('drain', () => conn.updateFlow());
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {

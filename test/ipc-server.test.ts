@@ -32,6 +32,10 @@ async function startServer(turnBudgetMs?: number): Promise<void> {
         if (busyMs) for (const until = performance.now() + busyMs; performance.now() < until; );
         return { n };
       }),
+      later: rpcMethod(z.object({ n: z.number().int() }).strict(), async ({ n }) => {
+        await new Promise((r) => setTimeout(r, 20));
+        return { n };
+      }),
     },
   });
   await server.listen();
@@ -49,9 +53,9 @@ afterEach(async () => {
 });
 
 /** A connection that collects the `result.n` of every answer, and calls `onAnswer` after each. */
-function connect(onAnswer: () => void = () => undefined): Promise<{ socket: Socket; answers: number[] }> {
+function connect(onAnswer: () => void = () => undefined, allowHalfOpen = false): Promise<{ socket: Socket; answers: number[] }> {
   return new Promise((resolve, reject) => {
-    const socket = createConnection(server.socketPath);
+    const socket = createConnection({ path: server.socketPath, allowHalfOpen });
     sockets.push(socket);
     const answers: number[] = [];
     let buf = '';
@@ -125,6 +129,24 @@ describe('IpcServer under a flood of frames', () => {
     expect(handled.indexOf('b:1')).toBeLessThan(BURST / 10);
     expect(aAnswersWhenBWasAnswered).toBeGreaterThanOrEqual(0);
     expect(aAnswersWhenBWasAnswered).toBeLessThan(BURST);
+  });
+
+  it('a client that sends its burst and then closes its side (a script piping into nc -U) gets every answer', async () => {
+    await startServer(0);
+    const a = await connect(undefined, true);
+    const ended = new Promise((resolve) => a.socket.once('end', resolve));
+    a.socket.end(frames('a', BURST));
+    await ended;
+    expect(a.answers).toEqual(Array.from({ length: BURST }, (_, i) => i + 1));
+  });
+
+  it('a client that closes its side right after a call that takes a while still gets the answer', async () => {
+    await startServer();
+    const a = await connect(undefined, true);
+    const ended = new Promise((resolve) => a.socket.once('end', resolve));
+    a.socket.end(`${JSON.stringify({ jsonrpc: '2.0', id: 7, method: 'later', params: { n: 7 } })}\n`);
+    await ended;
+    expect(a.answers).toEqual([7]);
   });
 
   it('a client that disconnects with frames still waiting for their turn leaves the others served', async () => {
