@@ -145,7 +145,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     return result;
   }
 
-  /** Forces a refresh in the daemon (shared with any refresh already running). */
+  /** Forces a refresh in the daemon (shared with one still waiting for the server's answer). */
   async refresh(): Promise<TokenResult> {
     const result = expect(TokenResult, await this.request(Methods.refresh, {}), Methods.refresh);
     this.remember(result);

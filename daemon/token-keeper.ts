@@ -80,6 +80,8 @@ interface RefreshRun {
   readonly known: Promise<RefreshOutcome>;
   /** Settles when the refresh is over: on success, its credentials written (or kept for a retry). */
   readonly finished: Promise<RefreshOutcome>;
+  /** The new credentials are current (the server has answered); only their writes are left. */
+  readonly answered: boolean;
 }
 
 export interface KeeperSnapshot {
@@ -110,11 +112,6 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   /** Credentials a failed write could not persist yet; written again on the next wake. */
   private unsaved: Credentials | null = null;
   private fileWork: Promise<void> = Promise.resolve();
-  /**
-   * Set while a refresh's credentials are current in memory but not yet written: a file
-   * change is judged only after that write, so memory and disk cannot end up disagreeing.
-   */
-  private publishedUnsaved = false;
   private readonly settleTimers = new Map<'own' | 'qwen-cli', TimerHandle>();
 
   constructor(private readonly deps: TokenKeeperDeps) {
@@ -166,9 +163,15 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     throw this.unavailableError(decision.action === 'fail' ? decision.reason : 'expired');
   }
 
-  /** Forces a refresh now (joining one in flight); resolves once it is saved, throws when it fails. */
+  /**
+   * Forces a refresh now, joining one still waiting for the server's answer; resolves once it
+   * is saved, throws when it fails.
+   */
   async refresh(): Promise<Credentials> {
     if (!this.state.credentials) throw this.unavailableError('no_credentials');
+    // A refresh that already has its answer is not the one asked for: a forced refresh means a
+    // new exchange with the server, after that one's writes.
+    while (this.inflight?.answered) await this.inflight.finished;
     const outcome = await this.refreshNow().finished;
     if (outcome.ok) return outcome.credentials;
     throw outcome.error;
@@ -315,19 +318,29 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const creds = this.state.credentials;
     if (!creds) {
       const none = Promise.resolve<RefreshOutcome>({ ok: false, error: this.unavailableError('no_credentials') });
-      return { known: none, finished: none };
+      return { known: none, finished: none, answered: false };
     }
     const abort = new AbortController();
     this.abortRefresh = abort;
     this.dispatch({ type: 'refresh_started' });
     let announce!: (outcome: RefreshOutcome) => void;
     const announced = new Promise<RefreshOutcome>((resolve) => (announce = resolve));
-    const finished = this.runRefresh(creds, abort.signal, announce).finally(() => {
+    let answered = false;
+    const finished = this.runRefresh(creds, abort.signal, (outcome) => {
+      answered = true;
+      announce(outcome);
+    }).finally(() => {
       this.inflight = null;
       this.abortRefresh = null;
       this.schedule();
     });
-    const run: RefreshRun = { known: Promise.race([announced, finished]), finished };
+    const run: RefreshRun = {
+      known: Promise.race([announced, finished]),
+      finished,
+      get answered() {
+        return answered;
+      },
+    };
     this.inflight = run;
     return run;
   }
@@ -342,7 +355,6 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     // happening: a listener's exception is logged, not thrown.
     const publish = (credentials: Credentials, via: 'http' | 'qwen-cli') => {
       published = { credentials, via };
-      this.publishedUnsaved = true;
       this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
       announce({ ok: true, credentials });
       if (this.stopped) return;
@@ -358,8 +370,6 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       // Only releasing the Qwen CLI's lock can fail once the credentials were published.
       if (!published) return this.refreshFailed(err, used);
       logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
-    } finally {
-      this.publishedUnsaved = false;
     }
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
     const { credentials, via } = published;
@@ -482,7 +492,9 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   }
 
   private async adoptFrom(which: 'own' | 'qwen-cli', settled = false): Promise<void> {
-    while (this.publishedUnsaved && this.inflight) await this.inflight.finished;
+    // A refresh whose credentials are current but not yet written: judge the file after that
+    // write, so memory and disk cannot end up disagreeing.
+    while (this.inflight?.answered) await this.inflight.finished;
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;

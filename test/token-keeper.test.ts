@@ -92,7 +92,7 @@ describe('TokenKeeper', () => {
     expect(new Set(results.map((c) => c.access_token)).size).toBe(1);
   });
 
-  it('callers waiting on a refresh get the new token before it is written; refresh() waits for the write', async () => {
+  it('callers waiting on a refresh get the new token before it is written; a forced refresh then waits for the write and asks the server again', async () => {
     const { keeper: k, own } = makeKeeper();
     const first = seeded(3600);
     await own.write(first);
@@ -103,7 +103,8 @@ describe('TokenKeeper', () => {
     expect(server.counts.refresh).toBe(1);
     const onDisk = await own.read();
     expect(onDisk.status === 'ok' && onDisk.credentials.access_token).toBe(first.access_token);
-    // A forced refresh joining this one answers only once the credentials are saved.
+    // That refresh has its answer; a forced refresh asked now wants a new one. It waits for
+    // the write (two writes never race), then makes its own exchange with the server.
     let forcedDone = false;
     const forced = k.refresh().then((c) => {
       forcedDone = true;
@@ -111,11 +112,24 @@ describe('TokenKeeper', () => {
     });
     for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
     expect(forcedDone).toBe(false);
-    release();
-    expect((await forced).access_token).toBe(fresh.access_token);
-    const saved = await own.read();
-    expect(saved.status === 'ok' && saved.credentials.access_token).toBe(fresh.access_token);
     expect(server.counts.refresh).toBe(1);
+    release();
+    const again = await forced;
+    expect(server.counts.refresh).toBe(2);
+    expect(again.access_token).not.toBe(fresh.access_token);
+    expect(k.snapshot().credentials?.access_token).toBe(again.access_token);
+    const saved = await own.read();
+    expect(saved.status === 'ok' && saved.credentials.access_token).toBe(again.access_token);
+  });
+
+  it('forced refreshes asked while a refresh waits for the server share its one exchange', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    await k.start();
+    server.injectFault({ kind: 'delay', delayMs: 200, times: 1 });
+    const results = await Promise.all(Array.from({ length: 20 }, () => k.refresh()));
+    expect(server.counts.refresh).toBe(1);
+    expect(new Set(results.map((c) => c.access_token)).size).toBe(1);
   });
 
   it('a file change arriving between a refresh and its write is judged after the write: memory and disk agree', async () => {

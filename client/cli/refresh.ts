@@ -9,7 +9,7 @@ import { describeExpiry } from './duration.js';
 /** The `refresh` command. */
 export function refreshCommand(): Command {
   return new Command('refresh')
-    .description('refresh the token now (shared with a refresh already running)')
+    .description('refresh the token now (shared with a refresh still waiting for the server)')
     .option('--json', 'print the result as JSON')
     .action(async (opts: { json?: boolean }, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
