@@ -122,16 +122,6 @@ describe('TokenKeeper', () => {
     expect(saved.status === 'ok' && saved.credentials.access_token).toBe(again.access_token);
   });
 
-  it('forced refreshes asked while a refresh waits for the server share its one exchange', async () => {
-    const { keeper: k, own } = makeKeeper();
-    await own.write(seeded(3600));
-    await k.start();
-    server.injectFault({ kind: 'delay', delayMs: 200, times: 1 });
-    const results = await Promise.all(Array.from({ length: 20 }, () => k.refresh()));
-    expect(server.counts.refresh).toBe(1);
-    expect(new Set(results.map((c) => c.access_token)).size).toBe(1);
-  });
-
   it('a file change arriving between a refresh and its write is judged after the write: memory and disk agree', async () => {
     const { keeper: k, own } = makeKeeper();
     await own.write(seeded(3600));
