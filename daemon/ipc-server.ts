@@ -11,6 +11,7 @@ import { checkSocketPathLength } from '../shared/config.js';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
 import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema, requestSchemaFor } from '../shared/protocol.js';
+import { RepeatedFrame } from '../shared/repeated-frame.js';
 import type { Logger } from './logger.js';
 
 /** Another daemon answers on the socket. */
@@ -37,6 +38,7 @@ export function rpcMethod<P extends z.ZodType>(params: P, handle: (params: z.out
 
 /** A method with the schema for a whole request frame to it, built once. */
 interface CompiledMethod {
+  readonly name: string;
   readonly method: RpcMethod;
   /** Envelope and params in one schema: the common case costs one validation pass. */
   readonly frame: z.ZodType<{ id?: Id; params?: unknown }>;
@@ -285,11 +287,13 @@ export class IpcServer {
   /** Connections with received frames held back for a later turn, in arrival order. */
   private readonly waiting = new Set<Connection>();
   private turnScheduled = false;
+  /** The last canonical valid call, for frames that repeat it with another id (a burst). */
+  private readonly repeated = new RepeatedFrame<{ compiled: CompiledMethod; params: unknown }>();
 
   constructor(private readonly options: IpcServerOptions) {
     this.logger = options.logger;
     for (const [name, method] of Object.entries(options.methods)) {
-      this.methods.set(name, { method, frame: requestSchemaFor(name, method.params) });
+      this.methods.set(name, { name, method, frame: requestSchemaFor(name, method.params) });
     }
     this.maxFrameBytes = options.maxFrameBytes ?? MAX_FRAME_BYTES;
     this.partialFrameTimeoutMs = options.partialFrameTimeoutMs ?? 10_000;
@@ -420,9 +424,16 @@ export class IpcServer {
 
   /** @internal Parses, validates and dispatches one frame. */
   handleFrame(conn: Connection, line: Buffer): void {
+    const text = line.toString('utf8');
+    const repeatedId = this.repeated.idOf(text);
+    if (repeatedId !== -1) {
+      const { compiled, params } = this.repeated.value;
+      this.dispatch(conn, compiled, repeatedId, params);
+      return;
+    }
     let data: unknown;
     try {
-      data = JSON.parse(line.toString('utf8'));
+      data = JSON.parse(text);
     } catch {
       conn.send({ jsonrpc: '2.0', id: null, error: { code: RpcErrorCodes.parseError, message: 'parse error: the frame is not valid JSON' } });
       return;
@@ -434,17 +445,24 @@ export class IpcServer {
       this.rejectFrame(conn, data, compiled);
       return;
     }
-    const request = parsed.data;
-    const isNotification = request.id === undefined;
-    const id: Id = request.id ?? null;
+    // Frozen: a repeated frame hands the same params to every call it stands for.
+    const params: unknown = Object.freeze(parsed.data.params);
+    this.repeated.remember(text, data, { compiled, params });
+    this.dispatch(conn, compiled, parsed.data.id, params);
+  }
+
+  /** Runs a validated call (`id` undefined: a notification, which gets no answer) and answers it. */
+  private dispatch(conn: Connection, compiled: CompiledMethod, requestId: Id | undefined, params: unknown): void {
+    const isNotification = requestId === undefined;
+    const id: Id = requestId ?? null;
     this.served++;
     conn.requestStarted();
     let result: unknown;
     try {
-      result = compiled.method.handle(request.params, conn);
+      result = compiled.method.handle(params, conn);
     } catch (err) {
       conn.requestDone();
-      if (!isNotification) conn.send(this.errorResponse(id, err, name as string));
+      if (!isNotification) conn.send(this.errorResponse(id, err, compiled.name));
       return;
     }
     if (result instanceof Promise) {
@@ -455,7 +473,7 @@ export class IpcServer {
         },
         (err) => {
           conn.requestDone();
-          if (!isNotification) conn.send(this.errorResponse(id, err, name as string));
+          if (!isNotification) conn.send(this.errorResponse(id, err, compiled.name));
         },
       );
       return;

@@ -1,0 +1,56 @@
+/**
+ * Recognizes a frame that repeats the last remembered one with another id, so what it carries
+ * need not be parsed and validated again. Bursts are made of such frames: a client's concurrent
+ * getAccessToken() calls differ only in their ids, and so do the daemon's answers to them.
+ *
+ * Sound by construction: a frame is remembered only when its text is exactly what
+ * JSON.stringify gives for it and it starts with `jsonrpc` and a positive integer `id`. Another
+ * frame with the same text around a different run of digits is then the same JSON value with
+ * that id, so it parses and validates to the same thing.
+ */
+const HEAD = '{"jsonrpc":"2.0","id":';
+/** Ids past 15 digits may not be exact doubles; such frames take the slow path. */
+const MAX_ID_DIGITS = 15;
+
+export class RepeatedFrame<T> {
+  private tail: string | null = null;
+  private remembered: T | undefined;
+
+  /** The value remembered with the frame that `line` repeats (valid after `idOf` found one). */
+  get value(): T {
+    return this.remembered as T;
+  }
+
+  /** The id of `line` when it is the remembered frame with another positive integer id; -1 otherwise. */
+  idOf(line: string): number {
+    const tail = this.tail;
+    if (tail === null) return -1;
+    const digits = line.length - HEAD.length - tail.length;
+    if (digits < 1 || digits > MAX_ID_DIGITS || !line.endsWith(tail) || !line.startsWith(HEAD)) return -1;
+    let id = 0;
+    for (let i = HEAD.length; i < HEAD.length + digits; i++) {
+      const digit = line.charCodeAt(i) - 48;
+      if (digit < 0 || digit > 9 || (digit === 0 && id === 0)) return -1;
+      id = id * 10 + digit;
+    }
+    return id;
+  }
+
+  /**
+   * Remembers `value` for frames that repeat `line` (whose JSON.parse result is `data`), if
+   * `line` is canonical; otherwise keeps what it had.
+   */
+  remember(line: string, data: unknown, value: T): void {
+    const id = (data as { id?: unknown } | null)?.id;
+    if (typeof id !== 'number' || !Number.isSafeInteger(id) || id < 1) return;
+    const head = `${HEAD}${id}`;
+    if (head.length - HEAD.length > MAX_ID_DIGITS || !line.startsWith(head) || JSON.stringify(data) !== line) return;
+    this.tail = line.slice(head.length);
+    this.remembered = value;
+  }
+
+  forget(): void {
+    this.tail = null;
+    this.remembered = undefined;
+  }
+}
