@@ -334,6 +334,17 @@ export class IpcServer {
     this.listening = true;
     this.server.on('error', (err) => this.logger.error({ err: err.message }, 'socket server error'));
     await chmod(socketPath, 0o600);
+    setImmediate(() => this.compileSchemas()).unref();
+  }
+
+  /**
+   * zod builds a schema's checking code on its first use, ~1-3 ms each: left to the first call
+   * of each method, that lands on a request (on the first getAccessToken of a burst, ahead of the
+   * refresh it starts). Done once here instead, when the daemon has just started and is idle.
+   */
+  private compileSchemas(): void {
+    for (const compiled of this.methods.values()) compiled.frame.safeParse({ jsonrpc: '2.0', id: 0, method: compiled.name });
+    RpcRequestSchema.safeParse({ jsonrpc: '2.0', id: 0, method: 'compile' });
   }
 
   /** Sends a notification to every subscribed connection. */
