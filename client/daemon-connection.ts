@@ -5,14 +5,20 @@
 import { createConnection, type Socket } from 'node:net';
 import { errorFromWire, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
 import { RpcErrorSchema } from '../shared/protocol.js';
+import { RepeatedFrame } from '../shared/repeated-frame.js';
 
 /** Replies are small; anything this large is a broken or hostile peer. */
 const MAX_INCOMING_FRAME = 1024 * 1024;
 
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 interface Pending {
   resolve: (value: unknown) => void;
   reject: (err: QwenError) => void;
-  timer: NodeJS.Timeout | undefined;
+  method: string;
+  timeoutMs: number;
+  /** performance.now() after which the call fails; Infinity when it has no timeout. */
+  deadline: number;
 }
 
 export interface DaemonConnectionOptions {
@@ -27,8 +33,14 @@ export class DaemonConnection {
   private nextId = 1;
   private buffer = '';
   private closed = false;
-  /** Calls written in the current tick; from the second on, the socket is corked until it ends. */
-  private callsThisTick = 0;
+  /** Requests made in this tick after the first, written together when the tick ends. */
+  private batch = '';
+  private batchScheduled = false;
+  /** One timer for all pending calls, due at the earliest deadline (`deadlineAt`). */
+  private deadlineTimer: NodeJS.Timeout | undefined;
+  private deadlineAt = Infinity;
+  /** The last canonical answer, for answers that repeat it with another id (a burst). */
+  private readonly repeated = new RepeatedFrame<unknown>();
 
   private constructor(
     private readonly socket: Socket,
@@ -72,29 +84,22 @@ export class DaemonConnection {
     }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      const entry: Pending = { resolve, reject, timer: undefined };
-      if (timeoutMs > 0) {
-        entry.timer = setTimeout(() => {
-          this.settle(id);
-          reject(new QwenDaemonUnavailableError(`qwen-tokend did not answer "${method}" within ${timeoutMs} ms`));
-        }, timeoutMs);
-      }
-      this.pending.set(id, entry);
+      const deadline = timeoutMs > 0 ? performance.now() + timeoutMs : Infinity;
+      this.pending.set(id, { resolve, reject, method, timeoutMs, deadline });
+      if (deadline < this.deadlineAt) this.armDeadline(deadline);
       // While a call waits, the socket keeps the process alive; when idle, it must not.
       if (this.pending.size === 1) this.socket.ref();
+      const line = `${JSON.stringify({ jsonrpc: '2.0', id, method, params: params ?? {} })}\n`;
       // The first call of a tick is written at once; more calls in the same tick (a burst of
-      // getAccessToken() on an expired token) are held and leave together when the tick ends:
-      // one system call and one wake-up of the daemon instead of one each.
-      const call = ++this.callsThisTick;
-      if (call === 1) {
-        process.nextTick(() => {
-          if (this.callsThisTick > 1) this.socket.uncork();
-          this.callsThisTick = 0;
-        });
-      } else if (call === 2) {
-        this.socket.cork();
+      // getAccessToken() on an expired token) leave together when the tick ends: one system
+      // call and one wake-up of the daemon instead of one each.
+      if (this.batchScheduled) {
+        this.batch += line;
+        return;
       }
-      this.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id, method, params: params ?? {} })}\n`);
+      this.batchScheduled = true;
+      process.nextTick(() => this.flushBatch());
+      this.socket.write(line);
     });
   }
 
@@ -103,11 +108,47 @@ export class DaemonConnection {
     this.onClose();
   }
 
+  private flushBatch(): void {
+    this.batchScheduled = false;
+    if (this.batch === '' || this.closed) return;
+    const lines = this.batch;
+    this.batch = '';
+    this.socket.write(lines);
+  }
+
+  /**
+   * (Re)arms the one deadline timer. It does not hold the process open (the socket does while
+   * calls wait), so a timer left armed after the last answer costs nothing; when it fires it
+   * fails what is overdue and re-arms for the next deadline.
+   */
+  private armDeadline(at: number): void {
+    if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
+    this.deadlineAt = at;
+    // setTimeout takes at most 2^31-1 ms; a longer wait is re-armed when that one fires.
+    this.deadlineTimer = setTimeout(() => this.expireOverdue(), Math.min(MAX_TIMER_MS, Math.max(1, Math.ceil(at - performance.now()))));
+    this.deadlineTimer.unref();
+  }
+
+  private expireOverdue(): void {
+    this.deadlineTimer = undefined;
+    this.deadlineAt = Infinity;
+    const now = performance.now();
+    let next = Infinity;
+    for (const [id, entry] of this.pending) {
+      if (entry.deadline <= now) {
+        this.settle(id);
+        entry.reject(new QwenDaemonUnavailableError(`qwen-tokend did not answer "${entry.method}" within ${entry.timeoutMs} ms`));
+      } else if (entry.deadline < next) {
+        next = entry.deadline;
+      }
+    }
+    if (next !== Infinity) this.armDeadline(next);
+  }
+
   private settle(id: number): Pending | undefined {
     const entry = this.pending.get(id);
     if (!entry) return undefined;
     this.pending.delete(id);
-    if (entry.timer) clearTimeout(entry.timer);
     if (this.pending.size === 0 && !this.closed) this.socket.unref();
     return entry;
   }
@@ -128,6 +169,13 @@ export class DaemonConnection {
   }
 
   private onLine(line: string): void {
+    // A burst of calls is answered with one result many times over: an answer that repeats
+    // the last one with another id carries the same value, so it is not parsed again.
+    const repeatedId = this.repeated.idOf(line);
+    if (repeatedId !== -1) {
+      this.settle(repeatedId)?.resolve(this.repeated.value);
+      return;
+    }
     let data: unknown;
     try {
       data = JSON.parse(line);
@@ -153,6 +201,7 @@ export class DaemonConnection {
       return;
     }
     if (!('result' in msg)) return;
+    this.repeated.remember(line, data, msg.result);
     this.settle(msg.id)?.resolve(msg.result);
   }
 
@@ -163,6 +212,8 @@ export class DaemonConnection {
   private onClose(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
+    this.repeated.forget();
     this.failAll(new QwenDaemonUnavailableError(`the connection to qwen-tokend (${this.options.socketPath}) closed`));
     this.options.onClose?.();
   }

@@ -76,6 +76,25 @@ function expect<T extends z.ZodType>(schema: T, value: unknown, method: string):
   return parsed.data;
 }
 
+/**
+ * Token answers already checked, by the value the connection handed over: the answers to a burst
+ * of calls arrive as one value many times over (see DaemonConnection), so it is checked once.
+ */
+const checkedTokens = new WeakMap<object, TokenResult>();
+
+/**
+ * A token answer, checked against `TokenResult` and frozen: one record is shared by the cache and
+ * every caller it was given to, so no caller can change what the others see.
+ */
+function expectToken(value: unknown, method: string): TokenResult {
+  const key = typeof value === 'object' && value !== null ? value : null;
+  const known = key && checkedTokens.get(key);
+  if (known) return known;
+  const result = Object.freeze(expect(TokenResult, value, method));
+  if (key) checkedTokens.set(key, result);
+  return result;
+}
+
 function isUnreachable(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException)?.code;
   return code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ETIMEDOUT' || code === 'ECONNRESET' || code === 'EPIPE';
@@ -135,19 +154,19 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     return (await this.getCredentials(options)).access_token;
   }
 
-  /** The full token record, including the chat API's `base_url`. */
+  /** The full token record, including the chat API's `base_url`; frozen, as it is shared with the cache and other callers. */
   async getCredentials(options?: TokenRequestOptions): Promise<TokenResult> {
     const min = options?.minValidityMs ?? this.minValidityMs;
     const cached = this.cached;
     if (cached !== null && !options?.noCache && cached.expiry_date - this.clock.now() > min) return cached;
-    const result = expect(TokenResult, await this.request(Methods.getAccessToken, { minValidityMs: min }), Methods.getAccessToken);
+    const result = expectToken(await this.request(Methods.getAccessToken, { minValidityMs: min }), Methods.getAccessToken);
     this.remember(result);
     return result;
   }
 
   /** Forces a refresh in the daemon (shared with one still waiting for the server's answer). */
   async refresh(): Promise<TokenResult> {
-    const result = expect(TokenResult, await this.request(Methods.refresh, {}), Methods.refresh);
+    const result = expectToken(await this.request(Methods.refresh, {}), Methods.refresh);
     this.remember(result);
     return result;
   }
@@ -238,7 +257,10 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     const deadline = this.clock.now() + this.reconnectWindowMs;
     for (let attempt = 0; ; attempt++) {
       try {
-        const connection = await this.connect();
+        // An open connection is used at once: the request leaves before this call returns
+        // (the first of a burst reaches the daemon while the rest are still being made).
+        const open = this.connection;
+        const connection = open?.isOpen ? open : await this.connect();
         return await connection.call(method, params, this.requestTimeoutMs);
       } catch (err) {
         // Wait out a daemon restart, but not a daemon that was never there (and that we may
@@ -354,8 +376,9 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       case Notifications.tokenRefreshed: {
         const parsed = TokenResult.safeParse(params);
         if (!parsed.success) return;
-        this.cached = parsed.data;
-        this.emit('token.refreshed', parsed.data);
+        const token = Object.freeze(parsed.data);
+        this.cached = token;
+        this.emit('token.refreshed', token);
         return;
       }
       case Notifications.stateChanged: {
