@@ -111,12 +111,21 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     cleanups.push(() => watcher.close());
 
     let server: IpcServer;
+    const answers = new WeakMap<Promise<Credentials>, Promise<TokenResult>>();
     const methods: Record<string, RpcMethod> = {
       [Methods.hello]: rpcMethod(HelloParams, () => ({ protocol: PROTOCOL_VERSION, daemon: 'qwen-tokend', version, pid: process.pid })),
       [Methods.getAccessToken]: rpcMethod(GetAccessTokenParams, ({ minValidityMs = 0 }) => {
         // The common case, a token valid long enough, is answered without a promise.
         const ready = keeper.servableNow(minValidityMs);
-        return ready ? tokenResult(ready) : keeper.getAccessToken(minValidityMs).then(tokenResult);
+        if (ready) return tokenResult(ready);
+        // Callers waiting on one refresh share the keeper's promise; they share its answer too.
+        const waiting = keeper.getAccessToken(minValidityMs);
+        let answer = answers.get(waiting);
+        if (!answer) {
+          answer = waiting.then(tokenResult);
+          answers.set(waiting, answer);
+        }
+        return answer;
       }),
       [Methods.refresh]: rpcMethod(EmptyParams, async () => tokenResult(await keeper.refresh())),
       [Methods.status]: rpcMethod(EmptyParams, (): StatusResult => {

@@ -21,6 +21,7 @@ import type { TokenState } from '../shared/protocol.js';
 import type { CredentialFile } from './credential-store.js';
 import {
   decideTokenRequest,
+  type TokenDecision,
   initialState,
   nextRefreshAt,
   phase,
@@ -105,6 +106,8 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   private state: LifecycleState = initialState;
   private shownPhase: TokenState = 'no_credentials';
   private inflight: RefreshRun | null = null;
+  /** What callers waiting on `run` share, by their minimum validity (see getAccessToken). */
+  private waiting: { run: RefreshRun; byMinimum: Map<number, Promise<Credentials>> } | null = null;
   private abortRefresh: AbortController | null = null;
   private timer: TimerHandle | null = null;
   private sourceFile: string | null = null;
@@ -152,15 +155,27 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     return decision.action === 'serve' ? this.state.credentials : null;
   }
 
-  /** A token valid for more than `minValidityMs`, refreshing first when needed. */
-  async getAccessToken(minValidityMs = 0): Promise<Credentials> {
-    let decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
-    if (decision.action === 'refresh') {
-      await this.refreshNow().known;
-      decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs, true);
+  /**
+   * A token valid for more than `minValidityMs`, refreshing first when needed. Callers waiting
+   * on the same refresh with the same minimum share one promise: a burst of a thousand calls
+   * is answered from one settlement, not a thousand chains resumed one step at a time.
+   */
+  getAccessToken(minValidityMs = 0): Promise<Credentials> {
+    const decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
+    if (decision.action !== 'refresh') return this.serveOrFail(decision);
+    const run = this.refreshNow();
+    if (this.waiting?.run !== run) this.waiting = { run, byMinimum: new Map() };
+    let shared = this.waiting.byMinimum.get(minValidityMs);
+    if (!shared) {
+      shared = run.known.then(() => this.serveOrFail(decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs, true)));
+      this.waiting.byMinimum.set(minValidityMs, shared);
     }
-    if (decision.action === 'serve' && this.state.credentials) return this.state.credentials;
-    throw this.unavailableError(decision.action === 'fail' ? decision.reason : 'expired');
+    return shared;
+  }
+
+  private serveOrFail(decision: TokenDecision): Promise<Credentials> {
+    if (decision.action === 'serve' && this.state.credentials) return Promise.resolve(this.state.credentials);
+    return Promise.reject(this.unavailableError(decision.action === 'fail' ? decision.reason : 'expired'));
   }
 
   /**
