@@ -163,7 +163,10 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     };
     server = new IpcServer({ socketPath: config.socketPath, logger, methods, platform: options.platform });
 
-    keeper.on('token_refreshed', (creds) => server.broadcast(Notifications.tokenRefreshed, tokenResult(creds)));
+    // Pushed once the callers waiting on this refresh have their answers (those leave from
+    // promise callbacks, before this immediate): a waiting caller gets the token first, and the
+    // push's wake-ups of a thousand subscribers do not stand between the refresh and them.
+    keeper.on('token_refreshed', (creds) => setImmediate(() => server.broadcast(Notifications.tokenRefreshed, tokenResult(creds))));
     keeper.on('refresh_failed', ({ error, state, nextRetryAt }) =>
       server.broadcast(Notifications.tokenRefreshFailed, { code: error.code, message: error.message, state, next_retry_at: nextRetryAt }),
     );

@@ -89,8 +89,8 @@ describe('IPC', () => {
     const admin = fx.client();
     const before = (await admin.status()).requests_served;
     const refreshed = await admin.refresh();
-    // The daemon answers the refresh and pushes to subscribers in the same tick, so the
-    // admin's answer is the reference point for how late the pushes arrive.
+    // The daemon pushes to subscribers just before it answers a forced refresh (that answer
+    // waits for the write), so the admin's answer is the reference point for the pushes.
     const answeredAt = Date.now();
     const pushes = await Promise.all(kids.map((k) => k.next('pushed')));
     const latencies = pushes.map((p) => Math.max(0, p.at! - answeredAt)).sort((a, b) => a - b);
@@ -118,6 +118,27 @@ describe('IPC', () => {
     expect(tokens).toHaveLength(500);
     expect(new Set(tokens).size).toBe(1);
     expect(fx.server.counts.refresh).toBe(1);
+  });
+
+  it('a caller waiting on a refresh gets its answer before the push of the same token', async () => {
+    fx = await createFixture({ env: { QWEN_TOKEND_RETRY_MS: '600000' } });
+    await fx.writeOwn({ ...credsFrom(fx.server), expiry_date: Date.now() - 1000 });
+    fx.server.injectFault({ kind: '5xx', endpoint: 'token', times: 1 });
+    await fx.start();
+    const admin = fx.client();
+    // The start-up refresh failed and the retry is 10 minutes away: the call below refreshes.
+    await until(async () => (await admin.status()).retry_count >= 1, 'the start-up refresh to fail', 5000);
+    const { socket, lines } = await rawConnection(fx.socketPath);
+    socket.write('{"jsonrpc":"2.0","id":1,"method":"subscribe"}\n');
+    await until(() => lines.length >= 1, 'the subscribe answer', 3000);
+    socket.write('{"jsonrpc":"2.0","id":2,"method":"getAccessToken","params":{"minValidityMs":0}}\n');
+    await until(() => lines.length >= 3, 'the answer and the push', 5000);
+    socket.destroy();
+    const [answer, push] = lines.slice(1, 3).map((l) => JSON.parse(l) as { id?: number; method?: string; result?: { access_token: string }; params?: { access_token: string } });
+    expect(answer?.id).toBe(2);
+    expect(push?.method).toBe('token.refreshed');
+    expect(push?.params?.access_token).toBe(answer?.result?.access_token);
+    expect(fx.server.counts.refresh).toBe(2);
   });
 
   it('clients reconnect after the daemon is killed and restarted', async () => {
