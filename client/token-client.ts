@@ -27,6 +27,7 @@ import {
 import { errorFromWire } from '../shared/errors.js';
 import { autostartFailure, serviceInstalled, spawnDaemon } from './autostart.js';
 import { DaemonConnection } from './daemon-connection.js';
+import { compileSchemas } from '../shared/compile-schemas.js';
 
 export interface TokenClientOptions {
   /** Environment to resolve the configuration from (default `process.env`). */
@@ -81,6 +82,14 @@ function expect<T extends z.ZodType>(schema: T, value: unknown, method: string):
  * of calls arrive as one value many times over (see DaemonConnection), so it is checked once.
  */
 const checkedTokens = new WeakMap<object, TokenResult>();
+let tokenSchemaCompiled = false;
+
+/** Builds TokenResult's checks once per process, at its first connection (see openConnection). */
+function compileTokenSchemaOnce(): void {
+  if (tokenSchemaCompiled) return;
+  tokenSchemaCompiled = true;
+  compileSchemas([TokenResult]);
+}
 
 /**
  * A token answer, checked against `TokenResult` and frozen: one record is shared by the cache and
@@ -300,10 +309,14 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     this.connection = connection;
     this.everConnected = true;
     // Every connection subscribes, so the cache is replaced by pushes, never left stale.
-    const [hello] = await Promise.all([
+    const handshake = Promise.all([
       connection.call(Methods.hello, { protocol: PROTOCOL_VERSION }, this.requestTimeoutMs),
       connection.call(Methods.subscribe, {}, this.requestTimeoutMs).then((r) => expect(SubscribeResult, r, Methods.subscribe)),
     ]);
+    // Once both requests are written, while the daemon answers: the first token answer (or
+    // push) is then checked at once instead of waiting for its schema to be built.
+    if (!tokenSchemaCompiled) setImmediate(compileTokenSchemaOnce).unref();
+    const [hello] = await handshake;
     const info = expect(HelloResult, hello, Methods.hello);
     if (info.protocol !== PROTOCOL_VERSION) {
       connection.close();

@@ -18,13 +18,14 @@ import {
   type TokenResult,
 } from '../shared/protocol.js';
 import { packageVersion } from '../shared/package.js';
+import { compileSchemas } from '../shared/compile-schemas.js';
 import { CredentialFile } from './credential-store.js';
 import { CredentialWatcher } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import { acquireInstanceLock, type InstanceLock } from './instance-lock.js';
 import { IpcServer, rpcMethod, type RpcMethod } from './ipc-server.js';
 import type { Logger } from './logger.js';
-import { QwenOAuthClient } from './oauth.js';
+import { QwenOAuthClient, TokenResponseSchema } from './oauth.js';
 import { TokenKeeper } from './token-keeper.js';
 
 /** How long a state change must hold before subscribers are told (see the state_changed wiring). */
@@ -192,6 +193,8 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     login.on('failed', (err) => server.broadcast(Notifications.loginFailed, { code: err.code, message: err.message }));
 
     await server.listen();
+    // The first refresh response is checked at once, not after its schema is built.
+    setImmediate(() => compileSchemas([TokenResponseSchema])).unref();
     // Stop accepting clients first, so none is cut off in the middle of a shutdown.
     cleanups.push(() => server.close());
 

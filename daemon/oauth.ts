@@ -82,7 +82,7 @@ const RETRYABLE_OAUTH_ERRORS = new Set(['slow_down', 'temporarily_unavailable', 
 const REFRESH_REJECTION_STATUSES = new Set([400, 401, 403]);
 
 /** Validated on top of oauth4webapi's checks: we also need `expires_in` and Qwen's extras. */
-const TokenResponseSchema = z.object({
+export const TokenResponseSchema = z.object({
   access_token: z.string().min(1),
   token_type: z.string().min(1),
   expires_in: z.number().finite().positive(),
