@@ -10,6 +10,7 @@ import { RepeatedFrame } from '../shared/repeated-frame.js';
 /** Replies are small; anything this large is a broken or hostile peer. */
 const MAX_INCOMING_FRAME = 1024 * 1024;
 
+/** The longest delay setTimeout takes; a later deadline is re-armed when it fires. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 interface Pending {
@@ -124,7 +125,6 @@ export class DaemonConnection {
   private armDeadline(at: number): void {
     if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
     this.deadlineAt = at;
-    // setTimeout takes at most 2^31-1 ms; a longer wait is re-armed when that one fires.
     this.deadlineTimer = setTimeout(() => this.expireOverdue(), Math.min(MAX_TIMER_MS, Math.max(1, Math.ceil(at - performance.now()))));
     this.deadlineTimer.unref();
   }
