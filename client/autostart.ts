@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TokendConfig } from '../shared/config.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
-import { DAEMON_NODE_FLAGS, packagedDaemonBin } from '../shared/package.js';
+import { packagedDaemonBin } from '../shared/package.js';
 
 /** The launchd label and systemd unit name the `service` command installs. */
 export const SERVICE_LABEL = 'io.github.qwen-tokend';
@@ -46,7 +46,7 @@ export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exi
   const childEnv = { ...env };
   // A detached daemon has no terminal: its log goes to a file beside the credentials.
   childEnv.QWEN_TOKEND_LOG_FILE ??= join(config.stateDir, 'qwen-tokend.log');
-  const child = spawn(process.execPath, [...DAEMON_NODE_FLAGS, bin], { detached: true, stdio: 'ignore', env: childEnv });
+  const child = spawn(process.execPath, [bin], { detached: true, stdio: 'ignore', env: childEnv });
   const exited = new Promise<number | null>((resolve) => {
     child.once('exit', (code) => resolve(code));
     child.once('error', () => resolve(null));

@@ -43,15 +43,6 @@ export function packageRoot(): string {
   return packageInfo().root;
 }
 
-/**
- * Node flags every launcher of the daemon passes: autostart, the systemd and launchd services,
- * `npm start` (package.json) and the bench. They cap V8's young generation at 2 MB semi-spaces:
- * the daemon's live heap is about 8 MB, and by default V8 grows the young generation to 32 MB
- * under load and keeps it (RSS 54 -> 75 MB after a million requests, the step landing wherever
- * the allocation rate triggers it). Capped, RSS levels off at ~63 MB with the same throughput.
- */
-export const DAEMON_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=2'];
-
 /** The daemon program of this package: the bundle `npm run build` writes. */
 export function packagedDaemonBin(): string {
   return join(packageRoot(), 'dist', 'bin', 'qwen-tokend.js');

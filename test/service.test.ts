@@ -12,7 +12,6 @@ import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { renderLaunchdPlist, renderSystemdUnit, serviceCommand, type EnvironmentEntry } from '../client/cli/service.js';
 import { TokenClient } from '../client/token-client.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
-import { DAEMON_NODE_FLAGS } from '../shared/package.js';
 import { createFixture, DAEMON_BIN, REPO_ROOT, type DaemonFixture } from './support/daemon.js';
 import { createFakeServiceManager, type FakeServiceManager } from './support/fake-service-manager.js';
 
@@ -43,12 +42,6 @@ const TRICKY: EnvironmentEntry[] = [
 ];
 
 // ---- systemd-analyze ------------------------------------------------------------------------
-
-it('`npm start` passes the daemon the same node flags as autostart and the services', async () => {
-  const pkg = JSON.parse(await readFile(join(REPO_ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
-  expect(DAEMON_NODE_FLAGS.length).toBeGreaterThan(0);
-  expect(pkg.scripts.start).toBe(['node', ...DAEMON_NODE_FLAGS, 'dist/bin/qwen-tokend.js'].join(' '));
-});
 
 describe.skipIf(process.platform !== 'linux')('the systemd unit', () => {
   let dir: string;
@@ -104,7 +97,7 @@ describe.skipIf(process.platform !== 'linux')('the systemd unit', () => {
     for (const expected of [
       'Type=notify',
       'NotifyAccess=all',
-      `ExecStart=${process.execPath} --max-semi-space-size=2 ${DAEMON_BIN}`,
+      `ExecStart=${process.execPath} ${DAEMON_BIN}`,
       'Restart=on-failure',
       'RestartPreventExitStatus=3 78',
       'StandardOutput=journal',
@@ -132,9 +125,9 @@ describe.skipIf(process.platform !== 'linux')('the systemd unit', () => {
     await writeFile(node, '#!/bin/sh\n', { mode: 0o755 });
     const unit = renderSystemdUnit({ nodePath: node, daemonPath: DAEMON_BIN, environment: [], writablePaths: ['/home/alice'] });
     // In the executable only % is special; in an argument $ is too.
-    expect(unit).toContain(`ExecStart="${odd.replace('%h', () => '%%h')}/node" --max-semi-space-size=2 ${DAEMON_BIN}`);
+    expect(unit).toContain(`ExecStart="${odd.replace('%h', () => '%%h')}/node" ${DAEMON_BIN}`);
     const arg = renderSystemdUnit({ nodePath: node, daemonPath: '/opt/a $b%c/main.js', environment: [], writablePaths: [] });
-    expect(arg).toContain('/node" --max-semi-space-size=2 "/opt/a $$b%%c/main.js"\n');
+    expect(arg).toContain('/node" "/opt/a $$b%%c/main.js"\n');
     // verify resolves the binary: it finds it only if the quoting is read back as the real path.
     const result = await verify(unit);
     expect(result.stderr).toBe('');
@@ -181,7 +174,7 @@ describe('the launchd plist', () => {
     const plist = JSON.parse(parsed.stdout) as Record<string, unknown>;
     expect(plist).toEqual({
       Label: LABEL,
-      ProgramArguments: ['/opt/node & co/bin/node', '--max-semi-space-size=2', DAEMON_BIN],
+      ProgramArguments: ['/opt/node & co/bin/node', DAEMON_BIN],
       EnvironmentVariables: Object.fromEntries(TRICKY),
       RunAtLoad: true,
       KeepAlive: { SuccessfulExit: false },
@@ -237,7 +230,7 @@ describe('qwen-token service install | uninstall | status', () => {
     const printed = await cli('install', '--print', '--platform', 'linux');
     expect(printed.code).toBe(0);
     expect(printed.stdout).toMatch(/^\[Service\]$/m);
-    expect(printed.stdout).toContain(`ExecStart=${process.execPath} --max-semi-space-size=2 ${DAEMON_BIN}`);
+    expect(printed.stdout).toContain(`ExecStart=${process.execPath} ${DAEMON_BIN}`);
     expect(printed.stdout).toContain('Environment="QWEN_TOKEND_LOG_LEVEL=warn"');
     expect(printed.stdout).not.toContain('sk-not-a-daemon-setting');
     expect(await fake.calls()).toEqual([]);

@@ -11,7 +11,6 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { serializeCredentials } from '../../dist/shared/credentials.js';
-import { DAEMON_NODE_FLAGS } from '../../dist/shared/package.js';
 import { TokenClient } from '../../dist/client/index.js';
 import { DAEMON_BIN } from './paths.mjs';
 
@@ -87,15 +86,14 @@ export async function prepareHome(server, creds, extraEnv = {}) {
 }
 
 /**
- * Spawns the daemon as its launchers do (with DAEMON_NODE_FLAGS) and resolves once its socket
- * accepts a connection, polling every `pollMs`.
+ * Spawns the daemon and resolves once its socket accepts a connection, polling every `pollMs`.
  * `readyMs` is the time from spawn to the first accepted connection.
  */
 export async function spawnDaemon(home, { pollMs = 2, timeoutMs = 15_000, args = daemonArgs() } = {}) {
   if (!existsSync(DAEMON_BIN)) throw new Error(`${DAEMON_BIN} is missing: run \`npm run build\` first`);
   const output = [];
   const t0 = performance.now();
-  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...args, DAEMON_BIN], { env: home.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...args, DAEMON_BIN], { env: home.env, stdio: ['ignore', 'pipe', 'pipe'] });
   let buffered = '';
   const onChunk = (chunk) => {
     buffered += chunk.toString('utf8');

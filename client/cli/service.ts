@@ -15,7 +15,7 @@ import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command, Option } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
-import { DAEMON_NODE_FLAGS, packagedDaemonBin, packageRoot } from '../../shared/package.js';
+import { packagedDaemonBin, packageRoot } from '../../shared/package.js';
 import { SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
@@ -134,7 +134,7 @@ export function renderSystemdUnit(options: SystemdUnitOptions, template = readTe
   });
   const tmpPaths = options.writablePaths.filter((p) => !p.startsWith('%') && underTmp(p));
   return fill(template, {
-    EXEC_START: [systemdExecWord(options.nodePath, true), ...DAEMON_NODE_FLAGS, systemdExecWord(options.daemonPath, false)].join(' '),
+    EXEC_START: `${systemdExecWord(options.nodePath, true)} ${systemdExecWord(options.daemonPath, false)}`,
     ENVIRONMENT:
       environment.length > 0
         ? environment.join('\n')
@@ -163,7 +163,6 @@ export function renderLaunchdPlist(options: LaunchdPlistOptions, template = read
   return fill(template, {
     LABEL: xmlEscape(SERVICE_LABEL),
     NODE: xmlEscape(options.nodePath),
-    NODE_FLAGS: DAEMON_NODE_FLAGS.map((flag) => `<string>${xmlEscape(flag)}</string>`).join('\n    '),
     DAEMON: xmlEscape(options.daemonPath),
     ENVIRONMENT: environment.join('\n'),
     STDOUT_PATH: xmlEscape(join(options.logDir, 'qwen-tokend.log')),
