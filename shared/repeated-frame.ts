@@ -11,6 +11,12 @@
 const HEAD = '{"jsonrpc":"2.0","id":';
 /** Ids past 15 digits may not be exact doubles; such frames take the slow path. */
 const MAX_ID_DIGITS = 15;
+/**
+ * Longer lines are not remembered: the frames of a burst are a few hundred bytes, and checking
+ * that a line is canonical costs a JSON.stringify of it, which a peer sending large frames
+ * should not be able to double.
+ */
+const MAX_REMEMBERED_LENGTH = 4096;
 
 export class RepeatedFrame<T> {
   private tail: string | null = null;
@@ -41,6 +47,7 @@ export class RepeatedFrame<T> {
    * `line` is canonical; otherwise keeps what it had.
    */
   remember(line: string, data: unknown, value: T): void {
+    if (line.length > MAX_REMEMBERED_LENGTH) return;
     const id = (data as { id?: unknown } | null)?.id;
     if (typeof id !== 'number' || !Number.isSafeInteger(id) || id < 1) return;
     const head = `${HEAD}${id}`;

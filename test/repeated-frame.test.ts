@@ -101,6 +101,13 @@ describe('RepeatedFrame', () => {
     expect(recognized).toBeGreaterThan(1_000);
   });
 
+  it('does not remember lines over 4 KiB (checking one costs a JSON.stringify)', () => {
+    const small = line(7, `"method":"m","params":{"pad":"${'x'.repeat(4000)}"}`);
+    const large = line(7, `"method":"m","params":{"pad":"${'x'.repeat(4100)}"}`);
+    expect(remembered(small).idOf(small.replace('"id":7', '"id":8'))).toBe(8);
+    expect(remembered(large).idOf(large.replace('"id":7', '"id":8'))).toBe(-1);
+  });
+
   it('forget() drops what it remembered', () => {
     const r = remembered(line(7));
     r.forget();
