@@ -3,14 +3,22 @@
  * mkdir lock whose mtime it keeps fresh); a pid file beside it names the holder, so a second
  * daemon can say which one is running, and a lock left by a killed daemon is taken over at once.
  */
-import { mkdir, readFile, rm, writeFile, unlink } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import lockfile from 'proper-lockfile';
 import { processAlive } from '../shared/diagnostics.js';
 import { QwenError } from '../shared/errors.js';
 import type { Logger } from './logger.js';
 
 export class InstanceLockedError extends QwenError {}
+
+/** A lock whose mtime has not been refreshed for this long belongs to a dead process. */
+const STALE_MS = 10_000;
+/** How often the holder refreshes the lock's mtime. */
+const UPDATE_MS = 2_000;
+/** How often to look again while a lock without a pid file may still be starting. */
+const POLL_MS = 100;
 
 export interface InstanceInfo {
   pid: number;
@@ -49,15 +57,25 @@ export async function acquireInstanceLock(
       lockfilePath: lockPath,
       realpath: false,
       retries: 0,
-      stale: 10_000,
-      update: 2_000,
+      stale: STALE_MS,
+      update: UPDATE_MS,
       onCompromised,
     });
+  const locked = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ELOCKED';
+  // Held without a pid file: by a daemon that took the lock a moment ago (its pid file follows
+  // at once), or by one killed before it wrote one. Wait for the pid file or for the lock to go
+  // stale, which a live holder never lets happen; refusing at once would keep a restarted
+  // daemon (say, by systemd after a crash) out for good, as exit 3 means "already running".
+  const deadline = Date.now() + STALE_MS + 2 * UPDATE_MS;
+  let waiting = false;
   let release: () => Promise<void>;
-  try {
-    release = await take();
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ELOCKED') throw err;
+  for (;;) {
+    try {
+      release = await take();
+      break;
+    } catch (err) {
+      if (!locked(err)) throw err;
+    }
     const holder = await readInfo(pidPath);
     if (holder && holder.pid !== process.pid && processAlive(holder.pid)) {
       throw new InstanceLockedError(
@@ -70,18 +88,28 @@ export async function acquireInstanceLock(
       await rm(lockPath, { recursive: true, force: true });
       try {
         release = await take();
+        break;
       } catch (again) {
-        if ((again as NodeJS.ErrnoException).code === 'ELOCKED') {
-          throw new InstanceLockedError(`another qwen-tokend is starting in ${stateDir}; try again in a moment`);
-        }
+        if (locked(again)) throw new InstanceLockedError(`another qwen-tokend is starting in ${stateDir}; try again in a moment`);
         throw again;
       }
-    } else {
-      throw new InstanceLockedError(`another qwen-tokend holds ${lockPath} (no pid file yet; it may be starting)`);
     }
+    if (Date.now() > deadline) {
+      throw new InstanceLockedError(`another qwen-tokend holds ${lockPath} and has written no pid file in ${(STALE_MS + 2 * UPDATE_MS) / 1000} s`);
+    }
+    if (!waiting) {
+      waiting = true;
+      logger.warn({ lock: lockPath }, 'the instance lock is held but no daemon has said who holds it; waiting for its pid file, or for the lock to go stale');
+    }
+    await sleep(POLL_MS);
   }
   const info: InstanceInfo = { pid: process.pid, socket: socketPath, started: new Date().toISOString() };
-  await writeFile(pidPath, `${JSON.stringify(info)}\n`, { mode: 0o600 });
+  // Replaced by rename: a daemon killed while writing leaves the previous pid file (naming a
+  // dead process, so the next start takes over) or this one, never an empty one. Only the
+  // lock's holder writes it, so one temp name is enough.
+  const temp = `${pidPath}.tmp`;
+  await writeFile(temp, `${JSON.stringify(info)}\n`, { mode: 0o600 });
+  await rename(temp, pidPath);
   return {
     async release() {
       const current = await readInfo(pidPath);
