@@ -5,6 +5,7 @@
 import { createConnection, type Socket } from 'node:net';
 import { errorFromWire, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
 import { RpcErrorSchema } from '../shared/protocol.js';
+import { LineReader } from '../shared/line-reader.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
 
 /** Replies are small; anything this large is a broken or hostile peer. */
@@ -32,7 +33,6 @@ export interface DaemonConnectionOptions {
 export class DaemonConnection {
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
-  private buffer = '';
   private closed = false;
   /** Requests made in this tick after the first, written together when the tick ends. */
   private batch = '';
@@ -46,9 +46,13 @@ export class DaemonConnection {
   private constructor(
     private readonly socket: Socket,
     private readonly options: DaemonConnectionOptions,
+    reader: LineReader,
   ) {
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => this.onData(chunk));
+    reader.onLine = (line) => this.onLine(line);
+    reader.onTooLong = () => {
+      this.failAll(new QwenProtocolError('qwen-tokend sent a frame larger than 1 MiB; closing the connection'));
+      this.close();
+    };
     socket.on('error', () => undefined);
     socket.on('close', () => this.onClose());
     socket.unref();
@@ -57,7 +61,10 @@ export class DaemonConnection {
   /** Connects; rejects with the socket error (ENOENT, ECONNREFUSED...) so callers can decide to autostart. */
   static open(options: DaemonConnectionOptions, timeoutMs: number): Promise<DaemonConnection> {
     return new Promise((resolve, reject) => {
-      const socket = createConnection(options.socketPath);
+      // Lines come from the socket's reads directly (see LineReader). The connection takes them
+      // over in the 'connect' handler, and no read can be delivered before that handler ran.
+      const reader = new LineReader(MAX_INCOMING_FRAME);
+      const socket = createConnection({ path: options.socketPath, onread: reader.onread });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(Object.assign(new Error(`connecting to ${options.socketPath} timed out after ${timeoutMs} ms`), { code: 'ETIMEDOUT' }));
@@ -65,7 +72,7 @@ export class DaemonConnection {
       socket.once('connect', () => {
         clearTimeout(timer);
         socket.removeAllListeners('error');
-        resolve(new DaemonConnection(socket, options));
+        resolve(new DaemonConnection(socket, options, reader));
       });
       socket.once('error', (err) => {
         clearTimeout(timer);
@@ -151,21 +158,6 @@ export class DaemonConnection {
     this.pending.delete(id);
     if (this.pending.size === 0 && !this.closed) this.socket.unref();
     return entry;
-  }
-
-  private onData(chunk: string): void {
-    this.buffer += chunk;
-    let nl = this.buffer.indexOf('\n');
-    while (nl !== -1) {
-      const line = this.buffer.slice(0, nl);
-      this.buffer = this.buffer.slice(nl + 1);
-      if (line.trim()) this.onLine(line);
-      nl = this.buffer.indexOf('\n');
-    }
-    if (this.buffer.length > MAX_INCOMING_FRAME) {
-      this.failAll(new QwenProtocolError('qwen-tokend sent a frame larger than 1 MiB; closing the connection'));
-      this.socket.destroy();
-    }
   }
 
   private onLine(line: string): void {

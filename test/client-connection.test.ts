@@ -123,6 +123,47 @@ describe('DaemonConnection', () => {
       conn.close();
     }
   });
+
+  it('reads answers and notifications cut anywhere by the socket, characters included', async () => {
+    const text = 'Grüße, 令牌 🔑';
+    answer = (req) => resultLine(req.id, { text, n: (req.params as { n: number }).n });
+    const notified: unknown[] = [];
+    const conn = await DaemonConnection.open({ socketPath, onNotification: (method, params) => notified.push({ method, params }) }, 2_000);
+    try {
+      // Answers come back whole; the stand-in then trickles a notification byte by byte.
+      expect(await Promise.all([conn.call('echo', { n: 1 }, 5_000), conn.call('echo', { n: 2 }, 5_000)])).toEqual([
+        { text, n: 1 },
+        { text, n: 2 },
+      ]);
+      const push = Buffer.from(`${JSON.stringify({ jsonrpc: '2.0', method: 'note', params: { text } })}\n`);
+      for (const byte of push) {
+        peers[0]!.write(Buffer.of(byte));
+        await new Promise((done) => setImmediate(done));
+      }
+      while (notified.length === 0) await new Promise((done) => setTimeout(done, 2));
+      expect(notified).toEqual([{ method: 'note', params: { text } }]);
+    } finally {
+      conn.close();
+    }
+  });
+
+  it('fails what is pending and closes when the daemon sends a frame over 1 MiB', async () => {
+    const conn = await DaemonConnection.open({ socketPath }, 2_000);
+    try {
+      const pending = conn.call('echo', {}, 5_000).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      while (peers.length === 0) await new Promise((done) => setTimeout(done, 2));
+      peers[0]!.write(`{"jsonrpc":"2.0","id":1,"result":"${'x'.repeat(1024 * 1024 + 10)}`);
+      const err = await pending;
+      expect(err).toBeInstanceOf(QwenProtocolError);
+      expect((err as Error).message).toMatch(/larger than 1 MiB/);
+      expect(conn.isOpen).toBe(false);
+    } finally {
+      conn.close();
+    }
+  });
 });
 
 describe('TokenClient and repeated answers', () => {

@@ -1,0 +1,120 @@
+/**
+ * LineReader (shared/line-reader): lines straight from a socket's reads into one reused buffer.
+ * What can go wrong is keeping a view of bytes the next read overwrites, splitting a character,
+ * or reading on after a line too long; each case below fails if the reader gets it wrong.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { LineReader } from '../shared/line-reader.js';
+
+/** Feeds `chunks` to `reader` the way a socket does: each one written into the same buffer. */
+function feed(reader: LineReader, chunks: Buffer[]): boolean[] {
+  const shared = Buffer.alloc(64);
+  return chunks.map((chunk) => {
+    shared.fill(0x41); // stale bytes from "earlier reads" after the chunk
+    chunk.copy(shared);
+    return reader.read(shared, chunk.length);
+  });
+}
+
+function collecting(maxLineBytes = 1024): { reader: LineReader; lines: string[]; tooLong: number[] } {
+  const reader = new LineReader(maxLineBytes);
+  const lines: string[] = [];
+  const tooLong: number[] = [];
+  reader.onLine = (line) => lines.push(line);
+  reader.onTooLong = () => tooLong.push(lines.length);
+  return { reader, lines, tooLong };
+}
+
+describe('LineReader', () => {
+  it('gives each complete line once, whatever the reads cut, and keeps partial lines across reuse of the buffer', () => {
+    const { reader, lines } = collecting();
+    feed(reader, [Buffer.from('{"a":1}\n{"b"'), Buffer.from(':2}\n{"c":3}\n{"d'), Buffer.from('":'), Buffer.from('4}\n')]);
+    expect(lines).toEqual(['{"a":1}', '{"b":2}', '{"c":3}', '{"d":4}']);
+  });
+
+  it('decodes a character cut in two by a read as one character', () => {
+    const { reader, lines } = collecting();
+    const bytes = Buffer.from('{"m":"Grüße, 令牌 🔑"}\n');
+    // Cut inside every multi-byte sequence in turn.
+    for (let cut = 1; cut < bytes.length - 1; cut++) feed(reader, [bytes.subarray(0, cut), bytes.subarray(cut)]);
+    expect(new Set(lines)).toEqual(new Set(['{"m":"Grüße, 令牌 🔑"}']));
+    expect(lines).toHaveLength(bytes.length - 2);
+  });
+
+  it('drops a trailing CR and hands blank lines on as empty strings', () => {
+    const { reader, lines } = collecting();
+    feed(reader, [Buffer.from('{"a":1}\r\n\n{"b":2}\r'), Buffer.from('\n')]);
+    expect(lines).toEqual(['{"a":1}', '', '{"b":2}']);
+  });
+
+  it('refuses a partial line past the limit once, and reads nothing after it', () => {
+    const { reader, lines, tooLong } = collecting(10);
+    const results = feed(reader, [Buffer.from('{"ok":1}\n0123'), Buffer.from('456789ab'), Buffer.from('\n{"late":1}\n')]);
+    expect(results).toEqual([true, false, false]);
+    expect(lines).toEqual(['{"ok":1}']);
+    expect(tooLong).toEqual([1]);
+  });
+
+  it('stops in the middle of a read when a line handler stops it', () => {
+    const reader = new LineReader(1024);
+    const lines: string[] = [];
+    reader.onLine = (line) => {
+      lines.push(line);
+      if (line === 'stop') reader.stop();
+    };
+    expect(feed(reader, [Buffer.from('one\nstop\nthree\n')])).toEqual([false]);
+    expect(lines).toEqual(['one', 'stop']);
+  });
+});
+
+describe('LineReader on real sockets sharing one read buffer', () => {
+  let dir: string;
+  let server: Server;
+  const accepted: Socket[] = [];
+
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'qtd-lines-'));
+    server = createServer((s) => accepted.push(s));
+    await new Promise<void>((done) => server.listen(join(dir, 's.sock'), done));
+  });
+
+  afterEach(async () => {
+    for (const s of accepted.splice(0)) s.destroy();
+    await new Promise<void>((done) => server.close(() => done()));
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('keeps each connection\'s partial lines apart while their reads take turns in the buffer', async () => {
+    const clients = Array.from({ length: 3 }, () => {
+      const reader = new LineReader(1024 * 1024);
+      const lines: string[] = [];
+      reader.onLine = (line) => lines.push(line);
+      const socket = createConnection({ path: join(dir, 's.sock'), onread: reader.onread });
+      return { lines, socket, connected: new Promise((done) => socket.once('connect', done)) };
+    });
+    await Promise.all(clients.map((c) => c.connected));
+    while (accepted.length < clients.length) await new Promise((done) => setTimeout(done, 5));
+    // Each server socket sends the same frames, cut at different places, interleaved with the
+    // others' pieces, so every read lands in the buffer between another connection's two halves.
+    const frames = Array.from({ length: 20 }, (_, n) => JSON.stringify({ n, pad: 'x'.repeat(n * 37) }));
+    const wire = Buffer.from(frames.map((f) => `${f}\n`).join(''));
+    const pieces = accepted.map((_, k) => {
+      const size = 97 + k * 37;
+      const out: Buffer[] = [];
+      for (let at = 0; at < wire.length; at += size) out.push(wire.subarray(at, at + size));
+      return out;
+    });
+    for (let j = 0; j < Math.max(...pieces.map((p) => p.length)); j++) {
+      for (const [k, s] of accepted.entries()) if (pieces[k]![j]) s.write(pieces[k]![j]!);
+      await new Promise((done) => setTimeout(done, 1));
+    }
+    for (const s of accepted) s.end();
+    await Promise.all(clients.map((c) => new Promise((done) => c.socket.once('end', done))));
+    for (const c of clients) expect(c.lines).toEqual(frames);
+    for (const c of clients) c.socket.destroy();
+  });
+});
