@@ -1,9 +1,12 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import {
   chmodSync,
+  closeSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
+  openSync,
+  promises as fsPromises,
   readdirSync,
   readFileSync,
   rmSync,
@@ -13,6 +16,7 @@ import {
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CredentialFile, writeDurably, type CredentialFileOptions } from '../daemon/credential-store.js';
 import { createLogger } from '../daemon/logger.js';
@@ -208,6 +212,8 @@ describe('CredentialFile.write', () => {
         while (writing) {
           const r = await observer.read();
           statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
+          // read() does its I/O synchronously: let the writes' own steps run in between.
+          await new Promise((resolve) => setImmediate(resolve));
         }
       })();
       try {
@@ -433,6 +439,41 @@ describe('CredentialFile.read', () => {
     expect((error as Error).message).toContain(path);
     expect((error as Error).message).toMatch(/EISDIR|directory/);
     expect(statSync(path).isDirectory()).toBe(true);
+  });
+});
+
+describe('CredentialFile.read without the thread pool', () => {
+  // The read sits between a refresh and everyone waiting for it (the pre-refresh look at the
+  // Qwen CLI's file), so it must not queue behind the thread pool: a daemon's pool can be busy
+  // with fsyncs and DNS, and each queued step waits for a turn of the event loop as well.
+  it.skipIf(process.platform === 'win32')('completes while every thread of the pool is blocked', async () => {
+    const path = join(dir, 'oauth_creds.json');
+    writeFileSync(path, serializeCredentials(creds(3)), { mode: 0o600 });
+    // Opening a FIFO for reading blocks its pool thread until a writer comes.
+    const threads = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+    const fifos = Array.from({ length: threads }, (_, i) => join(dir, `block-${i}`));
+    for (const fifo of fifos) execFileSync('mkfifo', [fifo]);
+    const blocked = fifos.map((fifo) => fsPromises.open(fifo, 'r'));
+    try {
+      const outcome = await Promise.race([ownFile(path).read(), sleep(5_000).then(() => 'stuck behind the pool' as const)]);
+      expect(outcome).toEqual({ status: 'ok', credentials: creds(3), text: readFileSync(path, 'utf8'), mtimeMs: statSync(path).mtimeMs });
+    } finally {
+      // A read-write open of a FIFO does not block, and lets its readers' opens through; it
+      // stays open until every one of them got through, also those still queued for a thread.
+      const writers = fifos.map((fifo) => openSync(fifo, 'r+'));
+      for (const fh of await Promise.all(blocked)) await fh.close();
+      for (const fd of writers) closeSync(fd);
+    }
+  });
+
+  it.skipIf(process.platform === 'win32')('refuses a FIFO where the file should be, without waiting for a writer', async () => {
+    const path = join(dir, 'oauth_creds.json');
+    execFileSync('mkfifo', [path]);
+    const error = await ownFile(path)
+      .read()
+      .catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(QwenCredentialsFileError);
+    expect((error as Error).message).toContain('not a regular file');
   });
 });
 
