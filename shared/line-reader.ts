@@ -43,9 +43,20 @@ export class LineReader {
     return { buffer: readBuffer, callback: (bytes, buffer) => this.read(buffer, bytes) };
   }
 
-  /** Consumes `buffer[0, bytes)`, which the caller reuses once this returns. False stops reading. */
+  /**
+   * Consumes `buffer[0, bytes)`, which the caller reuses once this returns. False stops reading.
+   * A line handler that throws does not cost the lines after it: they are handled too, and the
+   * first exception is rethrown once the read is consumed.
+   */
   read(buffer: Uint8Array, bytes: number): boolean {
     if (this.refused) return false;
+    const thrown: unknown[] = [];
+    const consumed = this.consume(buffer, bytes, thrown);
+    if (thrown.length > 0) throw thrown[0];
+    return consumed;
+  }
+
+  private consume(buffer: Uint8Array, bytes: number, thrown: unknown[]): boolean {
     // Only the bytes of this read: the rest of the buffer holds earlier reads.
     const buf = Buffer.from(buffer.buffer, buffer.byteOffset, bytes);
     let start = 0;
@@ -60,7 +71,11 @@ export class LineReader {
       } else {
         line = this.decode(buf, start, nl);
       }
-      this.onLine(line);
+      try {
+        this.onLine(line);
+      } catch (error) {
+        thrown.push(error);
+      }
       // A line's handler may have closed the connection; what follows is not for anyone.
       if (this.refused) return false;
       start = nl + 1;

@@ -59,6 +59,20 @@ describe('LineReader', () => {
     expect(tooLong).toEqual([1]);
   });
 
+  it('hands on the lines after one whose handler threw, then rethrows that error', () => {
+    const reader = new LineReader(1024);
+    const lines: string[] = [];
+    reader.onLine = (line) => {
+      lines.push(line);
+      if (line === 'bad') throw new Error('listener failed');
+    };
+    expect(() => feed(reader, [Buffer.from('one\nbad\nthree\nfo')])).toThrow('listener failed');
+    expect(lines).toEqual(['one', 'bad', 'three']);
+    // The partial line was kept: the next read completes it.
+    feed(reader, [Buffer.from('ur\n')]);
+    expect(lines).toEqual(['one', 'bad', 'three', 'four']);
+  });
+
   it('stops in the middle of a read when a line handler stops it', () => {
     const reader = new LineReader(1024);
     const lines: string[] = [];
