@@ -46,7 +46,7 @@ export class DaemonConnection {
   private constructor(
     private readonly socket: Socket,
     private readonly options: DaemonConnectionOptions,
-    reader: LineReader,
+    private readonly reader: LineReader,
   ) {
     reader.onLine = (line) => this.onLine(line);
     reader.onTooLong = () => {
@@ -204,6 +204,8 @@ export class DaemonConnection {
   private onClose(): void {
     if (this.closed) return;
     this.closed = true;
+    // Lines still in the read being handled (a handler may close the connection) are dropped.
+    this.reader.stop();
     if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
     this.repeated.forget();
     this.failAll(new QwenDaemonUnavailableError(`the connection to qwen-tokend (${this.options.socketPath}) closed`));

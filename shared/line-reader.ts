@@ -22,18 +22,22 @@ function readBuffer(): Buffer {
   return sharedReadBuffer;
 }
 
+/** A partial line kept in a buffer larger than this is given back once the line is complete. */
+const KEEP_PARTIAL_BUFFER_BYTES = 64 * 1024;
+
 /**
  * Splits a socket's bytes into lines. Lines are split on the byte 0x0A before they are decoded,
  * which is safe in UTF-8: that byte never occurs inside a multi-byte character, so a character
  * cut in two by a read is always decoded whole.
  */
 export class LineReader {
-  private parts: Buffer[] = [];
-  private partBytes = 0;
+  /** The partial line so far: the first `partialBytes` bytes, in one buffer grown by doubling. */
+  private partial: Buffer = Buffer.alloc(0);
+  private partialBytes = 0;
   private refused = false;
   /** Each complete line, decoded as UTF-8, without its newline (and without a trailing CR). */
   onLine: (line: string) => void = () => undefined;
-  /** A partial line grew past `maxLineBytes`: nothing more is read. */
+  /** A line (complete or not) grew past `maxLineBytes`: nothing more is read (the owner closes the socket). */
   onTooLong: () => void = () => undefined;
 
   constructor(private readonly maxLineBytes: number) {}
@@ -46,14 +50,22 @@ export class LineReader {
   /**
    * Consumes `buffer[0, bytes)`, which the caller reuses once this returns. False stops reading.
    * A line handler that throws does not cost the lines after it: they are handled too, and the
-   * first exception is rethrown once the read is consumed.
+   * error is rethrown once the read is consumed (an AggregateError if several threw).
    */
   read(buffer: Uint8Array, bytes: number): boolean {
     if (this.refused) return false;
     const thrown: unknown[] = [];
     const consumed = this.consume(buffer, bytes, thrown);
-    if (thrown.length > 0) throw thrown[0];
+    if (thrown.length === 1) throw thrown[0];
+    if (thrown.length > 1) throw new AggregateError(thrown, `${thrown.length} line handlers threw`);
     return consumed;
+  }
+
+  /** Drops what is held and ignores whatever is read after (the socket stays open: close it). */
+  stop(): void {
+    this.refused = true;
+    this.partial = Buffer.alloc(0);
+    this.partialBytes = 0;
   }
 
   private consume(buffer: Uint8Array, bytes: number, thrown: unknown[]): boolean {
@@ -62,14 +74,15 @@ export class LineReader {
     let start = 0;
     let nl = buf.indexOf(10);
     while (nl !== -1) {
+      if (this.partialBytes + nl - start > this.maxLineBytes) return this.tooLong();
       let line: string;
-      if (this.partBytes > 0) {
-        this.parts.push(buf.subarray(start, nl));
-        line = this.decode(Buffer.concat(this.parts, this.partBytes + nl - start), 0, this.partBytes + nl - start);
-        this.parts = [];
-        this.partBytes = 0;
+      if (this.partialBytes > 0) {
+        this.keep(buf.subarray(start, nl));
+        line = this.decode(this.partial, this.partialBytes);
+        this.partialBytes = 0;
+        if (this.partial.length > KEEP_PARTIAL_BUFFER_BYTES) this.partial = Buffer.alloc(0);
       } else {
-        line = this.decode(buf, start, nl);
+        line = this.decode(buf.subarray(start, nl), nl - start);
       }
       try {
         this.onLine(line);
@@ -82,26 +95,32 @@ export class LineReader {
       nl = buf.indexOf(10, start);
     }
     if (start < bytes) {
-      // The buffer is about to be reused: keep a copy of the partial line.
-      this.parts.push(Buffer.from(buf.subarray(start)));
-      this.partBytes += bytes - start;
-      if (this.partBytes > this.maxLineBytes) {
-        this.stop();
-        this.onTooLong();
-        return false;
-      }
+      if (this.partialBytes + bytes - start > this.maxLineBytes) return this.tooLong();
+      // The read buffer is about to be reused: the partial line is copied out.
+      this.keep(buf.subarray(start));
     }
     return true;
   }
 
-  /** Drops what is held and ignores whatever is read after. */
-  stop(): void {
-    this.refused = true;
-    this.parts = [];
-    this.partBytes = 0;
+  private tooLong(): false {
+    this.stop();
+    this.onTooLong();
+    return false;
   }
 
-  private decode(buf: Buffer, start: number, end: number): string {
-    return buf.toString('utf8', start, end > start && buf[end - 1] === 13 ? end - 1 : end);
+  /** Appends `bytes` to the partial line, growing its buffer by doubling. */
+  private keep(bytes: Buffer): void {
+    const needed = this.partialBytes + bytes.length;
+    if (needed > this.partial.length) {
+      const grown = Buffer.allocUnsafe(Math.max(needed, this.partial.length * 2, 256));
+      this.partial.copy(grown, 0, 0, this.partialBytes);
+      this.partial = grown;
+    }
+    bytes.copy(this.partial, this.partialBytes);
+    this.partialBytes = needed;
+  }
+
+  private decode(bytes: Buffer, length: number): string {
+    return bytes.toString('utf8', 0, length > 0 && bytes[length - 1] === 13 ? length - 1 : length);
   }
 }

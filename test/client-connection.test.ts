@@ -147,6 +147,31 @@ describe('DaemonConnection', () => {
     }
   });
 
+  it('handles nothing more of a read once a notification handler closed the connection', async () => {
+    const notified: string[] = [];
+    let conn: DaemonConnection | null = null;
+    conn = await DaemonConnection.open(
+      {
+        socketPath,
+        onNotification: (method) => {
+          notified.push(method);
+          conn?.close();
+        },
+      },
+      2_000,
+    );
+    try {
+      while (peers.length === 0) await new Promise((done) => setTimeout(done, 2));
+      const note = (method: string) => JSON.stringify({ jsonrpc: '2.0', method, params: {} });
+      peers[0]!.write(`${note('first')}\n${note('second')}\n${note('third')}\n`);
+      while (conn.isOpen) await new Promise((done) => setTimeout(done, 2));
+      await new Promise((done) => setTimeout(done, 20));
+      expect(notified).toEqual(['first']);
+    } finally {
+      conn.close();
+    }
+  });
+
   it('fails what is pending and closes when the daemon sends a frame over 1 MiB', async () => {
     const conn = await DaemonConnection.open({ socketPath }, 2_000);
     try {

@@ -73,6 +73,40 @@ describe('LineReader', () => {
     expect(lines).toEqual(['one', 'bad', 'three', 'four']);
   });
 
+  it('refuses a complete line past the limit too, and hands on none of it', () => {
+    const { reader, lines, tooLong } = collecting(10);
+    expect(feed(reader, [Buffer.from('{"ok":1}\n0123456789abc\n{"late":1}\n')])).toEqual([false]);
+    expect(lines).toEqual(['{"ok":1}']);
+    expect(tooLong).toEqual([1]);
+  });
+
+  it('throws an AggregateError when several line handlers threw in one read', () => {
+    const reader = new LineReader(1024);
+    reader.onLine = (line) => {
+      throw new Error(`failed on ${line}`);
+    };
+    let caught: unknown;
+    try {
+      feed(reader, [Buffer.from('a\nb\n')]);
+    } catch (err) {
+      caught = err;
+    }
+    expect(caught).toBeInstanceOf(AggregateError);
+    expect((caught as AggregateError).errors.map((e: Error) => e.message)).toEqual(['failed on a', 'failed on b']);
+  });
+
+  it('holds a line sent one byte per read in one buffer, and reads it whole', () => {
+    const { reader, lines } = collecting(1024 * 1024);
+    const line = JSON.stringify({ pad: 'ü'.repeat(20_000) });
+    const bytes = Buffer.from(`${line}\n`);
+    const shared = Buffer.alloc(1);
+    for (const byte of bytes) {
+      shared[0] = byte;
+      reader.read(shared, 1);
+    }
+    expect(lines).toEqual([line]);
+  });
+
   it('stops in the middle of a read when a line handler stops it', () => {
     const reader = new LineReader(1024);
     const lines: string[] = [];
