@@ -236,8 +236,9 @@ export class CredentialFile {
     } finally {
       try {
         closeSync(fd);
-      } catch {
-        /* nothing was written through it */
+      } catch (err) {
+        // Nothing was written through it; a failure here would mean the descriptor was closed twice.
+        this.logger.debug({ file: this.label, path: this.path, reason: describeFsError(err) }, 'closing a credential file after reading it failed');
       }
     }
 

@@ -1,4 +1,4 @@
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import {
   chmodSync,
   closeSync,
@@ -23,6 +23,7 @@ import { createLogger } from '../daemon/logger.js';
 import type { Clock } from '../shared/clock.js';
 import { parseCredentialsText, serializeCredentials, type Credentials } from '../shared/credentials.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
+import { REPO_ROOT } from './support/daemon.js';
 
 interface LogLine {
   level: number;
@@ -466,14 +467,21 @@ describe('CredentialFile.read without the thread pool', () => {
     }
   });
 
-  it.skipIf(process.platform === 'win32')('refuses a FIFO where the file should be, without waiting for a writer', async () => {
+  it.skipIf(process.platform === 'win32')('refuses a FIFO where the file should be, without waiting for a writer', () => {
     const path = join(dir, 'oauth_creds.json');
     execFileSync('mkfifo', [path]);
-    const error = await ownFile(path)
-      .read()
-      .catch((e: unknown) => e);
-    expect(error).toBeInstanceOf(QwenCredentialsFileError);
-    expect((error as Error).message).toContain('not a regular file');
+    // In a child process (the built module): a read that waited for a writer would block its
+    // thread for good, and this test would hang instead of failing.
+    const module = JSON.stringify(join(REPO_ROOT, 'dist', 'daemon', 'credential-store.js'));
+    const script = `
+      const { CredentialFile } = await import(${module});
+      const logger = { debug() {}, info() {}, warn() {}, error() {} };
+      const file = new CredentialFile(process.argv[1], { logger, moveCorruptAside: true, ownsDirectory: true, label: 'own' });
+      const outcome = await file.read().then(() => 'read', (e) => e.constructor.name + ': ' + e.message);
+      process.stdout.write(outcome);`;
+    const child = spawnSync(process.execPath, ['--input-type=module', '-e', script, path], { encoding: 'utf8', timeout: 10_000 });
+    expect(child.signal).toBeNull();
+    expect(child.stdout).toMatch(/^QwenCredentialsFileError: .*not a regular file/);
   });
 });
 
