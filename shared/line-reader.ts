@@ -78,11 +78,11 @@ export class LineReader {
       let line: string;
       if (this.partialBytes > 0) {
         this.keep(buf.subarray(start, nl));
-        line = this.decode(this.partial, this.partialBytes);
+        line = decode(this.partial, 0, this.partialBytes);
         this.partialBytes = 0;
         if (this.partial.length > KEEP_PARTIAL_BUFFER_BYTES) this.partial = Buffer.alloc(0);
       } else {
-        line = this.decode(buf.subarray(start, nl), nl - start);
+        line = decode(buf, start, nl);
       }
       try {
         this.onLine(line);
@@ -119,8 +119,9 @@ export class LineReader {
     bytes.copy(this.partial, this.partialBytes);
     this.partialBytes = needed;
   }
+}
 
-  private decode(bytes: Buffer, length: number): string {
-    return bytes.toString('utf8', 0, length > 0 && bytes[length - 1] === 13 ? length - 1 : length);
-  }
+/** `bytes[start, end)` as UTF-8, without a trailing CR. */
+function decode(bytes: Buffer, start: number, end: number): string {
+  return bytes.toString('utf8', start, end > start && bytes[end - 1] === 13 ? end - 1 : end);
 }
