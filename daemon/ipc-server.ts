@@ -36,6 +36,12 @@ export function rpcMethod<P extends z.ZodType>(params: P, handle: (params: z.out
   return { params, handle: handle as RpcMethod['handle'] };
 }
 
+/** Calls of one connection to one method, waiting on the same promise. */
+interface AwaitingCalls {
+  readonly compiled: CompiledMethod;
+  readonly ids: Id[];
+}
+
 /** A method with the schema for a whole request frame to it, built once. */
 interface CompiledMethod {
   readonly name: string;
@@ -87,6 +93,8 @@ class Connection implements RpcConnection {
   private held: Buffer | null = null;
   /** The client closed its side; ours closes once everything it sent is answered. */
   private peerEnded = false;
+  /** Calls waiting on a promise, by that promise (see answerWhenSettled). */
+  private readonly awaiting = new Map<Promise<unknown>, AwaitingCalls>();
 
   constructor(
     readonly id: number,
@@ -225,11 +233,42 @@ class Connection implements RpcConnection {
     this.updateFlow();
   }
 
-  requestDone(): void {
-    this.inflight--;
+  requestDone(count = 1): void {
+    this.inflight -= count;
     this.updateFlow();
     // After the answer this request is about to write.
     if (this.peerEnded && this.inflight === 0) process.nextTick(() => this.endIfAnswered());
+  }
+
+  /**
+   * Answers call `id` when `result` settles. Calls of this connection waiting on the same
+   * promise (a burst waiting on one refresh) are answered together: one callback and one write
+   * for all of them, instead of one each.
+   */
+  answerWhenSettled(result: Promise<unknown>, id: Id, compiled: CompiledMethod): void {
+    const joined = this.awaiting.get(result);
+    if (joined?.compiled === compiled) {
+      joined.ids.push(id);
+      return;
+    }
+    const group: AwaitingCalls = { compiled, ids: [id] };
+    // Another method handing out the very same promise gets a group of its own.
+    if (!joined) this.awaiting.set(result, group);
+    result.then(
+      (value) => this.answerGroup(result, group, (callId) => this.server.resultLine(callId, value)),
+      (err: unknown) => {
+        const error = this.server.errorOf(err, compiled.name);
+        this.answerGroup(result, group, (callId) => `${JSON.stringify({ jsonrpc: '2.0', id: callId, error })}\n`);
+      },
+    );
+  }
+
+  private answerGroup(result: Promise<unknown>, group: AwaitingCalls, lineFor: (id: Id) => string): void {
+    if (this.awaiting.get(result) === group) this.awaiting.delete(result);
+    let lines = '';
+    for (const id of group.ids) lines += lineFor(id);
+    this.requestDone(group.ids.length);
+    this.sendLine(lines);
   }
 
   /**
@@ -477,15 +516,14 @@ export class IpcServer {
       return;
     }
     if (result instanceof Promise) {
+      if (!isNotification) {
+        conn.answerWhenSettled(result, id, compiled);
+        return;
+      }
+      // A notification gets no answer, whatever the outcome.
       result.then(
-        (value) => {
-          conn.requestDone();
-          if (!isNotification) conn.sendLine(this.resultLine(id, value));
-        },
-        (err) => {
-          conn.requestDone();
-          if (!isNotification) conn.send(this.errorResponse(id, err, compiled.name));
-        },
+        () => conn.requestDone(),
+        () => conn.requestDone(),
       );
       return;
     }
@@ -519,7 +557,8 @@ export class IpcServer {
     conn.send({ jsonrpc: '2.0', id, error: { code: params.success ? RpcErrorCodes.invalidRequest : RpcErrorCodes.invalidParams, message } });
   }
 
-  private resultLine(id: Id, result: unknown): string {
+  /** @internal The answer line for call `id` with `result`. */
+  resultLine(id: Id, result: unknown): string {
     if (result === undefined || result === null || typeof result !== 'object' || !Object.isFrozen(result)) {
       return `${JSON.stringify({ jsonrpc: '2.0', id, result: result ?? null })}\n`;
     }
@@ -532,14 +571,19 @@ export class IpcServer {
   }
 
   private errorResponse(id: Id, err: unknown, method: string): unknown {
+    return { jsonrpc: '2.0', id, error: this.errorOf(err, method) };
+  }
+
+  /** @internal The JSON-RPC error object for what a handler threw (logged when unexpected). */
+  errorOf(err: unknown, method: string): { code: number; message: string; data?: Record<string, string> } {
     if (err instanceof QwenError) {
       const data: Record<string, string> = { code: err.code };
       const oauthError = (err as { oauthError?: unknown }).oauthError;
       if (typeof oauthError === 'string') data.oauth_error = oauthError;
-      return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.appError, message: err.message, data } };
+      return { code: RpcErrorCodes.appError, message: err.message, data };
     }
     this.logger.error({ method, err: err instanceof Error ? err.message : String(err) }, 'handler failed unexpectedly');
-    return { jsonrpc: '2.0', id, error: { code: RpcErrorCodes.internalError, message: 'internal error' } };
+    return { code: RpcErrorCodes.internalError, message: 'internal error' };
   }
 }
 

@@ -11,7 +11,8 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { IpcServer, rpcMethod } from '../daemon/ipc-server.js';
-import { silentLogger } from '../daemon/logger.js';
+import { createLogger, silentLogger } from '../daemon/logger.js';
+import { QwenTokenExpiredError } from '../shared/errors.js';
 
 let dir: string;
 let server: IpcServer;
@@ -159,5 +160,83 @@ describe('IpcServer under a flood of frames', () => {
     await until(() => b.answers.length === 3);
     expect(b.answers).toEqual([1, 2, 3]);
     await until(() => server.connectionCount === 1);
+  });
+});
+
+describe('IpcServer answering calls that wait on one promise (a burst waiting on a refresh)', () => {
+  let release: (value: unknown) => void;
+  let fail: (err: unknown) => void;
+  let handlerCalls: number;
+  let logged: Array<{ level: number; msg: string }>;
+
+  beforeEach(async () => {
+    handlerCalls = 0;
+    logged = [];
+    const gate = new Promise<unknown>((resolve, reject) => {
+      release = resolve;
+      fail = reject;
+    });
+    gate.catch(() => undefined);
+    server = new IpcServer({
+      socketPath: join(dir, 'run', 'd.sock'),
+      logger: createLogger({ level: 'debug', destination: { write: (line: string) => void logged.push(JSON.parse(line) as { level: number; msg: string }) } }),
+      methods: {
+        wait: rpcMethod(z.object({}).strict(), () => {
+          handlerCalls++;
+          return gate;
+        }),
+      },
+    });
+    await server.listen();
+  });
+
+  /** Sends `count` calls of `wait` in one write; resolves with the parsed answers once all are in. */
+  async function burst(count: number, sendBeforeSettling: () => void): Promise<Array<{ id: number; result?: unknown; error?: { code: number; message: string; data?: { code?: string } } }>> {
+    const socket = createConnection(server.socketPath);
+    sockets.push(socket);
+    await new Promise((done) => socket.once('connect', done));
+    const answers: Array<{ id: number }> = [];
+    let buf = '';
+    socket.setEncoding('utf8');
+    const all = new Promise<void>((done) =>
+      socket.on('data', (chunk: string) => {
+        buf += chunk;
+        for (let nl = buf.indexOf('\n'); nl !== -1; nl = buf.indexOf('\n')) {
+          answers.push(JSON.parse(buf.slice(0, nl)) as { id: number });
+          buf = buf.slice(nl + 1);
+        }
+        if (answers.length >= count) done();
+      }),
+    );
+    let out = '';
+    for (let id = 1; id <= count; id++) out += `${JSON.stringify({ jsonrpc: '2.0', id, method: 'wait' })}\n`;
+    socket.write(out);
+    while (handlerCalls < count) await new Promise((done) => setTimeout(done, 2));
+    expect(answers).toEqual([]);
+    sendBeforeSettling();
+    await all;
+    return answers;
+  }
+
+  it('answers each waiting call under its own id, in the order they came, with the one result', async () => {
+    const token = Object.freeze({ access_token: 'shared', expiry_date: 1 });
+    const answers = await burst(300, () => release(token));
+    expect(answers.map((a) => a.id)).toEqual(Array.from({ length: 300 }, (_, i) => i + 1));
+    for (const a of answers) expect(a.result).toEqual(token);
+  });
+
+  it('answers each with the error when the promise fails, and logs an unexpected failure once, not once per call', async () => {
+    const answers = await burst(120, () => fail(new Error('boom')));
+    expect(answers.map((a) => a.id)).toEqual(Array.from({ length: 120 }, (_, i) => i + 1));
+    for (const a of answers) expect(a.error).toEqual({ code: -32603, message: 'internal error' });
+    expect(logged.filter((l) => l.msg === 'handler failed unexpectedly')).toHaveLength(1);
+  });
+
+  it('answers a typed failure with its code to every waiting call', async () => {
+    const answers = await burst(50, () => fail(new QwenTokenExpiredError('the token expired and could not be refreshed')));
+    for (const a of answers) {
+      expect(a.error?.data?.code).toBe('QWEN_TOKEN_EXPIRED');
+      expect(a.error?.message).toBe('the token expired and could not be refreshed');
+    }
   });
 });
