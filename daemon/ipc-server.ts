@@ -11,6 +11,7 @@ import { checkSocketPathLength } from '../shared/config.js';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
 import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema, requestSchemaFor } from '../shared/protocol.js';
+import { compileSchemas } from '../shared/compile-schemas.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
 import type { Logger } from './logger.js';
 
@@ -382,8 +383,7 @@ export class IpcServer {
    * refresh it starts). Done once here instead, when the daemon has just started and is idle.
    */
   private compileSchemas(): void {
-    for (const compiled of this.methods.values()) compiled.frame.safeParse({ jsonrpc: '2.0', id: 0, method: compiled.name });
-    RpcRequestSchema.safeParse({ jsonrpc: '2.0', id: 0, method: 'compile' });
+    compileSchemas([...[...this.methods.values()].map((compiled) => compiled.frame), RpcRequestSchema]);
   }
 
   /** Sends a notification to every subscribed connection. */
