@@ -90,6 +90,8 @@ class Connection implements RpcConnection {
   private inflight = 0;
   private partialTimer: NodeJS.Timeout | null = null;
   private corked = false;
+  /** Answer lines made while a read of several frames is handled; null outside of that. */
+  private gathered: string | null = null;
   /** Received bytes not yet looked at: this connection is waiting in line for a turn. */
   private held: Buffer | null = null;
   /** The client closed its side; ours closes once everything it sent is answered. */
@@ -105,8 +107,11 @@ class Connection implements RpcConnection {
 
   onData(chunk: Buffer): void {
     // Others are waiting in line: take a place behind them rather than jump the queue.
-    if (this.held || this.server.hasWaiting()) this.hold(chunk);
-    else this.consume(chunk, performance.now() + this.server.turnBudgetMs);
+    if (this.held || this.server.hasWaiting()) {
+      this.hold(chunk);
+      return;
+    }
+    this.consume(chunk, performance.now() + this.server.turnBudgetMs);
   }
 
   /** Handles what was held back, until `deadline` (it may hold the rest again). */
@@ -142,18 +147,25 @@ class Connection implements RpcConnection {
   /** Handles the complete lines of `chunk` until `deadline`, holds the lines left, keeps a partial one. */
   private consume(chunk: Buffer, deadline: number): void {
     const first = chunk.indexOf(10);
-    // Several frames at once (a pipelining client): their answers leave in one write, not one each.
+    // Several frames at once (a pipelining client, a burst): the answers made while handling
+    // them are gathered and leave in one write, not one each.
     const batch = first !== -1 && chunk.indexOf(10, first + 1) !== -1;
     if (!batch) {
       this.consumeFrom(chunk, first, deadline);
       return;
     }
-    this.socket.cork();
+    this.gathered = '';
     try {
       this.consumeFrom(chunk, first, deadline);
     } finally {
-      this.socket.uncork();
+      this.flushGathered();
     }
+  }
+
+  private flushGathered(): void {
+    const lines = this.gathered;
+    this.gathered = null;
+    if (lines) this.write(lines);
   }
 
   private consumeFrom(chunk: Buffer, firstNewline: number, deadline: number): void {
@@ -223,6 +235,8 @@ class Connection implements RpcConnection {
       id: null,
       error: { code: RpcErrorCodes.frameTooLarge, message: `frame exceeds ${this.server.maxFrameBytes} bytes; closing the connection` },
     });
+    // The answers to the frames before it go first, then the error, then the end.
+    this.flushGathered();
     this.parts = [];
     this.partsLength = 0;
     this.clearPartialTimer();
@@ -289,6 +303,17 @@ class Connection implements RpcConnection {
   }
 
   sendLine(line: string): void {
+    if (this.gathered !== null) this.gathered += line;
+    else this.write(line);
+  }
+
+  /** A line already encoded (a notification sent to many): after the answers being gathered, if any. */
+  sendEncoded(line: Buffer): void {
+    if (this.gathered !== null) this.gathered += line.toString('utf8');
+    else this.socket.write(line);
+  }
+
+  private write(line: string): void {
     const socket = this.socket;
     if (socket.destroyed || !socket.writable) return;
     if (socket.writableLength > MAX_UNREAD_BYTES) {
@@ -397,7 +422,7 @@ export class IpcServer {
         conn.socket.destroy();
         continue;
       }
-      conn.socket.write(line);
+      conn.sendEncoded(line);
       sent++;
     }
     return sent;

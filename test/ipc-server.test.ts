@@ -5,7 +5,7 @@
  * check (16 frames), so the order of events does not depend on timing.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createConnection, type Socket } from 'node:net';
+import { createConnection, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -20,17 +20,27 @@ const sockets: Socket[] = [];
 /** What the server handled, in order: `a:<n>` and `b:<n>` per frame, plus marks. */
 let handled: string[];
 
-async function startServer(turnBudgetMs?: number): Promise<void> {
+async function startServer(turnBudgetMs?: number, maxFrameBytes?: number): Promise<void> {
   server = new IpcServer({
     socketPath: join(dir, 'run', 'd.sock'),
     logger: silentLogger(),
     turnBudgetMs,
+    maxFrameBytes,
     methods: {
       echo: rpcMethod(z.object({ from: z.string(), n: z.number().int(), busyMs: z.number().optional() }).strict(), ({ from, n, busyMs }) => {
         handled.push(`${from}:${n}`);
         if (from === 'a' && n === 1) setImmediate(() => handled.push('immediate'));
         // A frame that takes this long to handle (as cold code does).
         if (busyMs) for (const until = performance.now() + busyMs; performance.now() < until; );
+        return { n };
+      }),
+      subscribe: rpcMethod(z.object({ n: z.number().int() }).strict(), ({ n }, connection) => {
+        connection.subscribed = true;
+        return { n };
+      }),
+      // Tells every subscriber while handling the call, before answering it.
+      shout: rpcMethod(z.object({ n: z.number().int() }).strict(), ({ n }) => {
+        server.broadcast('shouted', { n });
         return { n };
       }),
       later: rpcMethod(z.object({ n: z.number().int() }).strict(), async ({ n }) => {
@@ -148,6 +158,64 @@ describe('IpcServer under a flood of frames', () => {
     a.socket.end(`${JSON.stringify({ jsonrpc: '2.0', id: 7, method: 'later', params: { n: 7 } })}\n`);
     await ended;
     expect(a.answers).toEqual([7]);
+  });
+
+  it('answers the frames of one read with one write', async () => {
+    await startServer();
+    const a = await connect();
+    // Every write the server's side makes from here on: on sockets it accepted (Node sets their
+    // `server`), not on the client's or the test runner's own.
+    const write = Socket.prototype.write;
+    let serverWrites = 0;
+    const spy = function (this: Socket & { server?: unknown }, ...args: unknown[]) {
+      if (this.server !== undefined && this.server !== null) serverWrites++;
+      return (write as (...a: unknown[]) => boolean).apply(this, args);
+    };
+    a.socket.write(frames('a', 100));
+    Socket.prototype.write = spy as typeof write;
+    try {
+      await until(() => a.answers.length === 100);
+    } finally {
+      Socket.prototype.write = write;
+    }
+    expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
+    expect(serverWrites).toBe(1);
+  });
+
+  it('a notification sent while a read is handled follows the answers to the frames before it', async () => {
+    await startServer();
+    const socket = createConnection(server.socketPath);
+    sockets.push(socket);
+    await new Promise((done) => socket.once('connect', done));
+    let text = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => (text += chunk));
+    const call = (id: number, method: string) => `${JSON.stringify({ jsonrpc: '2.0', id, method, params: { n: id } })}\n`;
+    socket.write(call(1, 'subscribe') + call(2, 'shout') + call(3, 'subscribe'));
+    await until(() => text.split('\n').length > 4);
+    const order = text.trimEnd().split('\n').map((line) => {
+      const msg = JSON.parse(line) as { id?: number; method?: string };
+      return msg.method ?? `answer ${msg.id}`;
+    });
+    expect(order).toEqual(['answer 1', 'shouted', 'answer 2', 'answer 3']);
+  });
+
+  it('a read whose last frame is too large: the frames before it are answered, then the error, then the end', async () => {
+    await startServer(undefined, 300);
+    const socket = createConnection(server.socketPath);
+    sockets.push(socket);
+    await new Promise((done) => socket.once('connect', done));
+    let text = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => (text += chunk));
+    const ended = new Promise((done) => socket.once('end', done));
+    socket.write(`${frames('a', 3)}${JSON.stringify({ jsonrpc: '2.0', id: 4, method: 'echo', params: { from: 'x'.repeat(400), n: 4 } })}\n`);
+    await ended;
+    const lines = text.trimEnd().split('\n').map((line) => JSON.parse(line) as { id: number | null; result?: { n: number }; error?: { message: string } });
+    expect(lines.slice(0, 3).map((l) => l.result?.n)).toEqual([1, 2, 3]);
+    expect(lines[3]?.id).toBeNull();
+    expect(lines[3]?.error?.message).toMatch(/exceeds 300 bytes/);
+    expect(lines).toHaveLength(4);
   });
 
   it('a client that disconnects with frames still waiting for their turn leaves the others served', async () => {
