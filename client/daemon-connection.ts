@@ -14,6 +14,40 @@ const MAX_INCOMING_FRAME = 1024 * 1024;
 /** The longest delay setTimeout takes; a later deadline is re-armed when it fires. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+interface Notification {
+  line: string;
+  method: string;
+  params: unknown;
+}
+
+/**
+ * The last notifications the connections of this process received, as parsed, newest first.
+ * The daemon pushes each one to every subscriber, so a process holding several connections
+ * reads the same lines on each: the same text is the same JSON value, parsed once. A few are
+ * kept, not one, because pushes sent together (a refresh and the state it changed) arrive
+ * together on every connection. Params are frozen: every connection hands the same object to
+ * its listener.
+ */
+const recentNotifications: Notification[] = [];
+const RECENT_NOTIFICATIONS = 4;
+
+function recentNotification(line: string): Notification | undefined {
+  for (const known of recentNotifications) if (known.line === line) return known;
+  return undefined;
+}
+
+/** Freezes a parsed JSON value and everything in it (iteratively: a deep value cannot overflow the stack). */
+function freezeJson(value: unknown): unknown {
+  const stack = [value];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (typeof v !== 'object' || v === null || Object.isFrozen(v)) continue;
+    Object.freeze(v);
+    for (const child of Object.values(v)) stack.push(child);
+  }
+  return value;
+}
+
 interface Pending {
   resolve: (value: unknown) => void;
   reject: (err: QwenError) => void;
@@ -168,6 +202,11 @@ export class DaemonConnection {
       this.settle(repeatedId)?.resolve(this.repeated.value);
       return;
     }
+    const known = recentNotification(line);
+    if (known) {
+      this.options.onNotification?.(known.method, known.params);
+      return;
+    }
     let data: unknown;
     try {
       data = JSON.parse(line);
@@ -180,7 +219,10 @@ export class DaemonConnection {
     if (typeof data !== 'object' || data === null || (data as { jsonrpc?: unknown }).jsonrpc !== '2.0') return;
     const msg = data as { id?: unknown; method?: unknown; params?: unknown; result?: unknown; error?: unknown };
     if (typeof msg.method === 'string') {
-      this.options.onNotification?.(msg.method, msg.params);
+      const notification: Notification = { line, method: msg.method, params: freezeJson(msg.params) };
+      recentNotifications.unshift(notification);
+      if (recentNotifications.length > RECENT_NOTIFICATIONS) recentNotifications.pop();
+      this.options.onNotification?.(notification.method, notification.params);
       return;
     }
     if (typeof msg.id !== 'number') return;

@@ -78,8 +78,9 @@ function expect<T extends z.ZodType>(schema: T, value: unknown, method: string):
 }
 
 /**
- * Token answers already checked, by the value the connection handed over: the answers to a burst
- * of calls arrive as one value many times over (see DaemonConnection), so it is checked once.
+ * Tokens already checked, by the value the connection handed over: the answers to a burst of
+ * calls arrive as one value many times over, and so does a push to every connection of this
+ * process (see DaemonConnection), so it is checked once.
  */
 const checkedTokens = new WeakMap<object, TokenResult>();
 let tokenSchemaCompiled = false;
@@ -96,10 +97,19 @@ function compileTokenSchemaOnce(): void {
  * every caller it was given to, so no caller can change what the others see.
  */
 function expectToken(value: unknown, method: string): TokenResult {
+  const token = checkToken(value);
+  if (!token) throw new QwenProtocolError(`qwen-tokend answered "${method}" with an unexpected shape`);
+  return token;
+}
+
+/** `value` checked against `TokenResult` and frozen (see expectToken); null when it does not match. */
+function checkToken(value: unknown): TokenResult | null {
   const key = typeof value === 'object' && value !== null ? value : null;
   const known = key && checkedTokens.get(key);
   if (known) return known;
-  const result = Object.freeze(expect(TokenResult, value, method));
+  const parsed = TokenResult.safeParse(value);
+  if (!parsed.success) return null;
+  const result = Object.freeze(parsed.data);
   if (key) checkedTokens.set(key, result);
   return result;
 }
@@ -387,9 +397,8 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   private onNotification(method: string, params: unknown): void {
     switch (method) {
       case Notifications.tokenRefreshed: {
-        const parsed = TokenResult.safeParse(params);
-        if (!parsed.success) return;
-        const token = Object.freeze(parsed.data);
+        const token = checkToken(params);
+        if (!token) return;
         this.cached = token;
         this.emit('token.refreshed', token);
         return;

@@ -191,6 +191,71 @@ describe('DaemonConnection', () => {
   });
 });
 
+describe('one push read by several connections of a process', () => {
+  const push = (method: string, params: unknown) => `${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`;
+
+  async function peersFor(count: number): Promise<void> {
+    while (peers.length < count) await new Promise((done) => setTimeout(done, 2));
+  }
+
+  it('is parsed once: every connection hands its listener the same frozen params, and other lines get their own', async () => {
+    const seen: Array<{ conn: number; method: string; params: unknown }> = [];
+    const conns = await Promise.all(
+      [0, 1, 2].map((conn) => DaemonConnection.open({ socketPath, onNotification: (method, params) => seen.push({ conn, method, params }) }, 2_000)),
+    );
+    try {
+      await peersFor(3);
+      const line = push('token.refreshed', { nested: { list: [1, { deep: true }] }, text: 'same' });
+      for (const peer of peers) peer.write(line);
+      while (seen.length < 3) await new Promise((done) => setTimeout(done, 2));
+      expect(seen.map((s) => s.method)).toEqual(['token.refreshed', 'token.refreshed', 'token.refreshed']);
+      const params = seen[0]!.params as { nested: { list: [number, { deep: boolean }] } };
+      expect(seen[1]!.params).toBe(params);
+      expect(seen[2]!.params).toBe(params);
+      expect(params).toEqual({ nested: { list: [1, { deep: true }] }, text: 'same' });
+      // Frozen all the way down: no listener can change what the others see.
+      expect(Object.isFrozen(params) && Object.isFrozen(params.nested) && Object.isFrozen(params.nested.list) && Object.isFrozen(params.nested.list[1])).toBe(true);
+
+      // Another line, then the first again: each parsed for what it says.
+      peers[0]!.write(push('state.changed', { state: 'valid', previous: 'expired' }));
+      peers[1]!.write(line);
+      while (seen.length < 5) await new Promise((done) => setTimeout(done, 2));
+      const rest = seen.slice(3).sort((a, b) => a.conn - b.conn);
+      expect(rest.map((s) => [s.conn, s.method, s.params])).toEqual([
+        [0, 'state.changed', { state: 'valid', previous: 'expired' }],
+        [1, 'token.refreshed', { nested: { list: [1, { deep: true }] }, text: 'same' }],
+      ]);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+  });
+
+  it('gives every TokenClient of the process the same checked, frozen token; a malformed push changes none', async () => {
+    answer = (req) => standardAnswer(req, (r) => resultLine(r.id, token('before-push')));
+    const clients = [0, 1, 2].map(() => new TokenClient({ socketPath, autostart: false }));
+    try {
+      await Promise.all(clients.map((c) => c.subscribe()));
+      expect(await Promise.all(clients.map((c) => c.getAccessToken()))).toEqual(['before-push', 'before-push', 'before-push']);
+      const pushed: unknown[] = [];
+      for (const c of clients) c.on('token.refreshed', (t) => pushed.push(t));
+
+      const bad = push('token.refreshed', { ...token(''), expiry_date: Date.now() + 3_600_000 });
+      for (const peer of peers) peer.write(bad);
+      const good = push('token.refreshed', token('pushed-token'));
+      for (const peer of peers) peer.write(good);
+      while (pushed.length < 3) await new Promise((done) => setTimeout(done, 2));
+      expect(pushed).toHaveLength(3);
+      expect((pushed[0] as { access_token: string }).access_token).toBe('pushed-token');
+      expect(pushed[1]).toBe(pushed[0]);
+      expect(pushed[2]).toBe(pushed[0]);
+      expect(Object.isFrozen(pushed[0])).toBe(true);
+      expect(await Promise.all(clients.map((c) => c.getAccessToken()))).toEqual(['pushed-token', 'pushed-token', 'pushed-token']);
+    } finally {
+      await Promise.all(clients.map((c) => c.close()));
+    }
+  });
+});
+
 describe('TokenClient and repeated answers', () => {
   it('a burst answered with one token gives every caller that token, as one frozen record', async () => {
     answer = (req) => standardAnswer(req, (r) => resultLine(r.id, token('burst-token-1')));
