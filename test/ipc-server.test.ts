@@ -86,6 +86,17 @@ function connect(onAnswer: () => void = () => undefined, allowHalfOpen = false):
   });
 }
 
+/** A connection that keeps everything the server sends, as text. */
+async function rawClient(): Promise<{ socket: Socket; received: () => string }> {
+  const socket = createConnection(server.socketPath);
+  sockets.push(socket);
+  await new Promise((done) => socket.once('connect', done));
+  let text = '';
+  socket.setEncoding('utf8');
+  socket.on('data', (chunk: string) => (text += chunk));
+  return { socket, received: () => text };
+}
+
 function frames(from: string, count: number, busyMs?: number): string {
   let out = '';
   for (let n = 1; n <= count; n++) out += `${JSON.stringify({ jsonrpc: '2.0', id: n, method: 'echo', params: { from, n, busyMs } })}\n`;
@@ -185,16 +196,11 @@ describe('IpcServer under a flood of frames', () => {
 
   it('a notification sent while a read is handled follows the answers to the frames before it', async () => {
     await startServer();
-    const socket = createConnection(server.socketPath);
-    sockets.push(socket);
-    await new Promise((done) => socket.once('connect', done));
-    let text = '';
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => (text += chunk));
+    const { socket, received } = await rawClient();
     const call = (id: number, method: string) => `${JSON.stringify({ jsonrpc: '2.0', id, method, params: { n: id } })}\n`;
     socket.write(call(1, 'subscribe') + call(2, 'shout') + call(3, 'subscribe'));
-    await until(() => text.split('\n').length > 4);
-    const order = text.trimEnd().split('\n').map((line) => {
+    await until(() => received().split('\n').length > 4);
+    const order = received().trimEnd().split('\n').map((line) => {
       const msg = JSON.parse(line) as { id?: number; method?: string };
       return msg.method ?? `answer ${msg.id}`;
     });
@@ -203,16 +209,11 @@ describe('IpcServer under a flood of frames', () => {
 
   it('a read whose last frame is too large: the frames before it are answered, then the error, then the end', async () => {
     await startServer(undefined, 300);
-    const socket = createConnection(server.socketPath);
-    sockets.push(socket);
-    await new Promise((done) => socket.once('connect', done));
-    let text = '';
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => (text += chunk));
+    const { socket, received } = await rawClient();
     const ended = new Promise((done) => socket.once('end', done));
     socket.write(`${frames('a', 3)}${JSON.stringify({ jsonrpc: '2.0', id: 4, method: 'echo', params: { from: 'x'.repeat(400), n: 4 } })}\n`);
     await ended;
-    const lines = text.trimEnd().split('\n').map((line) => JSON.parse(line) as { id: number | null; result?: { n: number }; error?: { message: string } });
+    const lines = received().trimEnd().split('\n').map((line) => JSON.parse(line) as { id: number | null; result?: { n: number }; error?: { message: string } });
     expect(lines.slice(0, 3).map((l) => l.result?.n)).toEqual([1, 2, 3]);
     expect(lines[3]?.id).toBeNull();
     expect(lines[3]?.error?.message).toMatch(/exceeds 300 bytes/);
