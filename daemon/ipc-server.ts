@@ -134,7 +134,13 @@ class Connection implements RpcConnection {
   }
 
   private endIfAnswered(): void {
-    if (this.peerEnded && this.held === null && this.inflight === 0 && !this.socket.destroyed) this.socket.end();
+    if (this.peerEnded && this.held === null && this.inflight === 0 && !this.socket.destroyed) this.endSocket();
+  }
+
+  /** Ends our side after what was gathered so far: answers to earlier frames are not dropped. */
+  private endSocket(): void {
+    this.flushGathered();
+    this.socket.end();
   }
 
   /** Keeps `rest` for a later turn and stops reading until then. */
@@ -235,12 +241,10 @@ class Connection implements RpcConnection {
       id: null,
       error: { code: RpcErrorCodes.frameTooLarge, message: `frame exceeds ${this.server.maxFrameBytes} bytes; closing the connection` },
     });
-    // The answers to the frames before it go first, then the error, then the end.
-    this.flushGathered();
     this.parts = [];
     this.partsLength = 0;
     this.clearPartialTimer();
-    this.socket.end();
+    this.endSocket();
   }
 
   requestStarted(): void {
@@ -303,14 +307,27 @@ class Connection implements RpcConnection {
   }
 
   sendLine(line: string): void {
-    if (this.gathered !== null) this.gathered += line;
+    if (this.gathered !== null) this.gather(line);
     else this.write(line);
   }
 
   /** A line already encoded (a notification sent to many): after the answers being gathered, if any. */
   sendEncoded(line: Buffer): void {
-    if (this.gathered !== null) this.gathered += line.toString('utf8');
+    if (this.gathered !== null) this.gather(line.toString('utf8'));
     else this.socket.write(line);
+  }
+
+  private gather(line: string): void {
+    const lines = `${this.gathered ?? ''}${line}`;
+    // Written in parts past this size (in characters): each write is held to the unread-bytes
+    // limit, so a read of small frames with large answers (a client that sends garbage and
+    // never reads the errors) cannot pile up past it in one write.
+    if (lines.length < PAUSE_UNREAD_BYTES) {
+      this.gathered = lines;
+      return;
+    }
+    this.gathered = '';
+    this.write(lines);
   }
 
   private write(line: string): void {

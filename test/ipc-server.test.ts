@@ -194,6 +194,29 @@ describe('IpcServer under a flood of frames', () => {
     expect(serverWrites).toBe(1);
   });
 
+  it('a client that never reads is cut off at the unread-bytes limit, even within one read of small frames', async () => {
+    // A budget no read can use up: the whole read is handled in one go.
+    await startServer(60_000);
+    const { socket } = await rawClient();
+    socket.pause();
+    // Every server-side write from here on, by size (see the one-write test).
+    const write = Socket.prototype.write;
+    let largest = 0;
+    Socket.prototype.write = function (this: Socket & { server?: unknown }, ...args: unknown[]) {
+      if (this.server !== undefined && this.server !== null) largest = Math.max(largest, String(args[0]).length);
+      return (write as (...a: unknown[]) => boolean).apply(this, args);
+    } as typeof write;
+    try {
+      // 64 KiB of 2-byte frames, each answered with a ~100-byte parse error: 3.4 MB owed.
+      socket.write('x\n'.repeat(32 * 1024));
+      await until(() => server.connectionCount === 0);
+    } finally {
+      Socket.prototype.write = write;
+    }
+    expect(largest).toBeGreaterThan(0);
+    expect(largest).toBeLessThan(70 * 1024);
+  });
+
   it('a notification sent while a read is handled follows the answers to the frames before it', async () => {
     await startServer();
     const { socket, received } = await rawClient();
