@@ -107,11 +107,8 @@ class Connection implements RpcConnection {
 
   onData(chunk: Buffer): void {
     // Others are waiting in line: take a place behind them rather than jump the queue.
-    if (this.held || this.server.hasWaiting()) {
-      this.hold(chunk);
-      return;
-    }
-    this.consume(chunk, performance.now() + this.server.turnBudgetMs);
+    if (this.held || this.server.hasWaiting()) this.hold(chunk);
+    else this.consume(chunk, performance.now() + this.server.turnBudgetMs);
   }
 
   /** Handles what was held back, until `deadline` (it may hold the rest again). */
