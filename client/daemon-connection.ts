@@ -30,6 +30,8 @@ interface Notification {
  */
 const recentNotifications: Notification[] = [];
 const RECENT_NOTIFICATIONS = 4;
+/** Pushes are a few hundred bytes; a longer line is parsed each time rather than kept for the process's life. */
+const MAX_REMEMBERED_NOTIFICATION = 4096;
 
 function recentNotification(line: string): Notification | undefined {
   for (const known of recentNotifications) if (known.line === line) return known;
@@ -219,6 +221,10 @@ export class DaemonConnection {
     if (typeof data !== 'object' || data === null || (data as { jsonrpc?: unknown }).jsonrpc !== '2.0') return;
     const msg = data as { id?: unknown; method?: unknown; params?: unknown; result?: unknown; error?: unknown };
     if (typeof msg.method === 'string') {
+      if (line.length > MAX_REMEMBERED_NOTIFICATION) {
+        this.options.onNotification?.(msg.method, msg.params);
+        return;
+      }
       const notification: Notification = { line, method: msg.method, params: freezeJson(msg.params) };
       recentNotifications.unshift(notification);
       if (recentNotifications.length > RECENT_NOTIFICATIONS) recentNotifications.pop();

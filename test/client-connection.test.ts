@@ -230,6 +230,22 @@ describe('one push read by several connections of a process', () => {
     }
   });
 
+  it('a push longer than 4 KiB is not kept: each connection parses its own copy', async () => {
+    const seen: unknown[] = [];
+    const conns = await Promise.all([0, 1].map(() => DaemonConnection.open({ socketPath, onNotification: (_method, params) => seen.push(params) }, 2_000)));
+    try {
+      await peersFor(2);
+      const line = push('note', { text: 'y'.repeat(5000) });
+      for (const peer of peers) peer.write(line);
+      while (seen.length < 2) await new Promise((done) => setTimeout(done, 2));
+      expect(seen[0]).toEqual({ text: 'y'.repeat(5000) });
+      expect(seen[1]).toEqual(seen[0]);
+      expect(seen[1]).not.toBe(seen[0]);
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+  });
+
   it('gives every TokenClient of the process the same checked, frozen token; a malformed push changes none', async () => {
     answer = (req) => standardAnswer(req, (r) => resultLine(r.id, token('before-push')));
     const clients = [0, 1, 2].map(() => new TokenClient({ socketPath, autostart: false }));
