@@ -2,11 +2,12 @@
  * A small run of bench scenarios B2 and B4 (few iterations) against the real daemon, so a
  * change that breaks them fails `npm test`. Correctness only, no timing: B2's round trips must
  * all return the daemon's token and the echo baseline must answer every line; B4's burst on an
- * expired token must cause exactly one refresh and hand every caller the new token.
+ * expired token must cause exactly one refresh and hand every caller the new token; the B4
+ * study (`--b4-rounds`) must run the burst all three ways.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runB2 } from '../bench/scenarios/b2-b3-rpc.mjs';
-import { runB4 } from '../bench/scenarios/b4-expired.mjs';
+import { runB4, runB4Rounds } from '../bench/scenarios/b4-expired.mjs';
 import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 
 interface Row {
@@ -48,5 +49,29 @@ describe('bench smoke', () => {
     expect(data.correct).toBe(true);
     // At the server: the failed start-up refresh, the direct baseline calls (warm-up + 1), the burst's one.
     expect(server.counts.refresh - refreshesBefore).toBe(1 + 2 + 1);
+  });
+
+  it('B4 study: one round runs the burst against the bare server and the daemon (raw and library clients), one refresh each', async () => {
+    const refreshesBefore = server.counts.refresh;
+    const study = (await runB4Rounds({ server }, { rounds: 1, processes: 1, connectionsPerProcess: 3, callsPerConnection: 20, baselineCalls: 1 })) as {
+      calls: number;
+      summary: { way: string; bursts: number; met: number }[];
+      bursts: { round: number; way: string; baselineMs: number; p99Ms: number; met: boolean }[];
+    };
+    expect(study.calls).toBe(60);
+    expect(study.bursts.map((b) => b.way)).toEqual(['bare', 'raw', 'library']);
+    expect(study.summary.map((s) => [s.way, s.bursts])).toEqual([
+      ['bare', 1],
+      ['raw', 1],
+      ['library', 1],
+    ]);
+    for (const b of study.bursts) {
+      expect(b.round).toBe(1);
+      expect(b.p99Ms).toBeGreaterThan(0);
+      expect(b.baselineMs).toBeGreaterThan(0);
+    }
+    // Per way, a baseline (warm-up + 1 direct refresh) and the burst's one refresh; each daemon
+    // also had its start-up refresh fail.
+    expect(server.counts.refresh - refreshesBefore).toBe(3 * 2 + 1 + (1 + 1) + (1 + 1));
   });
 });
