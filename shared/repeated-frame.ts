@@ -29,13 +29,22 @@ export class RepeatedFrame<T> {
 
   /** The id of `line` when it is the remembered frame with another positive integer id; -1 otherwise. */
   idOf(line: string): number {
+    return this.idAt(line, 0, line.length);
+  }
+
+  /**
+   * `idOf` for the frame `text.slice(start, end)`, without making that string: a read of many
+   * frames is decoded once and its frames are looked at where they are.
+   */
+  idAt(text: string, start: number, end: number): number {
     const tail = this.tail;
     if (tail === null) return -1;
-    const digits = line.length - HEAD.length - tail.length;
-    if (digits < 1 || digits > MAX_ID_DIGITS || !line.endsWith(tail) || !line.startsWith(HEAD)) return -1;
+    const digits = end - start - HEAD.length - tail.length;
+    if (digits < 1 || digits > MAX_ID_DIGITS || !text.startsWith(tail, end - tail.length) || !text.startsWith(HEAD, start)) return -1;
     let id = 0;
-    for (let i = HEAD.length; i < HEAD.length + digits; i++) {
-      const digit = line.charCodeAt(i) - 48;
+    const first = start + HEAD.length;
+    for (let i = first; i < first + digits; i++) {
+      const digit = text.charCodeAt(i) - 48;
       if (digit < 0 || digit > 9 || (digit === 0 && id === 0)) return -1;
       id = id * 10 + digit;
     }

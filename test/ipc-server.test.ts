@@ -194,6 +194,56 @@ describe('IpcServer under a flood of frames', () => {
     expect(serverWrites).toBe(1);
   });
 
+  it('decodes the frames of one read in one go, not a Buffer and a string per frame', async () => {
+    await startServer(60_000);
+    const a = await connect();
+    const toString = Buffer.prototype.toString;
+    let decodes = 0;
+    Buffer.prototype.toString = function (this: Buffer, ...args: unknown[]) {
+      decodes++;
+      return (toString as (...a: unknown[]) => string).apply(this, args);
+    } as typeof toString;
+    try {
+      a.socket.write(frames('a', 100));
+      await until(() => a.answers.length === 100);
+    } finally {
+      Buffer.prototype.toString = toString;
+    }
+    expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
+    // One for the read (the client's side decodes through its stream, not this method);
+    // a frame at a time would be 100.
+    expect(decodes).toBeLessThanOrEqual(2);
+  });
+
+  it('a read with characters of several bytes, an invalid byte, CRLF and blank lines: every frame answered in order', async () => {
+    await startServer(60_000);
+    const a = await connect();
+    const echo = (from: string, n: number) => JSON.stringify({ jsonrpc: '2.0', id: n, method: 'echo', params: { from, n } });
+    // "ü€😀" are 2-, 3- and 4-byte characters; 0xFF is never valid UTF-8 and reads as U+FFFD.
+    const bytes = Buffer.from(`${echo('a', 1)}\r\n\n${echo('ü€😀', 2)}\n${echo('a', 3)}\n${echo('a', 4)}\n`);
+    const six = Buffer.from(echo('c', 6));
+    six[six.indexOf('"c"') + 1] = 0xff;
+    const withInvalid = Buffer.concat([Buffer.from(`${echo('a', 5)}\r\n`), six, Buffer.from(`\n${echo('a', 7)}\n`)]);
+    a.socket.write(bytes);
+    await until(() => a.answers.length === 4);
+    a.socket.write(withInvalid);
+    await until(() => a.answers.length === 7);
+    expect(a.answers).toEqual([1, 2, 3, 4, 5, 6, 7]);
+    expect(handled.filter((h) => h !== 'immediate')).toEqual(['a:1', 'ü€😀:2', 'a:3', 'a:4', 'a:5', `${String.fromCharCode(0xfffd)}:6`, 'a:7']);
+  });
+
+  it('a frame cut in two inside a character of several bytes, with more frames after it in the second read', async () => {
+    await startServer(60_000);
+    const a = await connect();
+    const first = Buffer.from(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'echo', params: { from: '€uro', n: 1 } })}\n`);
+    const cut = first.indexOf(Buffer.from('€')) + 1;
+    a.socket.write(first.subarray(0, cut));
+    await new Promise((r) => setTimeout(r, 20));
+    a.socket.write(Buffer.concat([first.subarray(cut), Buffer.from(frames('a', 3).replace(/"n":1\b/, '"n":2').replace(/"id":1\b/, '"id":2'))]));
+    await until(() => a.answers.length === 4);
+    expect(handled).toEqual(['€uro:1', 'a:2', 'a:2', 'a:3']);
+  });
+
   it('a client that never reads is cut off at the unread-bytes limit, even within one read of small frames', async () => {
     // A budget no read can use up: the whole read is handled in one go.
     await startServer(60_000);

@@ -108,6 +108,27 @@ describe('RepeatedFrame', () => {
     expect(remembered(large).idOf(large.replace('"id":7', '"id":8'))).toBe(-1);
   });
 
+  it('idAt looks at exactly text[start, end): the frame in place among others, nothing past its ends', () => {
+    const r = remembered(line(7));
+    const frames = [line(12), line(345), line('x'), line(6)];
+    const text = `${frames.join('\n')}\n`;
+    const found: number[] = [];
+    let start = 0;
+    for (let nl = text.indexOf('\n'); nl !== -1; nl = text.indexOf('\n', start)) {
+      found.push(r.idAt(text, start, nl));
+      start = nl + 1;
+    }
+    expect(found).toEqual([12, 345, -1, 6]);
+    // One character more or less at either end is not the frame.
+    const second = text.indexOf(frames[1]!);
+    const end = second + frames[1]!.length;
+    expect(r.idAt(text, second, end)).toBe(345);
+    expect(r.idAt(text, second, end + 1)).toBe(-1);
+    expect(r.idAt(text, second, end - 1)).toBe(-1);
+    expect(r.idAt(text, second - 1, end)).toBe(-1);
+    expect(r.idAt(text, second + 1, end)).toBe(-1);
+  });
+
   it('forget() drops what it remembered', () => {
     const r = remembered(line(7));
     r.forget();
