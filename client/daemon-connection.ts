@@ -84,7 +84,7 @@ export class DaemonConnection {
     private readonly options: DaemonConnectionOptions,
     private readonly reader: LineReader,
   ) {
-    reader.onLine = (line) => this.onLine(line);
+    reader.onLine = (text, start, end) => this.onLine(text, start, end);
     reader.onTooLong = () => {
       this.failAll(new QwenProtocolError('qwen-tokend sent a frame larger than 1 MiB; closing the connection'));
       this.close();
@@ -196,14 +196,17 @@ export class DaemonConnection {
     return entry;
   }
 
-  private onLine(line: string): void {
+  /** The line `text[start, end)` from the daemon. */
+  private onLine(text: string, start: number, end: number): void {
     // A burst of calls is answered with one result many times over: an answer that repeats
-    // the last one with another id carries the same value, so it is not parsed again.
-    const repeatedId = this.repeated.idOf(line);
+    // the last one with another id carries the same value, so it is not parsed again (nor cut
+    // out of the text the read was decoded into).
+    const repeatedId = this.repeated.idAt(text, start, end);
     if (repeatedId !== -1) {
       this.settle(repeatedId)?.resolve(this.repeated.value);
       return;
     }
+    const line = start === 0 && end === text.length ? text : text.slice(start, end);
     const known = recentNotification(line);
     if (known) {
       this.options.onNotification?.(known.method, known.params);

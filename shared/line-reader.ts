@@ -35,8 +35,12 @@ export class LineReader {
   private partial: Buffer = Buffer.alloc(0);
   private partialBytes = 0;
   private refused = false;
-  /** Each complete line, decoded as UTF-8, without its newline (and without a trailing CR). */
-  onLine: (line: string) => void = () => undefined;
+  /**
+   * Each complete line, decoded as UTF-8, without its newline (and without a trailing CR): the
+   * line is `text.slice(start, end)`. A read's lines are decoded together, so `text` may hold
+   * others; looking at a line in place spares making a string of it.
+   */
+  onLine: (text: string, start: number, end: number) => void = () => undefined;
   /** A line (complete or not) grew past `maxLineBytes`: nothing more is read (the owner closes the socket). */
   onTooLong: () => void = () => undefined;
 
@@ -72,27 +76,21 @@ export class LineReader {
     // Only the bytes of this read: the rest of the buffer holds earlier reads.
     const buf = Buffer.from(buffer.buffer, buffer.byteOffset, bytes);
     let start = 0;
-    let nl = buf.indexOf(10);
-    while (nl !== -1) {
-      if (this.partialBytes + nl - start > this.maxLineBytes) return this.tooLong();
-      let line: string;
-      if (this.partialBytes > 0) {
-        this.keep(buf.subarray(start, nl));
-        line = decode(this.partial, 0, this.partialBytes);
-        this.partialBytes = 0;
-        if (this.partial.length > KEEP_PARTIAL_BUFFER_BYTES) this.partial = Buffer.alloc(0);
-      } else {
-        line = decode(buf, start, nl);
-      }
-      try {
-        this.onLine(line);
-      } catch (error) {
-        thrown.push(error);
-      }
-      // A line's handler may have closed the connection; what follows is not for anyone.
-      if (this.refused) return false;
-      start = nl + 1;
-      nl = buf.indexOf(10, start);
+    const first = buf.indexOf(10);
+    if (first !== -1 && this.partialBytes > 0) {
+      // The first newline ends the line whose start came with earlier reads.
+      if (this.partialBytes + first > this.maxLineBytes) return this.tooLong();
+      this.keep(buf.subarray(0, first));
+      const line = decode(this.partial, 0, this.partialBytes);
+      this.partialBytes = 0;
+      if (this.partial.length > KEEP_PARTIAL_BUFFER_BYTES) this.partial = Buffer.alloc(0);
+      if (!this.deliver(line, 0, line.length, thrown)) return false;
+      start = first + 1;
+    }
+    const last = first === -1 ? -1 : buf.lastIndexOf(10);
+    if (last >= start) {
+      if (!this.lines(buf, start, last + 1, thrown)) return false;
+      start = last + 1;
     }
     if (start < bytes) {
       if (this.partialBytes + bytes - start > this.maxLineBytes) return this.tooLong();
@@ -100,6 +98,41 @@ export class LineReader {
       this.keep(buf.subarray(start));
     }
     return true;
+  }
+
+  /**
+   * Delivers the lines of `buf[from, to)`, which ends with a newline; false when reading stops.
+   * They are decoded as one string, and each line is handed over where it lies in it. Offsets in
+   * that string are byte offsets when it is as long as its bytes (every byte one character:
+   * ASCII, or an invalid byte read as U+FFFD); other text is decoded a line at a time.
+   */
+  private lines(buf: Buffer, from: number, to: number, thrown: unknown[]): boolean {
+    const text = buf.toString('utf8', from, to);
+    if (text.length !== to - from) {
+      for (let start = from, nl = buf.indexOf(10, from); nl !== -1 && nl < to; start = nl + 1, nl = buf.indexOf(10, start)) {
+        if (nl - start > this.maxLineBytes) return this.tooLong();
+        const line = decode(buf, start, nl);
+        if (!this.deliver(line, 0, line.length, thrown)) return false;
+      }
+      return true;
+    }
+    for (let start = 0, nl = text.indexOf('\n'); nl !== -1; start = nl + 1, nl = text.indexOf('\n', start)) {
+      if (nl - start > this.maxLineBytes) return this.tooLong();
+      const end = nl > start && text.charCodeAt(nl - 1) === 13 ? nl - 1 : nl;
+      if (!this.deliver(text, start, end, thrown)) return false;
+    }
+    return true;
+  }
+
+  /** Hands one line to `onLine`, keeping what it throws for later; false when reading stops. */
+  private deliver(text: string, start: number, end: number, thrown: unknown[]): boolean {
+    try {
+      this.onLine(text, start, end);
+    } catch (error) {
+      thrown.push(error);
+    }
+    // A line's handler may have closed the connection; what follows is not for anyone.
+    return !this.refused;
   }
 
   private tooLong(): false {

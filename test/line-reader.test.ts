@@ -24,7 +24,7 @@ function collecting(maxLineBytes = 1024): { reader: LineReader; lines: string[];
   const reader = new LineReader(maxLineBytes);
   const lines: string[] = [];
   const tooLong: number[] = [];
-  reader.onLine = (line) => lines.push(line);
+  reader.onLine = (text, start, end) => lines.push(text.slice(start, end));
   reader.onTooLong = () => tooLong.push(lines.length);
   return { reader, lines, tooLong };
 }
@@ -45,6 +45,30 @@ describe('LineReader', () => {
     expect(lines).toHaveLength(bytes.length - 2);
   });
 
+  it('decodes the lines of one read in one go, and says where each lies in that text', () => {
+    const reader = new LineReader(1024);
+    const seen: [string, number, number][] = [];
+    reader.onLine = (text, start, end) => seen.push([text, start, end]);
+    feed(reader, [Buffer.from('{"a":1}\r\n{"bb":2}\n\n{"c":3}\n{"d')]);
+    const text = '{"a":1}\r\n{"bb":2}\n\n{"c":3}\n';
+    expect(seen).toEqual([
+      [text, 0, 7],
+      [text, 9, 17],
+      [text, 18, 18],
+      [text, 19, 26],
+    ]);
+  });
+
+  it('a read of lines with characters of several bytes, or an invalid byte, gives each line whole and in order', () => {
+    const { reader, lines } = collecting();
+    const invalid = Buffer.from('{"x":"?"}\n');
+    invalid[6] = 0xff;
+    feed(reader, [Buffer.concat([Buffer.from('{"a":1}\n{"m":"Grüße 🔑"}\r\n{"b":2}\n'), invalid, Buffer.from('{"c":3}\n')])]);
+    feed(reader, [Buffer.concat([invalid, Buffer.from('{"d":4}\n')])]);
+    const replaced = `{"x":"${String.fromCharCode(0xfffd)}"}`;
+    expect(lines).toEqual(['{"a":1}', '{"m":"Grüße 🔑"}', '{"b":2}', replaced, '{"c":3}', replaced, '{"d":4}']);
+  });
+
   it('drops a trailing CR and hands blank lines on as empty strings', () => {
     const { reader, lines } = collecting();
     feed(reader, [Buffer.from('{"a":1}\r\n\n{"b":2}\r'), Buffer.from('\n')]);
@@ -62,7 +86,8 @@ describe('LineReader', () => {
   it('hands on the lines after one whose handler threw, then rethrows that error', () => {
     const reader = new LineReader(1024);
     const lines: string[] = [];
-    reader.onLine = (line) => {
+    reader.onLine = (text, start, end) => {
+      const line = text.slice(start, end);
       lines.push(line);
       if (line === 'bad') throw new Error('listener failed');
     };
@@ -82,8 +107,8 @@ describe('LineReader', () => {
 
   it('throws an AggregateError when several line handlers threw in one read', () => {
     const reader = new LineReader(1024);
-    reader.onLine = (line) => {
-      throw new Error(`failed on ${line}`);
+    reader.onLine = (text, start, end) => {
+      throw new Error(`failed on ${text.slice(start, end)}`);
     };
     let caught: unknown;
     try {
@@ -110,7 +135,8 @@ describe('LineReader', () => {
   it('stops in the middle of a read when a line handler stops it', () => {
     const reader = new LineReader(1024);
     const lines: string[] = [];
-    reader.onLine = (line) => {
+    reader.onLine = (text, start, end) => {
+      const line = text.slice(start, end);
       lines.push(line);
       if (line === 'stop') reader.stop();
     };
@@ -140,7 +166,7 @@ describe('LineReader on real sockets sharing one read buffer', () => {
     const clients = Array.from({ length: 3 }, () => {
       const reader = new LineReader(1024 * 1024);
       const lines: string[] = [];
-      reader.onLine = (line) => lines.push(line);
+      reader.onLine = (text, start, end) => lines.push(text.slice(start, end));
       const socket = createConnection({ path: join(dir, 's.sock'), onread: reader.onread });
       return { lines, socket, connected: new Promise((done) => socket.once('connect', done)) };
     });
