@@ -114,6 +114,10 @@ function checkToken(value: unknown): TokenResult | null {
   return result;
 }
 
+function accessTokenOf(token: TokenResult): string {
+  return token.access_token;
+}
+
 function isUnreachable(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException)?.code;
   return code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ETIMEDOUT' || code === 'ECONNRESET' || code === 'EPIPE';
@@ -165,22 +169,17 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   }
 
   /** A valid access token. Answered from memory while the cached one is valid long enough. */
-  async getAccessToken(options?: TokenRequestOptions): Promise<string> {
-    const cached = this.cached;
-    if (cached !== null && options === undefined && cached.expiry_date - this.clock.now() > this.minValidityMs) {
-      return cached.access_token;
-    }
-    return (await this.getCredentials(options)).access_token;
+  getAccessToken(options?: TokenRequestOptions): Promise<string> {
+    const cached = this.usableCache(options);
+    if (cached !== null) return Promise.resolve(cached.access_token);
+    return this.requestToken(options, accessTokenOf);
   }
 
   /** The full token record, including the chat API's `base_url`; frozen, as it is shared with the cache and other callers. */
-  async getCredentials(options?: TokenRequestOptions): Promise<TokenResult> {
-    const min = options?.minValidityMs ?? this.minValidityMs;
-    const cached = this.cached;
-    if (cached !== null && !options?.noCache && cached.expiry_date - this.clock.now() > min) return cached;
-    const result = expectToken(await this.request(Methods.getAccessToken, { minValidityMs: min }), Methods.getAccessToken);
-    this.remember(result);
-    return result;
+  getCredentials(options?: TokenRequestOptions): Promise<TokenResult> {
+    const cached = this.usableCache(options);
+    if (cached !== null) return Promise.resolve(cached);
+    return this.requestToken(options, (token) => token);
   }
 
   /** Forces a refresh in the daemon (shared with one still waiting for the server's answer). */
@@ -271,25 +270,65 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     this.cached = result;
   }
 
+  /** The cached token when it may answer a call with these options, else null. */
+  private usableCache(options: TokenRequestOptions | undefined): TokenResult | null {
+    const cached = this.cached;
+    if (cached === null || options?.noCache) return null;
+    const min = options?.minValidityMs ?? this.minValidityMs;
+    return cached.expiry_date - this.clock.now() > min ? cached : null;
+  }
+
+  /**
+   * Asks the daemon for a token valid for `minValidityMs` more, checks and remembers it, and
+   * gives `pick(token)`. No async function of its own: a burst of calls on an expired token makes
+   * a thousand of these at once, and each async frame in the chain costs every call a promise
+   * and a resumption, going out and again coming back.
+   */
+  private requestToken<T>(options: TokenRequestOptions | undefined, pick: (token: TokenResult) => T): Promise<T> {
+    const params = { minValidityMs: options?.minValidityMs ?? this.minValidityMs };
+    return this.requestThen(Methods.getAccessToken, params, (value) => {
+      const token = expectToken(value, Methods.getAccessToken);
+      this.remember(token);
+      return pick(token);
+    });
+  }
+
   /** Sends a request, reconnecting (with backoff and jitter) while the daemon restarts. */
-  private async request(method: string, params: unknown): Promise<unknown> {
-    const deadline = this.clock.now() + this.reconnectWindowMs;
-    for (let attempt = 0; ; attempt++) {
+  private async request(method: string, params: unknown, deadline = this.clock.now() + this.reconnectWindowMs, firstAttempt = 0): Promise<unknown> {
+    for (let attempt = firstAttempt; ; attempt++) {
       try {
-        // An open connection is used at once: the request leaves before this call returns
-        // (the first of a burst reaches the daemon while the rest are still being made).
         const open = this.connection;
         const connection = open?.isOpen ? open : await this.connect();
         return await connection.call(method, params, this.requestTimeoutMs);
       } catch (err) {
-        // Wait out a daemon restart, but not a daemon that was never there (and that we may
-        // not start): that answer is final at once, not after the whole reconnect window.
-        const retryable = err instanceof QwenDaemonUnavailableError && IDEMPOTENT.has(method) && !this.closed && this.everConnected;
-        if (!retryable || this.clock.now() >= deadline) throw err;
-        const backoff = Math.min(50 * 2 ** attempt, 1_000);
-        await sleep(backoff / 2 + Math.random() * (backoff / 2));
+        await this.beforeRetry(err, method, deadline, attempt);
       }
     }
+  }
+
+  /**
+   * `request(method, params)` with its result mapped by `map`. On an open connection the request
+   * leaves before this returns (the first of a burst reaches the daemon while the rest are still
+   * being made), and the answer goes straight to `map`; a failure takes the reconnecting path.
+   */
+  private requestThen<T>(method: string, params: unknown, map: (value: unknown) => T): Promise<T> {
+    const open = this.connection;
+    if (!open?.isOpen) return this.request(method, params).then(map);
+    const deadline = this.clock.now() + this.reconnectWindowMs;
+    return open.call(method, params, this.requestTimeoutMs).then(map, async (err: unknown) => {
+      await this.beforeRetry(err, method, deadline, 0);
+      return map(await this.request(method, params, deadline, 1));
+    });
+  }
+
+  /** After failed attempt `attempt`: waits out the backoff, or throws `err` when it is not worth another. */
+  private async beforeRetry(err: unknown, method: string, deadline: number, attempt: number): Promise<void> {
+    // Wait out a daemon restart, but not a daemon that was never there (and that we may not
+    // start): that answer is final at once, not after the whole reconnect window.
+    const retryable = err instanceof QwenDaemonUnavailableError && IDEMPOTENT.has(method) && !this.closed && this.everConnected;
+    if (!retryable || this.clock.now() >= deadline) throw err;
+    const backoff = Math.min(50 * 2 ** attempt, 1_000);
+    await sleep(backoff / 2 + Math.random() * (backoff / 2));
   }
 
   private connect(): Promise<DaemonConnection> {

@@ -156,6 +156,23 @@ describe('IPC', () => {
     expect((await client.status()).pid).toBe(fx.proc!.pid);
   });
 
+  it('a call already waiting on an open connection when the daemon dies is answered by the restarted daemon', async () => {
+    fx = await createFixture();
+    await fx.writeOwn({ ...credsFrom(fx.server), expiry_date: Date.now() - 1000 });
+    // The start-up refresh hangs, so the call below waits on it, on an open connection.
+    fx.server.injectFault({ kind: 'delay', endpoint: 'token', delayMs: 5_000, times: 1 });
+    await fx.start();
+    const client = fx.client({ reconnectWindowMs: 8000 });
+    await client.hello();
+    const pending = client.getAccessToken();
+    await new Promise((r) => setTimeout(r, 100));
+    await fx.stop('SIGKILL');
+    await fx.start();
+    const token = await pending;
+    expect(token).toBe((await fx.readOwn())?.access_token);
+    expect((await client.status()).pid).toBe(fx.proc!.pid);
+  });
+
   it('with autostart on and no daemon, the first getAccessToken starts one (the packaged bundle by default)', async () => {
     fx = await createFixture();
     await fx.writeOwn(credsFrom(fx.server));
