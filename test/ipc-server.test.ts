@@ -103,6 +103,31 @@ function frames(from: string, count: number, busyMs?: number): string {
   return out;
 }
 
+/**
+ * Sends 100 frames in one write to a server whose turn budget no read can use up, so they are
+ * handled in one go however slow the machine, and counts the calls of `proto[name]` meanwhile
+ * for which `counts(this)` holds. Checks that every frame was answered, in order.
+ */
+async function callsWhileAnsweringOneRead(proto: object, name: string, counts: (self: unknown) => boolean = () => true): Promise<number> {
+  await startServer(60_000);
+  const a = await connect();
+  const target = proto as Record<string, (...args: unknown[]) => unknown>;
+  const original = target[name]!;
+  let calls = 0;
+  target[name] = function (this: unknown, ...args: unknown[]) {
+    if (counts(this)) calls++;
+    return original.apply(this, args);
+  };
+  try {
+    a.socket.write(frames('a', 100));
+    await until(() => a.answers.length === 100);
+  } finally {
+    target[name] = original;
+  }
+  expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
+  return calls;
+}
+
 async function until(check: () => boolean): Promise<void> {
   for (let i = 0; i < 2_000 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
   expect(check()).toBe(true);
@@ -172,44 +197,17 @@ describe('IpcServer under a flood of frames', () => {
   });
 
   it('answers the frames of one read with one write', async () => {
-    // A budget no read can use up: the 100 frames are handled in one go however slow the machine.
-    await startServer(60_000);
-    const a = await connect();
-    // Every write the server's side makes from here on: on sockets it accepted (Node sets their
-    // `server`), not on the client's or the test runner's own.
-    const write = Socket.prototype.write;
-    let serverWrites = 0;
-    const spy = function (this: Socket & { server?: unknown }, ...args: unknown[]) {
-      if (this.server !== undefined && this.server !== null) serverWrites++;
-      return (write as (...a: unknown[]) => boolean).apply(this, args);
-    };
-    a.socket.write(frames('a', 100));
-    Socket.prototype.write = spy as typeof write;
-    try {
-      await until(() => a.answers.length === 100);
-    } finally {
-      Socket.prototype.write = write;
-    }
-    expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
-    expect(serverWrites).toBe(1);
+    // Every write the server's side makes: on sockets it accepted (Node sets their `server`),
+    // not on the client's or the test runner's own.
+    const writes = await callsWhileAnsweringOneRead(Socket.prototype, 'write', (socket) => {
+      const server = (socket as { server?: unknown }).server;
+      return server !== undefined && server !== null;
+    });
+    expect(writes).toBe(1);
   });
 
   it('decodes the frames of one read in one go, not a Buffer and a string per frame', async () => {
-    await startServer(60_000);
-    const a = await connect();
-    const toString = Buffer.prototype.toString;
-    let decodes = 0;
-    Buffer.prototype.toString = function (this: Buffer, ...args: unknown[]) {
-      decodes++;
-      return (toString as (...a: unknown[]) => string).apply(this, args);
-    } as typeof toString;
-    try {
-      a.socket.write(frames('a', 100));
-      await until(() => a.answers.length === 100);
-    } finally {
-      Buffer.prototype.toString = toString;
-    }
-    expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
+    const decodes = await callsWhileAnsweringOneRead(Buffer.prototype, 'toString');
     // One for the read (the client's side decodes through its stream, not this method);
     // a frame at a time would be 100.
     expect(decodes).toBeLessThanOrEqual(2);
