@@ -73,9 +73,9 @@ const MAX_INFLIGHT_PER_CONNECTION = 256;
 /**
  * How long handling received frames may keep the event loop before the rest waits for a later
  * turn. A burst (a thousand calls when the token expired, before V8 has optimized anything:
- * ~25 µs a frame) would otherwise be handled in one run while the refresh it started, the
- * other clients and the timers all wait. Warm code handles a pipelined window of 128 frames
- * well within it, so steady load never waits.
+ * ~8 µs a frame on a small machine) would otherwise be handled in one run while the refresh it
+ * started, the other clients and the timers all wait. Warm code handles a pipelined window of
+ * 128 frames well within it, so steady load never waits.
  */
 const TURN_BUDGET_MS = 2;
 /** Frames handled between two looks at the clock. */
