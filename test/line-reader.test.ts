@@ -20,11 +20,19 @@ function feed(reader: LineReader, chunks: Buffer[]): boolean[] {
   });
 }
 
-function collecting(maxLineBytes = 1024): { reader: LineReader; lines: string[]; tooLong: number[] } {
+/** A reader that keeps every line it hands on, then calls `then(line, reader)` (which may throw or stop it). */
+function collecting(
+  maxLineBytes = 1024,
+  then: (line: string, reader: LineReader) => void = () => undefined,
+): { reader: LineReader; lines: string[]; tooLong: number[] } {
   const reader = new LineReader(maxLineBytes);
   const lines: string[] = [];
   const tooLong: number[] = [];
-  reader.onLine = (text, start, end) => lines.push(text.slice(start, end));
+  reader.onLine = (text, start, end) => {
+    const line = text.slice(start, end);
+    lines.push(line);
+    then(line, reader);
+  };
   reader.onTooLong = () => tooLong.push(lines.length);
   return { reader, lines, tooLong };
 }
@@ -84,13 +92,9 @@ describe('LineReader', () => {
   });
 
   it('hands on the lines after one whose handler threw, then rethrows that error', () => {
-    const reader = new LineReader(1024);
-    const lines: string[] = [];
-    reader.onLine = (text, start, end) => {
-      const line = text.slice(start, end);
-      lines.push(line);
+    const { reader, lines } = collecting(1024, (line) => {
       if (line === 'bad') throw new Error('listener failed');
-    };
+    });
     expect(() => feed(reader, [Buffer.from('one\nbad\nthree\nfo')])).toThrow('listener failed');
     expect(lines).toEqual(['one', 'bad', 'three']);
     // The partial line was kept: the next read completes it.
@@ -133,13 +137,9 @@ describe('LineReader', () => {
   });
 
   it('stops in the middle of a read when a line handler stops it', () => {
-    const reader = new LineReader(1024);
-    const lines: string[] = [];
-    reader.onLine = (text, start, end) => {
-      const line = text.slice(start, end);
-      lines.push(line);
-      if (line === 'stop') reader.stop();
-    };
+    const { reader, lines } = collecting(1024, (line, r) => {
+      if (line === 'stop') r.stop();
+    });
     expect(feed(reader, [Buffer.from('one\nstop\nthree\n')])).toEqual([false]);
     expect(lines).toEqual(['one', 'stop']);
   });
