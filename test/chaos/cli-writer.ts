@@ -127,19 +127,29 @@ export async function qwenCliConcurrentWriter(scale: ChaosScale, ledger: SecretL
     const old = new Date(Date.now() - 10 * STALE_MS);
     await utimes(lockPath, old, old);
     await client.refresh();
+    // The daemon's log reaches us over its stdout pipe, which may lag behind the socket's answer.
+    // And the forced refresh may have been answered by an automatic one (they come every
+    // ~150 ms here) that took the lock before it was replaced above: the next one breaks it.
+    // Wait for that before B2, or the fake CLI below would break it instead.
+    const staleTakeovers = () => fx.logs().filter((l) => /broke the Qwen CLI's stale lock/.test(String(l.msg))).length - staleLogsBefore;
+    await until(() => staleTakeovers() >= 1, STALE_MS + 3_000, 'the daemon to log breaking the abandoned lock').catch(() => undefined);
     // B2: the fake CLI is SIGKILLed while it holds the lock; the daemon waits until stale, then takes it.
     const holder = startFakeCli(fx, { FAKE_MODE: 'hold-lock' });
     children.push(holder.proc);
     await holder.next('locked');
     holder.proc.kill('SIGKILL');
     await client.refresh();
-    // The daemon's log reaches us over its stdout pipe, which may lag behind the socket's answer.
-    // And the forced refresh may have been answered by an automatic one already past the lock
-    // (they come every ~150 ms here): then the next automatic refresh breaks the dead holder's
-    // lock, once it is STALE_MS old.
-    const staleTakeovers = () => fx.logs().filter((l) => /broke the Qwen CLI's stale lock/.test(String(l.msg))).length - staleLogsBefore;
+    // As above: once the dead holder's lock is STALE_MS old, the next refresh breaks it.
     await until(() => staleTakeovers() >= 2, STALE_MS + 3_000, 'the daemon to log breaking both abandoned locks').catch(() => undefined);
-    expect(staleTakeovers(), 'both abandoned locks were broken').toBeGreaterThanOrEqual(2);
+    // On failure, say what the daemon logged about the lock meanwhile (messages only: no token).
+    const lockLines = () =>
+      fx
+        .logs()
+        .map((l) => String(l.msg))
+        .filter((m) => /lock/i.test(m))
+        .slice(-12)
+        .join(' | ');
+    expect(staleTakeovers(), `both abandoned locks were broken; the daemon's lock messages: ${lockLines()}`).toBeGreaterThanOrEqual(2);
     await expect(stat(lockPath)).rejects.toMatchObject({ code: 'ENOENT' });
     await converged(fx, 5_000);
 
