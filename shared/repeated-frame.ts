@@ -27,14 +27,10 @@ export class RepeatedFrame<T> {
     return this.remembered as T;
   }
 
-  /** The id of `line` when it is the remembered frame with another positive integer id; -1 otherwise. */
-  idOf(line: string): number {
-    return this.idAt(line, 0, line.length);
-  }
-
   /**
-   * `idOf` for the frame `text.slice(start, end)`, without making that string: a read of many
-   * frames is decoded once and its frames are looked at where they are.
+   * The id of the frame `text.slice(start, end)` when it is the remembered frame with another
+   * positive integer id; -1 otherwise. Looked at in place, without making that string: a read of
+   * many frames is decoded once and its frames are checked where they lie.
    */
   idAt(text: string, start: number, end: number): number {
     const tail = this.tail;
