@@ -36,12 +36,16 @@ function progress(text) {
   process.stderr.write(`${text}\n`);
 }
 
-function table(rows) {
-  const head = ['id', 'scenario', 'measured', 'baseline (same run)', 'ratio', 'target', 'result'];
-  const cells = rows.map((r) => [r.id, r.name, r.measured, r.baseline, r.ratio, r.target, r.pass ? 'pass' : 'FAIL']);
+/** A Markdown table with its columns padded to their widest cell. */
+function markdownTable(head, cells) {
   const widths = head.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i].length)));
   const line = (c) => `| ${c.map((v, i) => v.padEnd(widths[i])).join(' | ')} |`;
   return [line(head), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...cells.map(line)].join('\n');
+}
+
+function table(rows) {
+  const head = ['id', 'scenario', 'measured', 'baseline (same run)', 'ratio', 'target', 'result'];
+  return markdownTable(head, rows.map((r) => [r.id, r.name, r.measured, r.baseline, r.ratio, r.target, r.pass ? 'pass' : 'FAIL']));
 }
 
 /** A difference in ms, with its sign (a burst may beat the baseline by a little). */
@@ -66,9 +70,7 @@ async function b4Rounds(ctx, machine, rounds) {
     `${signedMs(s.overBaselineMs.min)} / ${signedMs(s.overBaselineMs.median)} / ${signedMs(s.overBaselineMs.max)}`,
     `${fmtMs(s.medianCpuMs.server)}, ${fmtMs(s.medianCpuMs.clients)}, ${fmtMs(s.medianCpuMs.floor)}`,
   ]);
-  const widths = head.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i].length)));
-  const line = (c) => `| ${c.map((v, i) => v.padEnd(widths[i])).join(' | ')} |`;
-  process.stdout.write(`${[line(head), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...cells.map(line)].join('\n')}\n\n`);
+  process.stdout.write(`${markdownTable(head, cells)}\n\n`);
   const seconds = Math.round((performance.now() - started) / 100) / 10;
   const dir = join(REPO_ROOT, 'bench', 'results');
   await mkdir(dir, { recursive: true });
