@@ -90,6 +90,28 @@ export function describeFsError(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
+/** Small files (locks, pid files) are read only this far: they hold a UUID or a line of JSON. */
+const SMALL_FILE_LIMIT = 64 * 1024;
+
+/**
+ * Reads a small file of ours (a lock, a pid file) the way credential files are read: opened
+ * non-blocking, so a FIFO put at the path cannot stop the daemon (or its SIGTERM handling) until
+ * something writes to it, and refused unless it is a regular file. Errors keep their errno code
+ * (ENOENT for a missing file); anything else is `EFTYPE`.
+ */
+export async function readSmallFile(path: string): Promise<string> {
+  const fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOFOLLOW);
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > SMALL_FILE_LIMIT) {
+      throw Object.assign(new Error(`${path} is not a small regular file`), { code: 'EFTYPE' });
+    }
+    return await fh.readFile({ encoding: 'utf8' });
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
 function octal(mode: number): string {
   return (mode & 0o777).toString(8).padStart(4, '0');
 }
