@@ -74,3 +74,17 @@ describe('the chat base URL rules (item 1)', () => {
   });
 });
 
+describe('text and URLs from the server, for the terminal (item 7)', () => {
+  it('opens only https addresses, or http on this machine', () => {
+    expect(isOpenableUrl('https://chat.qwen.ai/authorize?user_code=ABCD')).toBe(true);
+    expect(isOpenableUrl('http://127.0.0.1:8080/authorize')).toBe(true);
+    for (const url of ['http://chat.qwen.ai/authorize', 'file:///etc/passwd', 'javascript:alert(1)', 'vscode://x', 'https://user:pw@chat.qwen.ai/', 'not a url']) {
+      expect(isOpenableUrl(url), url).toBe(false);
+    }
+  });
+
+  it('strips control characters, DEL, C1 and bidi overrides, and bounds the length', () => {
+    expect(printable('AB\u001b[2J\u0007CD\u009b\u202eEF\u007f')).toBe('AB[2JCDEF');
+    expect(printable('x'.repeat(10), 4)).toBe('xxxx…');
+  });
+});
