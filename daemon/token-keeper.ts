@@ -541,7 +541,14 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;
-    const read = await file.read({ settling: !settled });
+    let read: Awaited<ReturnType<CredentialFile['read']>>;
+    try {
+      read = await file.read({ settling: !settled });
+    } catch (err) {
+      // Unreadable or refused (another user's file, a FIFO): nothing to adopt, and said why.
+      this.deps.logger.warn({ path: file.path, err: (err as Error).message }, `not adopting a change of ${file.path}: ${(err as Error).message}`);
+      return;
+    }
     if (read.status === 'corrupt' && !settled) {
       // Possibly caught mid-write by a writer that does not rename into place: judge it
       // (and move a corrupt own file aside) only once it has stopped changing.

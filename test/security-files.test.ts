@@ -164,3 +164,25 @@ describe('symlinks and FIFOs (items 4 and 5)', () => {
     expect((await fx.client().getCredentials()).access_token.length).toBeGreaterThan(0);
   });
 });
+
+describe.skipIf(!isRoot)('a refused file at run time (item 4)', () => {
+  it("another user's file put in place of the Qwen CLI's is not adopted, and the reason is logged", async () => {
+    const fx = await fixture();
+    const ours = credsFrom(fx.server);
+    await fx.writeOwn(ours);
+    await fx.start();
+    const client = fx.client({ minValidityMs: 0 });
+    expect((await client.getCredentials()).access_token).toBe(ours.access_token);
+    // Newer credentials, in a file that belongs to someone else.
+    const planted = join(fx.root, 'planted.json');
+    await writeFile(planted, serializeCredentials(credsFrom(fx.server, 30_000)), { mode: 0o600 });
+    await chown(planted, OTHER, OTHER);
+    await mkdir(fx.qwenHome, { recursive: true, mode: 0o700 });
+    const { rename } = await import('node:fs/promises');
+    await rename(planted, fx.qwenCliPath);
+    const line = await fx.waitForLog((l) => String(l.msg).startsWith(`not adopting a change of ${fx.qwenCliPath}`));
+    expect(String(line.msg)).toContain(`belongs to uid ${OTHER}`);
+    expect((await client.getCredentials({ noCache: true })).access_token).toBe(ours.access_token);
+    expect(fx.logs().filter((l) => /unhandled rejection/.test(String(l.msg)))).toEqual([]);
+  });
+});
