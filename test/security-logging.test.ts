@@ -4,9 +4,9 @@
  * waiting on a planted FIFO; a terminal gets readable lines, files and pipes get JSON.
  * The full-disk case runs in the chaos suite (test/chaos/full-disk.ts).
  */
-import { execFile, execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { chmod, chown, readFile, stat, symlink, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createFixture, DAEMON_BIN, type DaemonFixture } from './support/daemon.js';
 import { until } from './support/wait.js';
@@ -85,16 +85,22 @@ describe('the log file is opened safely (item 4)', () => {
   });
 });
 
-/** Runs the daemon under a pseudo-terminal (util-linux `script`) for about two seconds; its output. */
-function onTerminal(fx: DaemonFixture, extraEnv: Record<string, string>): Promise<string> {
+/** Runs the daemon under a pseudo-terminal (util-linux `script`) until it is ready, then stops it; its output. */
+async function onTerminal(fx: DaemonFixture, extraEnv: Record<string, string>): Promise<string> {
   const env = { ...fx.env, ...extraEnv };
-  const command = `timeout -s TERM 2 ${JSON.stringify(process.execPath)} ${JSON.stringify(DAEMON_BIN)}`;
-  return new Promise((resolve, reject) => {
-    execFile('script', ['-qec', command, '/dev/null'], { env, timeout: 15_000 }, (err, stdout) => {
-      if (err && (err as { killed?: boolean }).killed) reject(err);
-      else resolve(String(stdout));
-    });
-  });
+  // `timeout` only bounds a daemon that never gets ready; it is stopped as soon as it is.
+  const command = `timeout -s TERM 30 ${JSON.stringify(process.execPath)} ${JSON.stringify(DAEMON_BIN)}`;
+  const child = spawn('script', ['-qec', command, '/dev/null'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (c: Buffer) => (out += c.toString('utf8')));
+  const exited = new Promise((done) => child.once('exit', done));
+  cleanups.push(async () => void child.kill('SIGKILL'));
+  await until(() => out.includes('ready'), 'the daemon ready on the terminal', 15_000);
+  const pidFile = join(dirname(fx.tokenPath), 'qwen-tokend.pid');
+  const { pid } = JSON.parse(await readFile(pidFile, 'utf8')) as { pid: number };
+  process.kill(pid, 'SIGTERM');
+  await exited;
+  return out;
 }
 
 describe('readable lines on a terminal (issue 20, item 6)', () => {
