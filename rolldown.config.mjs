@@ -15,8 +15,9 @@ function program(name, input) {
     input: { [name]: input },
     platform: 'node',
     // `open` finds its bundled xdg-open script next to its own module file, and the QR code
-    // printer is CommonJS loaded only during a login: both stay ordinary package imports.
-    external: ['open', 'qrcode-terminal'],
+    // printer is CommonJS loaded only during a login, and the log prettifier (CommonJS too) is
+    // loaded only when the daemon runs on a terminal: all three stay ordinary package imports.
+    external: ['open', 'qrcode-terminal', 'pino-pretty'],
     output: {
       dir: 'dist/bin',
       format: 'esm',

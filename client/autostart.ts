@@ -26,6 +26,9 @@ export function serviceInstalled(home: string, platform: NodeJS.Platform = proce
 }
 
 
+/** systemd's per-service variables (sd_notify, socket activation), dropped from an autostarted daemon's environment. */
+export const INHERITED_FROM_SERVICE_MANAGER = ['NOTIFY_SOCKET', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES'] as const;
+
 /** Exit code with which a second daemon says another one already runs (not a failure here). */
 const ALREADY_RUNNING = 3;
 
@@ -44,6 +47,9 @@ export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exi
     throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${bin} does not exist (set QWEN_TOKEND_BIN or run \`npm run build\`)`);
   }
   const childEnv = { ...env };
+  // Meant for the caller (run by a service manager), not for a daemon it starts: with these the
+  // daemon would tell the caller's service manager it is ready, or take sockets meant for it.
+  for (const name of INHERITED_FROM_SERVICE_MANAGER) delete childEnv[name];
   // A detached daemon has no terminal: its log goes to a file beside the credentials.
   childEnv.QWEN_TOKEND_LOG_FILE ??= join(config.stateDir, 'qwen-tokend.log');
   const child = spawn(process.execPath, [bin], { detached: true, stdio: 'ignore', env: childEnv });

@@ -3,7 +3,8 @@
  * notifications. Knows nothing of tokens; `TokenClient` builds on it.
  */
 import { createConnection, type Socket } from 'node:net';
-import { errorFromWire, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
+import { errorFromWire, QwenConfigError, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
+import { checkSocketPath } from '../shared/path-trust.js';
 import { RpcErrorSchema } from '../shared/protocol.js';
 import { LineReader } from '../shared/line-reader.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
@@ -96,6 +97,18 @@ export class DaemonConnection {
 
   /** Connects; rejects with the socket error (ENOENT, ECONNREFUSED...) so callers can decide to autostart. */
   static open(options: DaemonConnectionOptions, timeoutMs: number): Promise<DaemonConnection> {
+    // Whoever can put a socket at this path could hand out tokens and base URLs: check the path
+    // as the daemon checks it before anything is sent (see shared/path-trust.ts).
+    const trust = checkSocketPath(options.socketPath);
+    if (trust.problem !== null) {
+      if (trust.missing) return Promise.reject(Object.assign(new Error(trust.problem), { code: 'ENOENT' }));
+      return Promise.reject(
+        new QwenConfigError(
+          `refusing to connect to qwen-tokend at ${options.socketPath}: ${trust.problem}. ` +
+            'Another user could stand in for the daemon there; set QWEN_TOKEND_SOCKET (or XDG_RUNTIME_DIR) to a private directory of yours',
+        ),
+      );
+    }
     return new Promise((resolve, reject) => {
       // Lines come from the socket's reads directly (see LineReader). The connection takes them
       // over in the 'connect' handler, and no read can be delivered before that handler ran.

@@ -9,6 +9,8 @@ import { QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '..
 import { fingerprint } from '../shared/fingerprint.js';
 import type { TokenResult } from '../shared/protocol.js';
 import { packageVersion } from '../shared/package.js';
+import { DEFAULT_CHAT_BASE_URL } from '../shared/credentials.js';
+import { checkChatBaseUrl, printable } from '../shared/url-trust.js';
 
 /** A function with `fetch`'s signature (what the `openai` SDK and most HTTP SDKs accept). */
 export type QwenFetch = (input: string | URL | Request, init?: RequestInit) => Promise<Response>;
@@ -36,7 +38,28 @@ export function defaultUserAgent(): string {
 
 /** The chat API's OpenAI-compatible base URL for the current login (e.g. `https://portal.qwen.ai/v1`). */
 export async function qwenBaseURL(client?: TokenClient): Promise<string> {
-  return (await (client ?? TokenClient.getInstance()).getCredentials()).base_url;
+  const c = client ?? TokenClient.getInstance();
+  return trustedBaseURL((await c.getCredentials()).base_url, c);
+}
+
+/** Base URLs already reported as refused, so each is reported once per process. */
+const refusedBaseURLs = new Set<string>();
+
+/**
+ * The daemon checks `base_url` where it comes in; the client checks it again where the token is
+ * about to follow it (a stand-in daemon, or one with an older configuration, may send any URL):
+ * https to a trusted host, by this process's own settings. A refused one gives the default.
+ */
+function trustedBaseURL(base: string, client: TokenClient): string {
+  const verdict = checkChatBaseUrl(base, { oauthBaseUrl: client.config.oauthBaseUrl, trustedHosts: client.config.trustedChatHosts });
+  if (verdict.ok) return verdict.url;
+  if (!refusedBaseURLs.has(base)) {
+    refusedBaseURLs.add(base);
+    process.emitWarning(`qwen-tokend gave the chat base URL ${printable(base, 200)}, which is refused (${verdict.reason}); using ${DEFAULT_CHAT_BASE_URL}`, {
+      code: 'QWEN_CHAT_BASE_URL_REFUSED',
+    });
+  }
+  return DEFAULT_CHAT_BASE_URL;
 }
 
 /**

@@ -1,12 +1,14 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants as fsConstants, fchmodSync, fstatSync, openSync, readFileSync, type Stats } from 'node:fs';
+import { closeSync, constants as fsConstants, fchmodSync, fstatSync, openSync, readFileSync, statSync, type Stats } from 'node:fs';
 import { chmod, link, lstat, mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { errnoCode, processAlive } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
-import { parseCredentialsText, serializeCredentials, type Credentials } from '../shared/credentials.js';
+import { parseCredentialsText, serializeCredentials, trustedChatBaseUrl, type Credentials } from '../shared/credentials.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
+import { currentUid } from '../shared/path-trust.js';
+import { printable, type ChatUrlPolicy } from '../shared/url-trust.js';
 import type { Logger } from './logger.js';
 
 /** What reading a credential file found. */
@@ -28,6 +30,12 @@ export interface CredentialFileOptions {
   ownsDirectory: boolean;
   /** Names the file in log lines: 'own' | 'qwen-cli'. */
   label: string;
+  /**
+   * When set, a `resource_url` this policy refuses is dropped from what `read()` returns (the
+   * chat API's default is used), and reported once per value. Any process of this user can write
+   * these files, and the value decides where clients send their token.
+   */
+  chatUrlPolicy?: ChatUrlPolicy;
 }
 
 /** The text we last wrote and the file's mtime right after that write. */
@@ -80,6 +88,28 @@ export function describeFsError(err: unknown): string {
   const code = errnoCode(err);
   if (code !== undefined && /^E[A-Z0-9]+$/.test(code)) return `${REASONS[code] ?? (err as Error).message} (${code})`;
   return err instanceof Error ? err.message : String(err);
+}
+
+/** Small files (locks, pid files) are read only this far: they hold a UUID or a line of JSON. */
+const SMALL_FILE_LIMIT = 64 * 1024;
+
+/**
+ * Reads a small file of ours (a lock, a pid file) the way credential files are read: opened
+ * non-blocking, so a FIFO put at the path cannot stop the daemon (or its SIGTERM handling) until
+ * something writes to it, and refused unless it is a regular file. Errors keep their errno code
+ * (ENOENT for a missing file); anything else is `EFTYPE`.
+ */
+export async function readSmallFile(path: string): Promise<string> {
+  const fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOFOLLOW);
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > SMALL_FILE_LIMIT) {
+      throw Object.assign(new Error(`${path} is not a small regular file`), { code: 'EFTYPE' });
+    }
+    return await fh.readFile({ encoding: 'utf8' });
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
 }
 
 function octal(mode: number): string {
@@ -178,6 +208,9 @@ export class CredentialFile {
   private readonly ownsDirectory: boolean;
   private readonly label: string;
   private warnedAboutDirectory = false;
+  private readonly chatUrlPolicy: ChatUrlPolicy | undefined;
+  /** `resource_url` values already reported as refused (reported once each). */
+  private readonly refusedResourceUrls = new Set<string>();
 
   constructor(
     readonly path: string,
@@ -188,6 +221,7 @@ export class CredentialFile {
     this.moveCorruptAside = options.moveCorruptAside;
     this.ownsDirectory = options.ownsDirectory;
     this.label = options.label;
+    this.chatUrlPolicy = options.chatUrlPolicy;
   }
 
   /** True when `text` is exactly what this instance wrote last. */
@@ -228,6 +262,7 @@ export class CredentialFile {
       if (!info.isFile()) {
         throw new QwenCredentialsFileError(`cannot read ${this.label} credential file ${this.path}: not a regular file`);
       }
+      this.refuseForeign(info);
       if ((info.mode & 0o077) !== 0) this.restrictMode(fd, info.mode);
       text = readFileSync(fd, 'utf8');
     } catch (err) {
@@ -257,7 +292,53 @@ export class CredentialFile {
       }
       return this.reportCorrupt(error, info);
     }
-    return { status: 'ok', credentials, mtimeMs: info.mtimeMs, text };
+    return { status: 'ok', credentials: this.withTrustedResourceUrl(credentials), mtimeMs: info.mtimeMs, text };
+  }
+
+  /**
+   * Refuses a file, or a directory holding it, that another user owns or may write: whoever can
+   * replace the file chooses our refresh token and where clients send their access token.
+   */
+  private refuseForeign(info: Stats): void {
+    const uid = currentUid();
+    if (uid === undefined) return;
+    const refuse = (problem: string, fix: string) =>
+      new QwenCredentialsFileError(`refusing ${this.label} credential file ${this.path}: ${problem}; ${fix}`);
+    if (info.uid !== uid) {
+      throw refuse(`it belongs to uid ${info.uid}, not to this user (uid ${uid})`, 'remove it or log in again');
+    }
+    const dir = dirname(this.path);
+    let dirInfo: Stats;
+    try {
+      dirInfo = statSync(dir);
+    } catch (err) {
+      throw this.fileError('cannot inspect the directory of', err);
+    }
+    if (dirInfo.uid !== uid) {
+      throw refuse(`its directory ${dir} belongs to uid ${dirInfo.uid}, not to this user (uid ${uid})`, 'use a directory of your own');
+    }
+    if ((dirInfo.mode & 0o022) !== 0) {
+      throw refuse(
+        `its directory ${dir} is writable by group/others (mode ${octal(dirInfo.mode)}), so another user could have replaced it`,
+        `run \`chmod go-w ${dir}\``,
+      );
+    }
+  }
+
+  /** The credentials, without a `resource_url` the chat URL policy refuses (reported once per value). */
+  private withTrustedResourceUrl(credentials: Credentials): Credentials {
+    if (!this.chatUrlPolicy || credentials.resource_url === undefined) return credentials;
+    const trusted = trustedChatBaseUrl(credentials.resource_url, this.chatUrlPolicy);
+    if (trusted.rejected === undefined) return credentials;
+    if (!this.refusedResourceUrls.has(credentials.resource_url)) {
+      this.refusedResourceUrls.add(credentials.resource_url);
+      this.logger.warn(
+        { file: this.label, path: this.path, resource_url: printable(credentials.resource_url, 200), reason: trusted.rejected },
+        `ignoring the resource_url in ${this.label} credential file ${this.path} (${trusted.rejected}); clients use ${trusted.url}`,
+      );
+    }
+    const { resource_url: _dropped, ...rest } = credentials;
+    return rest;
   }
 
   /** Writes the credentials atomically and durably as a 0600 file in a 0700 directory. */

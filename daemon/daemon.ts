@@ -84,15 +84,18 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     }
   };
   try {
-    const ownFile = new CredentialFile(config.tokenPath, { logger, clock, moveCorruptAside: true, ownsDirectory: true, label: 'own' });
+    // A resource_url from a file or a token response is checked where it comes in (see shared/url-trust.ts).
+    const chatUrlPolicy = { oauthBaseUrl: config.oauthBaseUrl, trustedHosts: config.trustedChatHosts };
+    const ownFile = new CredentialFile(config.tokenPath, { logger, clock, moveCorruptAside: true, ownsDirectory: true, label: 'own', chatUrlPolicy });
     const cliFile = config.qwenCliSync
-      ? new CredentialFile(config.qwenCliCredsPath, { logger, clock, moveCorruptAside: false, ownsDirectory: false, label: 'qwen-cli' })
+      ? new CredentialFile(config.qwenCliCredsPath, { logger, clock, moveCorruptAside: false, ownsDirectory: false, label: 'qwen-cli', chatUrlPolicy })
       : null;
     const oauth = new QwenOAuthClient({
       baseUrl: config.oauthBaseUrl,
       clientId: config.clientId,
       scope: config.scope,
       timeoutMs: config.httpTimeoutMs,
+      trustedChatHosts: config.trustedChatHosts,
     });
     const keeper = new TokenKeeper({ config, oauth, ownFile, cliFile, clock, logger });
     const login = new DeviceLogin(oauth, clock, logger, (creds) => keeper.installCredentials(creds));

@@ -62,6 +62,10 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
         const credentials = credentialsFromGrant(grant, null, this.clock.now());
         await this.install(credentials);
         this.logger.info({ expiry_date: credentials.expiry_date }, 'login completed');
+        // Reported after the save, like every line that follows a token response.
+        if (grant.rejected_resource_url) {
+          this.logger.warn({ reason: grant.rejected_resource_url }, `ignoring the resource_url of the token response (${grant.rejected_resource_url}); clients use the default chat base URL`);
+        }
         this.emit('completed', credentials);
       } catch (err) {
         const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${(err as Error).message}`);

@@ -3,12 +3,15 @@
  * mkdir lock whose mtime it keeps fresh); a pid file beside it names the holder, so a second
  * daemon can say which one is running, and a lock left by a killed daemon is taken over at once.
  */
-import { mkdir, readFile, rename, rm, writeFile, unlink } from 'node:fs/promises';
+import { constants as fs, statSync } from 'node:fs';
+import { mkdir, open, rename, rm, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import lockfile from 'proper-lockfile';
 import { processAlive } from '../shared/diagnostics.js';
-import { QwenError } from '../shared/errors.js';
+import { QwenConfigError, QwenError } from '../shared/errors.js';
+import { ownershipProblem } from '../shared/path-trust.js';
+import { readSmallFile } from './credential-store.js';
 import type { Logger } from './logger.js';
 
 export class InstanceLockedError extends QwenError {}
@@ -32,7 +35,8 @@ export interface InstanceLock {
 
 async function readInfo(path: string): Promise<InstanceInfo | null> {
   try {
-    const info = JSON.parse(await readFile(path, 'utf8')) as Partial<InstanceInfo>;
+    // Non-blocking and regular files only: a FIFO planted here must not stop a start-up.
+    const info = JSON.parse(await readSmallFile(path)) as Partial<InstanceInfo>;
     return typeof info.pid === 'number' ? (info as InstanceInfo) : null;
   } catch {
     return null;
@@ -50,6 +54,10 @@ export async function acquireInstanceLock(
   onCompromised: (err: Error) => void,
 ): Promise<InstanceLock> {
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  // The lock, pid file and credentials live here: another user who owns or may write this
+  // directory could swap any of them.
+  const problem = ownershipProblem(`state directory ${stateDir}`, statSync(stateDir));
+  if (problem) throw new QwenConfigError(`refusing to run: ${problem}; use a directory of your own (QWEN_TOKEN_PATH) or run \`chmod go-w ${stateDir}\``);
   const lockPath = join(stateDir, 'qwen-tokend.lock');
   const pidPath = join(stateDir, 'qwen-tokend.pid');
   const take = () =>
@@ -108,7 +116,16 @@ export async function acquireInstanceLock(
   // dead process, so the next start takes over) or this one, never an empty one. Only the
   // lock's holder writes it, so one temp name is enough.
   const temp = `${pidPath}.tmp`;
-  await writeFile(temp, `${JSON.stringify(info)}\n`, { mode: 0o600 });
+  // Created exclusively and without following links: whatever sits at the temp name (a leftover
+  // of a killed daemon, or a symlink planted to make us overwrite another file) is removed, not
+  // written through.
+  await unlink(temp).catch(() => undefined);
+  const fh = await open(temp, fs.O_WRONLY | fs.O_CREAT | fs.O_EXCL | fs.O_NOFOLLOW, 0o600);
+  try {
+    await fh.writeFile(`${JSON.stringify(info)}\n`, 'utf8');
+  } finally {
+    await fh.close();
+  }
   await rename(temp, pidPath);
   return {
     async release() {

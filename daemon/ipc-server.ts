@@ -10,6 +10,7 @@ import type { z } from 'zod';
 import { checkSocketPathLength } from '../shared/config.js';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
+import { parentsProblem } from '../shared/path-trust.js';
 import { MAX_CONNECTIONS, MAX_FRAME_BYTES, RpcErrorCodes, RpcRequestSchema, requestSchemaFor } from '../shared/protocol.js';
 import { compileSchemas } from '../shared/compile-schemas.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
@@ -702,6 +703,7 @@ export async function prepareSocketDirectory(dir: string): Promise<void> {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     await mkdir(dir, { recursive: true, mode: 0o700 });
     await chmod(dir, 0o700);
+    refuseUnsafeParents(dir);
     return;
   }
   if (!st.isDirectory()) {
@@ -716,6 +718,15 @@ export async function prepareSocketDirectory(dir: string): Promise<void> {
     throw new QwenConfigError(
       `socket directory ${dir} has mode ${mode}: group or other users could reach the socket. Run \`chmod 700 ${dir}\` or set QWEN_TOKEND_SOCKET to a path in a private directory`,
     );
+  }
+  refuseUnsafeParents(dir);
+}
+
+/** The directories above the socket's must not let another user swap it (see shared/path-trust.ts). */
+function refuseUnsafeParents(dir: string): void {
+  const problem = parentsProblem(dir);
+  if (problem) {
+    throw new QwenConfigError(`socket directory ${dir} is not safe: ${problem}. Set QWEN_TOKEND_SOCKET to a path in a private directory`);
   }
 }
 

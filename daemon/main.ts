@@ -1,11 +1,9 @@
 #!/usr/bin/env node
 /**
  * `qwen-tokend`: the daemon's entry point. Runs in the foreground (a service manager or the
- * client's autostart puts it in the background), logs JSON lines to stdout.
+ * client's autostart puts it in the background), logs JSON lines to stdout (readable lines on a
+ * terminal).
  */
-import { mkdirSync } from 'node:fs';
-import { dirname } from 'node:path';
-import { pino } from 'pino';
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
@@ -13,7 +11,7 @@ import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { InstanceLockedError } from './instance-lock.js';
 import { DaemonAlreadyRunningError } from './ipc-server.js';
-import { createLogger, type Logger } from './logger.js';
+import { openDaemonLogger } from './logger.js';
 import { notifyReady } from './readiness.js';
 
 /** Exit codes; the service units tell the service manager not to restart on 3 and 78. */
@@ -27,17 +25,9 @@ Runs in the foreground until SIGTERM/SIGINT; SIGHUP re-reads the credential file
 and reopens the log file. Configuration is by environment variable (see README):
 QWEN_TOKEN_PATH, QWEN_HOME, QWEN_TOKEND_SOCKET, QWEN_OAUTH_BASE_URL, QWEN_OAUTH_CLIENT_ID,
 QWEN_TOKEND_REFRESH_LEAD_MS, QWEN_TOKEND_RETRY_MS, QWEN_TOKEND_HTTP_TIMEOUT_MS,
-QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE.
+QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE, QWEN_TOKEND_CHAT_HOSTS
+(see docs/security.md).
 `;
-
-function openLogger(config: TokendConfig): { logger: Logger; reopen: () => void } {
-  if (!config.logFile) return { logger: createLogger({ level: config.logLevel }), reopen: () => undefined };
-  // The log usually lives in the state dir: create it private here, before anything else
-  // would create it with the umask's mode.
-  mkdirSync(dirname(config.logFile), { recursive: true, mode: 0o700 });
-  const destination = pino.destination({ dest: config.logFile, sync: true, mkdir: true, mode: 0o600 });
-  return { logger: createLogger({ level: config.logLevel, destination }), reopen: () => destination.reopen() };
-}
 
 async function main(argv: string[]): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
@@ -61,7 +51,8 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`qwen-tokend: ${(err as Error).message}\n`);
     return ExitCodes.config;
   }
-  const { logger, reopen } = openLogger(config);
+  // Never throws: a log file that cannot be opened or written is reported and replaced by stderr.
+  const { logger, destination } = await openDaemonLogger({ level: config.logLevel, file: config.logFile, env: process.env });
 
   let daemon: RunningDaemon;
   let fatal: Error | null = null;
@@ -107,7 +98,7 @@ async function main(argv: string[]): Promise<number> {
     process.on(signal, () => void stop(signal).then((code) => process.exit(code)));
   }
   process.on('SIGHUP', () => {
-    reopen();
+    destination.reopen();
     logger.info('SIGHUP: re-reading credential files');
     void daemon.reload();
   });

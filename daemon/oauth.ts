@@ -17,6 +17,8 @@ import {
   QwenOAuthError,
   QwenRefreshTokenInvalidError,
 } from '../shared/errors.js';
+import { checkChatBaseUrl, isLoopbackHost, type ChatUrlPolicy } from '../shared/url-trust.js';
+import { chatBaseUrl } from '../shared/credentials.js';
 
 export const DEVICE_AUTHORIZATION_PATH = '/api/v1/oauth2/device/code';
 export const TOKEN_PATH = '/api/v1/oauth2/token';
@@ -25,6 +27,11 @@ export const DEFAULT_POLL_INTERVAL_S = 2;
 /** `slow_down` multiplies the interval by this, up to `MAX_POLL_INTERVAL_S` (the Qwen CLI's rule). */
 export const SLOW_DOWN_FACTOR = 1.5;
 export const MAX_POLL_INTERVAL_S = 10;
+/**
+ * Largest OAuth answer read. Real ones are well under 4 KiB; a server sending more is broken or
+ * hostile, and reading without a bound would let it fill the daemon's memory.
+ */
+export const MAX_RESPONSE_BYTES = 64 * 1024;
 
 /** RFC 8628 §3.2 device authorization response, plus the PKCE verifier that goes with it. */
 export interface DeviceAuthorization {
@@ -47,6 +54,8 @@ export interface TokenGrant {
   token_type: string;
   expires_in: number;
   resource_url?: string;
+  /** Why the response's `resource_url` was dropped (see `checkChatBaseUrl`); for the caller to log. */
+  rejected_resource_url?: string;
   scope?: string;
 }
 
@@ -61,6 +70,8 @@ export interface QwenOAuthClientOptions {
   /** Upper bound of every HTTP exchange, body included. */
   timeoutMs: number;
   fetch?: typeof fetch;
+  /** Hosts a `resource_url` may name (default: see url-trust.ts). */
+  trustedChatHosts?: readonly string[] | undefined;
 }
 
 export interface WaitForDeviceTokenOptions {
@@ -101,8 +112,6 @@ interface ErrorAnswer {
 }
 
 type Exchange<T> = { ok: true; value: T } | { ok: false; answer: ErrorAnswer };
-
-const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
 
 /**
  * Server-sent text made safe for a one-line message: no control characters, bounded length,
@@ -206,8 +215,8 @@ function canonicalTokenType(tokenType: string): string {
   }
 }
 
-/** Checks a processed token response and keeps the fields we use. */
-function toGrant(endpoint: string, json: oauth.TokenEndpointResponse): TokenGrant {
+/** Checks a processed token response and keeps the fields we use; an untrusted `resource_url` is dropped. */
+function toGrant(endpoint: string, json: oauth.TokenEndpointResponse, policy: ChatUrlPolicy): TokenGrant {
   const parsed = TokenResponseSchema.safeParse(json);
   if (!parsed.success) {
     // Paths only: issue messages could quote values, and values may be tokens.
@@ -221,7 +230,11 @@ function toGrant(endpoint: string, json: oauth.TokenEndpointResponse): TokenGran
     expires_in: v.expires_in,
   };
   if (v.refresh_token !== undefined) grant.refresh_token = v.refresh_token;
-  if (v.resource_url) grant.resource_url = v.resource_url;
+  if (v.resource_url) {
+    const verdict = checkChatBaseUrl(chatBaseUrl(v.resource_url), policy);
+    if (verdict.ok) grant.resource_url = v.resource_url;
+    else grant.rejected_resource_url = verdict.reason;
+  }
   if (v.scope) grant.scope = v.scope;
   return grant;
 }
@@ -254,7 +267,8 @@ export class QwenOAuthClient {
   private readonly scope: string;
   private readonly timeoutMs: number;
   private readonly insecure: boolean;
-  private readonly fetchImpl: typeof fetch | undefined;
+  private readonly fetchImpl: typeof fetch;
+  private readonly chatUrlPolicy: ChatUrlPolicy;
 
   /** Builds the RFC 8414 metadata by hand: Qwen publishes no discovery document. */
   constructor(options: QwenOAuthClientOptions) {
@@ -265,7 +279,7 @@ export class QwenOAuthClient {
     } catch {
       throw new QwenConfigError(`OAuth base URL must be an absolute http(s) URL, got "${options.baseUrl}"`);
     }
-    if (url.protocol === 'http:' && !LOOPBACK_HOSTS.has(url.hostname)) {
+    if (url.protocol === 'http:' && !isLoopbackHost(url.hostname)) {
       throw new QwenConfigError(
         `OAuth base URL must use https (plain http is allowed only for loopback hosts), got "${options.baseUrl}"`,
       );
@@ -282,7 +296,8 @@ export class QwenOAuthClient {
     this.scope = options.scope;
     this.timeoutMs = options.timeoutMs;
     this.insecure = url.protocol === 'http:';
-    this.fetchImpl = options.fetch;
+    this.fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
+    this.chatUrlPolicy = { oauthBaseUrl: base, trustedHosts: options.trustedChatHosts };
   }
 
   /** RFC 8628 §3.1 device authorization request, with an RFC 7636 §4.1–4.2 S256 code challenge. */
@@ -334,7 +349,7 @@ export class QwenOAuthClient {
         }),
       (response) => oauth.processDeviceCodeResponse(this.as, this.client, response),
     );
-    if (result.ok) return { status: 'success', grant: toGrant(TOKEN_ENDPOINT, result.value) };
+    if (result.ok) return { status: 'success', grant: toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy) };
     const { answer } = result;
     // Judge by the error field, not the status: Qwen sends slow_down with 429, RFC 8628 with 400.
     if (answer.error === 'authorization_pending') return { status: 'pending' };
@@ -405,7 +420,7 @@ export class QwenOAuthClient {
       (s) => oauth.refreshTokenGrantRequest(this.as, this.client, this.clientAuth, refreshToken, this.requestOptions(s)),
       (response) => oauth.processRefreshTokenResponse(this.as, this.client, response),
     );
-    if (result.ok) return toGrant(TOKEN_ENDPOINT, result.value);
+    if (result.ok) return toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy);
     const { answer } = result;
     if (answer.error && REFRESH_REJECTION_STATUSES.has(answer.status) && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
       throw new QwenRefreshTokenInvalidError(
@@ -419,9 +434,44 @@ export class QwenOAuthClient {
     const options: oauth.TokenEndpointRequestOptions = { signal };
     // http:// is only ever a loopback test server (checked in the constructor).
     if (this.insecure) options[oauth.allowInsecureRequests] = true;
-    const fetchImpl = this.fetchImpl;
-    if (fetchImpl) options[oauth.customFetch] = (url, init) => fetchImpl(url, init);
+    options[oauth.customFetch] = (url, init) => this.boundedFetch(url, init);
     return options;
+  }
+
+  /**
+   * fetch, with the answer read here up to `MAX_RESPONSE_BYTES` and handed on in memory: a
+   * larger one fails as a retryable server error (the deadline covers this read too).
+   */
+  private async boundedFetch(url: string, init: RequestInit): Promise<Response> {
+    const response = await this.fetchImpl(url, init);
+    const endpoint = url.endsWith(DEVICE_AUTHORIZATION_PATH) ? DEVICE_ENDPOINT : TOKEN_ENDPOINT;
+    const tooLarge = () => {
+      void response.body?.cancel().catch(() => undefined);
+      return new QwenOAuthError(`${endpoint} sent an answer larger than ${MAX_RESPONSE_BYTES / 1024} KiB (HTTP ${response.status}); treating it as a server error`, {
+        status: response.status,
+        retryable: true,
+      });
+    };
+    const declared = Number(response.headers.get('content-length') ?? NaN);
+    if (declared > MAX_RESPONSE_BYTES) throw tooLarge();
+    const chunks: Uint8Array[] = [];
+    let size = 0;
+    if (response.body) {
+      const reader = response.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        size += value.byteLength;
+        if (size > MAX_RESPONSE_BYTES) {
+          await reader.cancel().catch(() => undefined);
+          throw tooLarge();
+        }
+        chunks.push(value);
+      }
+    }
+    // A null-body status (204, 304) cannot be rebuilt with a body.
+    const body = response.status === 204 || response.status === 304 ? null : Buffer.concat(chunks);
+    return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
   }
 
   /**

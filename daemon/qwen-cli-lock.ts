@@ -5,7 +5,7 @@ import { dirname } from 'node:path';
 import { errnoCode } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 import { QwenCredentialsFileError, QwenError, QwenOAuthError } from '../shared/errors.js';
-import { describeFsError } from './credential-store.js';
+import { describeFsError, readSmallFile } from './credential-store.js';
 import type { Logger } from './logger.js';
 
 /**
@@ -89,6 +89,14 @@ export class QwenCliLock {
         this.options.logger.warn(
           { lockPath: this.lockPath, heldMs },
           `the Qwen CLI's lock ${this.lockPath} vanished while we held it (another process judged it stale?)`,
+        );
+        return false;
+      }
+      if (errnoCode(err) === 'EFTYPE' || errnoCode(err) === 'ELOOP' || errnoCode(err) === 'ENXIO') {
+        // Something else now sits at the path (a FIFO, a symlink): not our lock, not ours to remove.
+        this.options.logger.warn(
+          { lockPath: this.lockPath, heldMs },
+          `not removing ${this.lockPath}: it was replaced by something that is not a lock file while we held it`,
         );
         return false;
       }
@@ -227,15 +235,6 @@ export class QwenCliLock {
     return new QwenCredentialsFileError(`${what} the Qwen CLI's lock ${this.lockPath}: ${describeFsError(err)}`, {
       cause: err,
     });
-  }
-}
-
-async function readSmallFile(path: string): Promise<string> {
-  const fh = await open(path, 'r');
-  try {
-    return await fh.readFile({ encoding: 'utf8' });
-  } finally {
-    await fh.close().catch(() => undefined);
   }
 }
 

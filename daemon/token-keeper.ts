@@ -116,6 +116,11 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   private unsaved: Credentials | null = null;
   private fileWork: Promise<void> = Promise.resolve();
   private readonly settleTimers = new Map<'own' | 'qwen-cli', TimerHandle>();
+  /**
+   * Log lines held from the server's answer to a refresh until its credentials are saved: once
+   * the server has rotated the refresh token, nothing may stand between its answer and the save.
+   */
+  private heldLogs: Array<() => void> | null = null;
 
   constructor(private readonly deps: TokenKeeperDeps) {
     super();
@@ -291,7 +296,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     if (current === this.shownPhase) return;
     const previous = this.shownPhase;
     this.shownPhase = current;
-    this.deps.logger.info({ state: current, previous }, 'state changed');
+    this.logAfterSave(() => this.deps.logger.info({ state: current, previous }, 'state changed'));
     this.emit('state_changed', { state: current, previous });
   }
 
@@ -382,10 +387,12 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     try {
       await this.refreshOnce(creds, signal, publish);
     } catch (err) {
+      this.releaseLogs();
       // Only releasing the Qwen CLI's lock can fail once the credentials were published.
       if (!published) return this.refreshFailed(err, used);
       logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
     }
+    this.releaseLogs();
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
     const { credentials, via } = published;
     logger.info(
@@ -486,7 +493,28 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   private async httpRefresh(creds: Credentials, signal: AbortSignal): Promise<Credentials> {
     const grant = await this.deps.oauth.refreshTokenGrant(creds.refresh_token, signal);
+    // The server may have rotated the refresh token: log nothing more until it is saved.
+    this.heldLogs ??= [];
+    const refused = grant.rejected_resource_url;
+    if (refused) {
+      this.logAfterSave(() =>
+        this.deps.logger.warn({ reason: refused }, `ignoring the resource_url of the token response (${refused}); clients use the default chat base URL`),
+      );
+    }
     return credentialsFromGrant(grant, creds, this.deps.clock.now());
+  }
+
+  /** Logs now, or once the refresh in progress is saved (see `heldLogs`). */
+  private logAfterSave(line: () => void): void {
+    if (this.heldLogs) this.heldLogs.push(line);
+    else line();
+  }
+
+  /** Writes the log lines held during a refresh. */
+  private releaseLogs(): void {
+    const held = this.heldLogs;
+    this.heldLogs = null;
+    for (const line of held ?? []) line();
   }
 
   /** Before declaring needs_login: adopt a different, usable refresh token from either file. */
@@ -513,7 +541,14 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     if (this.stopped) return;
     const file = which === 'own' ? this.deps.ownFile : this.deps.cliFile;
     if (!file) return;
-    const read = await file.read({ settling: !settled });
+    let read: Awaited<ReturnType<CredentialFile['read']>>;
+    try {
+      read = await file.read({ settling: !settled });
+    } catch (err) {
+      // Unreadable or refused (another user's file, a FIFO): nothing to adopt, and said why.
+      this.deps.logger.warn({ path: file.path, err: (err as Error).message }, `not adopting a change of ${file.path}: ${(err as Error).message}`);
+      return;
+    }
     if (read.status === 'corrupt' && !settled) {
       // Possibly caught mid-write by a writer that does not rename into place: judge it
       // (and move a corrupt own file aside) only once it has stopped changing.
@@ -562,7 +597,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       try {
         await cliFile.write(credentials);
       } catch (err) {
-        logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file");
+        this.logAfterSave(() => logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file"));
       }
     }
     try {

@@ -1,5 +1,6 @@
 import { join, dirname, resolve } from 'node:path';
 import { QwenConfigError } from './errors.js';
+import { isLoopbackHost, readTrustedChatHosts } from './url-trust.js';
 
 /**
  * Everything the daemon, client and CLI read from the environment, resolved in one place.
@@ -30,6 +31,8 @@ export interface TokendConfig {
   autostart: boolean;
   /** Path of the daemon entry point to start when autostarting (`QWEN_TOKEND_BIN`). */
   daemonBin: string | undefined;
+  /** Hosts a chat base URL may name (`QWEN_TOKEND_CHAT_HOSTS`); undefined: the built-in list (see url-trust.ts). */
+  trustedChatHosts: string[] | undefined;
 }
 
 export const DEFAULTS = {
@@ -87,8 +90,7 @@ function readUrl(env: NodeJS.ProcessEnv, name: string, fallback: string): string
     throw new QwenConfigError(`${name} must be an http(s) URL, got "${raw}"`);
   }
   // Tokens never travel in clear text, except to a server on this machine (tests, proxies).
-  const loopback = ['localhost', '127.0.0.1', '[::1]'].includes(url.hostname) || url.hostname.startsWith('127.');
-  if (url.protocol === 'http:' && !loopback) {
+  if (url.protocol === 'http:' && !isLoopbackHost(url.hostname)) {
     throw new QwenConfigError(`${name} must use https (plain http is allowed only for loopback addresses), got "${raw}"`);
   }
   return raw.replace(/\/+$/, '');
@@ -144,6 +146,7 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
     logFile: env.QWEN_TOKEND_LOG_FILE?.trim() ? expandHome(env.QWEN_TOKEND_LOG_FILE.trim(), home) : undefined,
     autostart: readBool(env, 'QWEN_TOKEND_AUTOSTART', true),
     daemonBin: env.QWEN_TOKEND_BIN?.trim() || undefined,
+    trustedChatHosts: readTrustedChatHosts(env),
   };
   // The refresh must finish well inside the Qwen CLI's stale-lock age, or the CLI may
   // break our lock mid-refresh and refresh the same token in parallel.

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { describeIssues } from './diagnostics.js';
 import { QwenCredentialsFileError } from './errors.js';
+import { checkChatBaseUrl, type ChatUrlPolicy } from './url-trust.js';
 
 /**
  * The credential record, in the Qwen CLI's `oauth_creds.json` format so the two files are
@@ -112,4 +113,23 @@ export function chatBaseUrl(resourceUrl: string | undefined | null): string {
   let url = /^[a-z][a-z0-9+.-]*:\/\//i.test(raw) ? raw : `https://${raw}`;
   url = url.replace(/\/+$/, '');
   return url.endsWith('/v1') ? url : `${url}/v1`;
+}
+
+/** A chat base URL that passed `checkChatBaseUrl`, or the default with the reason it was refused. */
+export interface TrustedChatBaseUrl {
+  url: string;
+  /** Why the `resource_url` was refused; undefined when it was used (or absent). */
+  rejected?: string;
+}
+
+/**
+ * `chatBaseUrl`, judged by `policy`: an untrusted `resource_url` (plain http, user info, query,
+ * fragment, a host off the allow-list) gives the default base URL and the reason.
+ */
+export function trustedChatBaseUrl(resourceUrl: string | undefined | null, policy: ChatUrlPolicy): TrustedChatBaseUrl {
+  const base = chatBaseUrl(resourceUrl);
+  if (base === DEFAULT_CHAT_BASE_URL) return { url: base };
+  const verdict = checkChatBaseUrl(base, policy);
+  if (verdict.ok) return { url: verdict.url };
+  return { url: DEFAULT_CHAT_BASE_URL, rejected: verdict.reason };
 }

@@ -6,6 +6,7 @@ import { Command } from 'commander';
 import type { Spinner } from 'nanospinner';
 import { QwenError } from '../../shared/errors.js';
 import type { LoginStartResult } from '../../shared/protocol.js';
+import { isOpenableUrl, printable } from '../../shared/url-trust.js';
 import type { TokenClient } from '../token-client.js';
 import { commandEnv, interactive, note, openClient, out, outJson, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration } from './duration.js';
@@ -75,7 +76,15 @@ class LoginView {
     return this.kit === null;
   }
 
-  showCode(info: LoginStartResult): void {
+  showCode(raw: LoginStartResult): void {
+    // Server text reaches the terminal: no control characters (escape sequences could rewrite
+    // the screen, retitle the window or hide what is shown), whatever the server sent.
+    const info: LoginStartResult = {
+      ...raw,
+      user_code: printable(raw.user_code, 100),
+      verification_uri: printable(raw.verification_uri, 1000),
+      verification_uri_complete: raw.verification_uri_complete === undefined ? undefined : printable(raw.verification_uri_complete, 1000),
+    };
     this.expiresAt = Date.now() + info.expires_in * 1000;
     const url = info.verification_uri_complete ?? info.verification_uri;
     const kit = this.kit;
@@ -92,8 +101,12 @@ class LoginView {
     }
     out(`To log in to Qwen, open this URL and confirm the code:\n\n  ${url}\n\n  Code: ${info.user_code}\n\n`);
     out(`${qrText(kit, url)}\n`);
-    // A browser only makes sense for a person at this terminal.
-    if (this.browser && interactive()) void openBrowser(url);
+    // A browser only makes sense for a person at this terminal, and only for a web address:
+    // https, or http on this machine (never file:, javascript: or a custom scheme's handler).
+    if (this.browser && interactive()) {
+      if (isOpenableUrl(url)) void openBrowser(url);
+      else note('(not opening this URL in a browser: it is not an https address; check it before opening it yourself)');
+    }
     // nanospinner divides by the terminal width: a pty without a size (columns 0) would spin forever.
     if (interactive() && process.stderr.isTTY && (process.stderr.columns ?? 0) > 0) {
       // Driven by hand: nanospinner's start() installs a SIGINT handler that exits at once,

@@ -8,6 +8,7 @@ import { describe, it } from 'vitest';
 import { qwenCliConcurrentWriter } from './cli-writer.js';
 import { clockJumps } from './clock.js';
 import { crashDuringWrite, killBetweenWrites } from './crash.js';
+import { logOnFullDisk } from './full-disk.js';
 import { oauthServerFaults } from './faults.js';
 import { SecretLedger } from './harness.js';
 import { hostileIpcInput, slowReaders } from './hostile.js';
@@ -71,6 +72,10 @@ export function defineChaosSuite(scale: ChaosScale): void {
     it('6. permissions: 0600/0700 on every write path, loose modes fixed, other users refused', async () => {
       await permissions(ledger);
     }, 30_000);
+
+    it('9. the log on a full disk: the daemon starts, refreshes and serves, files intact, log back on SIGHUP', async () => {
+      await logOnFullDisk(scale, ledger);
+    }, timeout(60_000, 240_000));
 
     it('8. clock: +2 h, -2 h and a suspend lead to the right decision within one retry interval', async () => {
       await clockJumps(ledger);
