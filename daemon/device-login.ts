@@ -160,4 +160,3 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
     await running.done;
   }
 }
-
