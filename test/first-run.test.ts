@@ -9,7 +9,7 @@ import { existsSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { resolveCommand } from '../shared/cli-command.js';
 import { processAlive } from '../shared/diagnostics.js';
 import { serializeCredentials } from '../shared/credentials.js';
@@ -51,6 +51,24 @@ async function tempDir(): Promise<string> {
   temps.push(dir);
   return dir;
 }
+
+let shared: DaemonFixture | null = null;
+
+/**
+ * One daemon without credentials, shared (daemon starts dominate the run time on two cores) by
+ * the tests that only look at it, in file order; the last of them logs in.
+ */
+async function daemonWithoutCredentials(): Promise<DaemonFixture> {
+  if (!shared) {
+    shared = await createFixture({ server: { deviceInterval: 0.05, slowDown: false } });
+    await shared.start();
+  }
+  return shared;
+}
+
+afterAll(async () => {
+  await shared?.cleanup();
+});
 
 afterEach(async () => {
   for (const pid of strays.splice(0)) if (processAlive(pid)) process.kill(pid, 'SIGKILL');
@@ -95,8 +113,7 @@ describe('advice names a command that works here (item 2)', () => {
   });
 
   it('token without credentials gives the advice once, in the form for where it runs', async () => {
-    const fx = await fixture();
-    await fx.start();
+    const fx = await daemonWithoutCredentials();
     const fromCheckout = await runCli(['token'], fx.env);
     expect(fromCheckout.code).toBe(ExitCodes.needsLogin);
     expect(fromCheckout.stdout).toBe('');
@@ -115,8 +132,7 @@ describe('advice names a command that works here (item 2)', () => {
   });
 
   it('status, with no credentials, names the working login command', async () => {
-    const fx = await fixture();
-    await fx.start();
+    const fx = await daemonWithoutCredentials();
     const r = await runCli(['status'], fx.env);
     expect(r.code).toBe(0);
     expect(r.stdout.split('\n')[0]).toMatch(/^state +not logged in yet \(run `(.+)`\)$/);
@@ -145,8 +161,7 @@ describe('doctor on a fresh install (item 3)', () => {
   });
 
   it('with a daemon that has no credentials: still one finding, exit 0', async () => {
-    const fx = await fixture();
-    await fx.start();
+    const fx = await daemonWithoutCredentials();
     const r = await runCli(['doctor', '--json'], fx.env);
     const report = JSON.parse(r.stdout) as { checks: Array<{ id: string; status: string }> };
     expect(report.checks.filter((c) => c.status === 'warn' || c.status === 'fail').map((c) => c.id)).toEqual(['own-file']);
@@ -200,10 +215,9 @@ describe('status starts nothing (item 4)', () => {
 
 describe('a failed login is recorded (item 1)', () => {
   it('names the server and what to check, shows in status as the last error, logs one line', async () => {
-    const fx = await fixture();
-    await fx.start();
+    const fx = await daemonWithoutCredentials();
     await fx.server.refuseConnections();
-    const r = await runCli(['login', '--no-browser'], fx.env);
+    const r = await runCli(['login', '--no-browser'], fx.env).finally(() => fx.server.acceptConnections());
     expect(r.code).toBe(ExitCodes.error);
     const message = r.stderr.split('\n')[0]!;
     expect(message).toContain(`login failed: could not start the device flow at ${fx.server.baseUrl}`);
@@ -309,8 +323,7 @@ describe('test output (item 8)', () => {
   });
 
   it('the CLI writes no colour codes when its output is not a terminal', async () => {
-    const fx = await fixture({ server: { deviceInterval: 0.05, slowDown: false } });
-    await fx.start();
+    const fx = await daemonWithoutCredentials();
     fx.server.settings.approveAfterPolls = 2;
     const results = [await runCli(['login', '--no-browser'], fx.env), await runCli(['status'], fx.env), await runCli(['doctor'], fx.env)];
     for (const r of results) expect(r.stdout + r.stderr).not.toMatch(/\x1b\[/);
