@@ -11,5 +11,7 @@ export default defineConfig({
     // One file, one worker: the scenarios measure latency and memory and must not share the CPU
     // with each other.
     maxWorkers: 1,
+    // The scenarios' figures (test/chaos/harness.ts report()) are what this run is for.
+    env: { CHAOS_FIGURES: '1' },
   },
 });

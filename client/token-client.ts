@@ -28,6 +28,7 @@ import { errorFromWire } from '../shared/errors.js';
 import { autostartFailure, serviceInstalled, spawnDaemon } from './autostart.js';
 import { DaemonConnection } from './daemon-connection.js';
 import { compileSchemas } from '../shared/compile-schemas.js';
+import { daemonCommand } from '../shared/cli-command.js';
 
 export interface TokenClientOptions {
   /** Environment to resolve the configuration from (default `process.env`). */
@@ -390,13 +391,14 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     );
   }
 
-  private unavailable(reason: string): QwenDaemonUnavailableError {
-    return new QwenDaemonUnavailableError(`qwen-tokend is not reachable at ${this.config.socketPath}: ${reason}`);
+  private unavailable(reason: string, cause?: unknown): QwenDaemonUnavailableError {
+    return new QwenDaemonUnavailableError(`qwen-tokend is not reachable at ${this.config.socketPath}: ${reason}`, { cause });
   }
 
   private async startDaemon(cause: NodeJS.ErrnoException): Promise<void> {
     if (!this.autostart) {
-      throw this.unavailable(`${cause.code ?? cause.message}; start it with \`qwen-tokend\` (autostart is off)`);
+      // The cause (ENOENT, ECONNREFUSED) tells a caller that no daemon runs, e.g. `qwen-token status`.
+      throw this.unavailable(`${cause.code ?? cause.message}; start it with \`${daemonCommand()}\` (autostart is off)`, cause);
     }
     if (serviceInstalled(this.config.home)) {
       throw this.unavailable(

@@ -98,7 +98,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
       trustedChatHosts: config.trustedChatHosts,
     });
     const keeper = new TokenKeeper({ config, oauth, ownFile, cliFile, clock, logger });
-    const login = new DeviceLogin(oauth, clock, logger, (creds) => keeper.installCredentials(creds));
+    const login = new DeviceLogin(oauth, clock, logger, (creds) => keeper.installCredentials(creds), { serverUrl: config.oauthBaseUrl });
 
     await keeper.start();
     cleanups.push(() => keeper.stop());
@@ -139,7 +139,8 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
           expiry_date: snap.credentials?.expiry_date ?? null,
           next_refresh_at: snap.nextRefreshAt,
           last_refresh_at: snap.lastRefreshAt,
-          last_error: snap.lastError,
+          // A failed login counts too: it is often the first error a new user meets.
+          last_error: newestError(snap.lastError, login.lastFailure),
           retry_count: snap.retryCount,
           source_file: snap.sourceFile,
           token_path: config.tokenPath,
@@ -212,4 +213,11 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     await closeAll();
     throw err;
   }
+}
+
+/** The more recent of two recorded errors (either may be null). */
+function newestError<T extends { at: number }>(a: T | null, b: T | null): T | null {
+  if (a === null) return b;
+  if (b === null) return a;
+  return b.at > a.at ? b : a;
 }

@@ -9,11 +9,37 @@ import type { Credentials } from '../shared/credentials.js';
 import { QwenError, QwenOAuthError } from '../shared/errors.js';
 import type { LoginStartResult } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
-import { credentialsFromGrant, type QwenOAuthClient } from './oauth.js';
+import { credentialsFromGrant, NETWORK_ADVICE, type QwenOAuthClient } from './oauth.js';
 
 export interface DeviceLoginEvents {
   completed: [Credentials];
   failed: [QwenError];
+}
+
+/** The last failed login, as `status` shows it in `last_error`. */
+export interface LoginFailure {
+  code: string;
+  message: string;
+  at: number;
+}
+
+export interface DeviceLoginOptions {
+  /** The OAuth server's base URL (QWEN_OAUTH_BASE_URL), named when a login cannot start. */
+  serverUrl?: string;
+}
+
+/** The URL as a person should see it in a message: no credentials, no query, no trailing slash. */
+function displayUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    return `${u.origin}${u.pathname}`.replace(/\/+$/, '');
+  } catch {
+    return url;
+  }
+}
+
+function isCancellation(error: QwenError): boolean {
+  return error instanceof QwenOAuthError && error.oauthError === 'cancelled';
 }
 
 interface Running {
@@ -24,6 +50,7 @@ interface Running {
 
 export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
   private running: Running | null = null;
+  private failure: LoginFailure | null = null;
 
   constructor(
     private readonly oauth: Pick<QwenOAuthClient, 'deviceAuthorizationRequest' | 'waitForDeviceToken'>,
@@ -31,12 +58,48 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
     private readonly logger: Logger,
     /** Makes the new credentials current and persists them. */
     private readonly install: (credentials: Credentials) => Promise<void>,
+    private readonly options: DeviceLoginOptions = {},
   ) {
     super();
   }
 
   get inProgress(): boolean {
     return this.running !== null;
+  }
+
+  /** The last login that failed (not one the user cancelled), until a login completes. */
+  get lastFailure(): LoginFailure | null {
+    return this.failure;
+  }
+
+  /** Logs a failed login once and keeps it for `status`; a cancelled one is only logged. */
+  private recordFailure(error: QwenError, message = error.message): void {
+    if (isCancellation(error)) {
+      this.logger.info({ code: error.code }, `login cancelled: ${error.message}`);
+      return;
+    }
+    this.failure = { code: error.code, message, at: this.clock.now() };
+    this.logger.warn({ code: error.code, ...(this.options.serverUrl ? { server: displayUrl(this.options.serverUrl) } : {}) }, message);
+  }
+
+  /**
+   * The error for a device authorization request that failed: says where it went (the host
+   * is what a wrong QWEN_OAUTH_BASE_URL or a DNS problem gets wrong) and, for transport
+   * failures, what to check.
+   */
+  private startFailure(err: unknown): QwenError {
+    const where = this.options.serverUrl ? ` at ${displayUrl(this.options.serverUrl)}` : '';
+    const cause = err instanceof Error ? err.message : String(err);
+    if (!(err instanceof QwenOAuthError)) {
+      return err instanceof QwenError ? err : new QwenOAuthError(`login failed: could not start the device flow${where}: ${cause}`);
+    }
+    if (isCancellation(err)) return err;
+    const advice = err.retryable && !cause.includes(NETWORK_ADVICE) ? `; ${NETWORK_ADVICE}` : '';
+    return new QwenOAuthError(`login failed: could not start the device flow${where}: ${cause}${advice}`, {
+      oauthError: err.oauthError,
+      status: err.status,
+      retryable: err.retryable,
+    });
   }
 
   /**
@@ -46,7 +109,14 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
   async start(): Promise<LoginStartResult> {
     if (this.running) return this.running.started;
     const abort = new AbortController();
-    const auth = await this.oauth.deviceAuthorizationRequest(abort.signal);
+    let auth: Awaited<ReturnType<QwenOAuthClient['deviceAuthorizationRequest']>>;
+    try {
+      auth = await this.oauth.deviceAuthorizationRequest(abort.signal);
+    } catch (err) {
+      const error = this.startFailure(err);
+      this.recordFailure(error);
+      throw error;
+    }
     if (this.running) return (this.running as Running).started;
     const started: LoginStartResult = {
       user_code: auth.user_code,
@@ -61,6 +131,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
         const grant = await this.oauth.waitForDeviceToken(auth, { clock: this.clock, signal: abort.signal });
         const credentials = credentialsFromGrant(grant, null, this.clock.now());
         await this.install(credentials);
+        this.failure = null;
         this.logger.info({ expiry_date: credentials.expiry_date }, 'login completed');
         // Reported after the save, like every line that follows a token response.
         if (grant.rejected_resource_url) {
@@ -69,7 +140,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
         this.emit('completed', credentials);
       } catch (err) {
         const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${(err as Error).message}`);
-        this.logger.warn({ code: error.code }, `login failed: ${error.message}`);
+        this.recordFailure(error, error.message.startsWith('login failed') ? error.message : `login failed: ${error.message}`);
         this.emit('failed', error);
       } finally {
         this.running = null;

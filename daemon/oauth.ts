@@ -159,27 +159,36 @@ function networkErrorCode(e: unknown): string | undefined {
   return undefined;
 }
 
+/** What to check when the OAuth server cannot be reached (see networkErrorMessage). */
+export const NETWORK_ADVICE =
+  'check the network connection, QWEN_OAUTH_BASE_URL, and behind a proxy HTTPS_PROXY with NODE_USE_ENV_PROXY=1 (Node 22 and later)';
+
+/** A transport failure in one line: what failed, why (with the errno-style code), and what to check. */
 function networkErrorMessage(endpoint: string, e: unknown): string {
   const code = networkErrorCode(e);
-  switch (code) {
-    case 'ECONNREFUSED':
-      return `could not reach the ${endpoint}: connection refused (${code})`;
-    case 'ECONNRESET':
-    case 'EPIPE':
-    case 'UND_ERR_SOCKET':
-    case 'UND_ERR_CLOSED':
-      return `the ${endpoint} closed the connection without answering (${code})`;
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return `could not reach the ${endpoint}: host name did not resolve (${code})`;
-    case 'ETIMEDOUT':
-    case 'UND_ERR_CONNECT_TIMEOUT':
-      return `could not reach the ${endpoint}: connection timed out (${code})`;
-    case undefined:
-      return `could not reach the ${endpoint}: ${e instanceof Error ? e.name : 'network error'}`;
-    default:
-      return `could not reach the ${endpoint}: network error (${code})`;
-  }
+  const what = ((): string => {
+    switch (code) {
+      case 'ECONNREFUSED':
+        return `could not reach the ${endpoint}: connection refused (${code})`;
+      case 'ECONNRESET':
+      case 'EPIPE':
+      case 'UND_ERR_SOCKET':
+      case 'UND_ERR_CLOSED':
+        // The server was reached: address and network are not what to check.
+        return `the ${endpoint} closed the connection without answering (${code})`;
+      case 'ENOTFOUND':
+      case 'EAI_AGAIN':
+        return `could not reach the ${endpoint}: host name did not resolve (${code})`;
+      case 'ETIMEDOUT':
+      case 'UND_ERR_CONNECT_TIMEOUT':
+        return `could not reach the ${endpoint}: connection timed out (${code})`;
+      case undefined:
+        return `could not reach the ${endpoint}: ${e instanceof Error ? e.name : 'network error'}`;
+      default:
+        return `could not reach the ${endpoint}: network error (${code})`;
+    }
+  })();
+  return what.startsWith('could not reach') ? `${what}; ${NETWORK_ADVICE}` : what;
 }
 
 /** A retryable error for an HTTP answer that carries no usable OAuth verdict. */

@@ -33,6 +33,7 @@ import {
 } from './lifecycle.js';
 import type { Logger } from './logger.js';
 import { credentialsFromGrant, type QwenOAuthClient } from './oauth.js';
+import { cliCommand } from '../shared/cli-command.js';
 import { withQwenCliLock } from './qwen-cli-lock.js';
 
 /** How long shutdown waits for an in-flight refresh before abandoning it (within the 2 s exit budget). */
@@ -149,7 +150,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       this.dispatch({ type: 'credentials_loaded', credentials: ownCreds });
       logger.info({ from: ownFile.path, token: fingerprint(ownCreds.access_token), expiry_date: ownCreds.expiry_date }, 'loaded credentials');
     } else {
-      logger.warn({ path: ownFile.path }, 'no credentials yet: run `qwen-token login` (or log in with the Qwen CLI)');
+      logger.warn({ path: ownFile.path }, `no credentials yet: run \`${cliCommand('login')}\` (or log in with the Qwen CLI)`);
       this.schedule();
     }
   }
@@ -269,18 +270,18 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   private unavailableError(reason: 'no_credentials' | 'needs_login' | 'expired'): QwenError {
     if (reason === 'no_credentials') {
-      return new QwenTokenNotAvailableError('no Qwen credentials: run `qwen-token login` (or log in with the Qwen CLI)');
+      return new QwenTokenNotAvailableError(`not logged in yet: run \`${cliCommand('login')}\` (or log in with the Qwen CLI)`);
     }
     if (reason === 'needs_login') {
       return new QwenRefreshTokenInvalidError(
-        'the refresh token was rejected by the Qwen server and the access token has expired: run `qwen-token login`',
+        `the refresh token was rejected by the Qwen server and the access token has expired: run \`${cliCommand('login')}\``,
       );
     }
     const last = this.state.lastError;
     const expiry = this.state.credentials ? new Date(this.state.credentials.expiry_date).toISOString() : 'unknown';
     return new QwenTokenExpiredError(
       `the access token expired at ${expiry} and could not be refreshed${last ? ` (${last.message})` : ''}; ` +
-        'check the network, `qwen-token status`, or run `qwen-token login`',
+        `check the network, \`${cliCommand('status')}\`, or run \`${cliCommand('login')}\``,
     );
   }
 
@@ -421,7 +422,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     if (rescued) return { ok: true, credentials: rescued };
     const snap = this.snapshot();
     if (terminal) {
-      logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`qwen-token login\``);
+      logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`${cliCommand('login')}\``);
     } else {
       logger.warn(
         { code: error.code, state: snap.state, retry_count: snap.retryCount, next_retry_at: snap.nextRefreshAt },

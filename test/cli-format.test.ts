@@ -2,6 +2,7 @@
  * Pure pieces of the qwen-token CLI: the duration formatter and parser, and the error → exit
  * code mapping.
  */
+import { cliCommand } from '../shared/cli-command.js';
 import { describe, expect, it } from 'vitest';
 import { describeExpiry, formatDuration, formatRelative, parseDuration } from '../client/cli/duration.js';
 import { ExitCodes, exitCodeFor, hintFor } from '../client/cli/exit-codes.js';
@@ -99,8 +100,11 @@ describe('exit codes', () => {
   });
 
   it('gives a hint for the errors a person can act on', () => {
-    expect(hintFor(new QwenTokenNotAvailableError('x'))).toContain('qwen-token login');
-    expect(hintFor(new QwenDaemonUnavailableError('x'))).toContain('qwen-token doctor');
+    // The command in the form that works here: `qwen-token` on PATH, else e.g. `npm run cli --`.
+    expect(hintFor(new QwenTokenNotAvailableError('x'))).toBe(`run \`${cliCommand('login')}\``);
+    expect(hintFor(new QwenDaemonUnavailableError('x'))).toContain(`\`${cliCommand('doctor')}\``);
+    // Advice the message already gives is not repeated as a hint.
+    expect(hintFor(new QwenTokenNotAvailableError(`not logged in yet: run \`${cliCommand('login')}\``))).toBeUndefined();
     expect(hintFor(new QwenConfigError('x'))).toBeDefined();
     expect(hintFor(new Error('x'))).toBeUndefined();
   });

@@ -9,7 +9,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fingerprint } from '../shared/fingerprint.js';
 import { StatusResult } from '../shared/protocol.js';
 import { ExitCodes } from '../client/cli/exit-codes.js';
-import { CLI_BIN, assertNoSecrets, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+import { resolveCommand } from '../shared/cli-command.js';
+import { CLI_BIN, REPO_ROOT, assertNoSecrets, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
 import { until } from './support/wait.js';
 
 /**
@@ -90,6 +91,12 @@ function expectNoSecrets(text: string): void {
 }
 
 const STATUS_KEYS = Object.keys(StatusResult.shape).sort();
+
+/**
+ * `qwen-token login` as the CLI and the daemon (both run from this checkout) name it: the
+ * form depends on PATH (see shared/cli-command.ts), so it is computed, not spelled out.
+ */
+const LOGIN = `${resolveCommand('qwen-token', { cwd: REPO_ROOT })} login`;
 
 describe('with a logged-in daemon', () => {
   withFixture(async () => {
@@ -213,7 +220,8 @@ describe('login against a daemon without credentials', () => {
     const r = await runCli(['token']);
     expect(r.code).toBe(ExitCodes.needsLogin);
     expect(r.stdout).toBe('');
-    expect(r.stderr).toMatch(/^qwen-token: .+\nhint: run `qwen-token login`\n$/);
+    // One line that says what to do, in the form that works here; no second hint saying it again.
+    expect(r.stderr).toBe(`qwen-token: not logged in yet: run \`${LOGIN}\` (or log in with the Qwen CLI)\n`);
   });
 
   it('Ctrl-C cancels the flow in the daemon and exits 130', async () => {
@@ -285,11 +293,11 @@ describe('a daemon whose token cannot be refreshed', () => {
     const r = await runCli(['refresh']);
     expect(r.code).toBe(ExitCodes.needsLogin);
     expect(r.stdout).toBe('');
-    expect(r.stderr).toMatch(/\nhint: run `qwen-token login`\n$/);
+    expect(r.stderr.endsWith(`\nhint: run \`${LOGIN}\`\n`)).toBe(true);
     const doctor = await runCli(['doctor', '--json']);
     expect(doctor.code).toBe(1);
     const state = (JSON.parse(doctor.stdout) as { checks: Array<{ id: string; status: string; hint?: string }> }).checks.find((c) => c.id === 'state');
-    expect(state).toMatchObject({ status: 'fail', hint: 'run `qwen-token login`' });
+    expect(state).toMatchObject({ status: 'fail', hint: `run \`${LOGIN}\`` });
     expectNoSecrets(r.stderr + doctor.stdout);
   });
 });
@@ -334,16 +342,16 @@ describe('without a daemon', () => {
     expect(r.stderr).not.toMatch(/\n\s+at /);
   });
 
-  it('doctor reports the daemon as failed and does not start one, even with autostart on', async () => {
+  it('doctor reports the daemon as not running (not a failure: clients start it) and does not start one, even with autostart on', async () => {
     const r = await runCli(['doctor', '--json'], { ...fx.env, QWEN_TOKEND_AUTOSTART: '1' });
     if (existsSync(fx.socketPath)) {
       // The bug this test exists to catch: stop the daemon it started before failing.
       const pid = (await fx.client().status().catch(() => null))?.pid;
       if (pid) process.kill(pid, 'SIGTERM');
     }
-    expect(r.code).toBe(1);
-    const report = JSON.parse(r.stdout) as { checks: Array<{ id: string; status: string }> };
-    expect(report.checks.find((c) => c.id === 'daemon')?.status).toBe('fail');
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.stdout) as { checks: Array<{ id: string; status: string; detail: string }> };
+    expect(report.checks.find((c) => c.id === 'daemon')).toMatchObject({ status: 'ok', detail: expect.stringMatching(/^not running/) });
     expect(report.checks.find((c) => c.id === 'own-file')?.status).toBe('ok');
     expect(existsSync(fx.socketPath)).toBe(false);
     expectNoSecrets(r.stdout + r.stderr);

@@ -14,6 +14,7 @@ import { fingerprint } from '../shared/fingerprint.js';
 import { MAX_FRAME_BYTES, StatusResult } from '../shared/protocol.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
 import { TokenClient } from '../client/token-client.js';
+import { DAEMON_NODE_FLAGS } from '../client/autostart.js';
 import { DAEMON_BIN, REPO_ROOT, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
 import { until } from './support/wait.js';
 
@@ -185,7 +186,8 @@ describe('IPC', () => {
       expect(status.pid).toBeGreaterThan(0);
       if (process.platform === 'linux') {
         const argv = (await readFile(`/proc/${status.pid}/cmdline`, 'utf8')).split('\0');
-        expect(argv[1]).toBe(DAEMON_BIN);
+        // node, its flags for the daemon, the bundle.
+        expect(argv.slice(1).filter((a) => a !== '')).toEqual([...DAEMON_NODE_FLAGS, DAEMON_BIN]);
       }
       process.kill(status.pid, 'SIGTERM');
       await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 'daemon exit', 5000);

@@ -380,7 +380,7 @@ describe('refresh (RFC 6749 §6)', () => {
       { kind: 'respond', status: 200, headers: { 'content-type': 'application/json' }, body: '{"token_type":"Bearer","expires_in":60}' },
       /^token endpoint sent a malformed response \(.*access_token.*\)$/,
     ],
-    ['connection refused', 'refuse', /^could not reach the token endpoint: connection refused \(ECONNREFUSED\)$/],
+    ['connection refused', 'refuse', /^could not reach the token endpoint: connection refused \(ECONNREFUSED\); check the network connection, QWEN_OAUTH_BASE_URL/],
   ];
 
   it.each(faults)('turns %s into a retryable QwenOAuthError', async (_name, fault, message) => {

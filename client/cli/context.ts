@@ -3,7 +3,9 @@
  * open a TokenClient, and how output and errors are written.
  */
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
-import { QwenError } from '../../shared/errors.js';
+import { cliCommand, daemonCommand } from '../../shared/cli-command.js';
+import { errnoCode } from '../../shared/diagnostics.js';
+import { QwenDaemonUnavailableError, QwenError } from '../../shared/errors.js';
 import { serviceInstalled } from '../autostart.js';
 import type { TokenClient } from '../token-client.js';
 import { hintFor } from './exit-codes.js';
@@ -26,7 +28,7 @@ export function commandConfig(env: NodeJS.ProcessEnv): TokendConfig {
 }
 
 export interface OpenClientOptions {
-  /** Force autostart off (doctor must never start a daemon). */
+  /** Force autostart off (read-only commands such as status and doctor never start a daemon). */
   autostart?: boolean;
   /** How long one request may wait (default: the client's 30 s, a refresh may be running). */
   requestTimeoutMs?: number;
@@ -48,6 +50,26 @@ export async function openClient(env: NodeJS.ProcessEnv, options: OpenClientOpti
     reconnectWindowMs: willStart ? 10_000 : 1_000,
     ...(options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs }),
   });
+}
+
+/** True when `err` says that no daemon runs at all (no socket, or nobody listening on it). */
+export function daemonNotRunning(err: unknown): boolean {
+  if (!(err instanceof QwenDaemonUnavailableError)) return false;
+  const code = errnoCode(err.cause);
+  return code === 'ENOENT' || code === 'ECONNREFUSED';
+}
+
+/** How to start the daemon, in commands that work here (see shared/cli-command.ts). */
+export function startAdvice(config: TokendConfig): string {
+  if (serviceInstalled(config.home)) {
+    return process.platform === 'darwin'
+      ? `the service is installed but not running; see \`${cliCommand('service status')}\``
+      : 'the service is installed but not running; run `systemctl --user start qwen-tokend`';
+  }
+  const foreground = `run \`${daemonCommand()}\` in the foreground`;
+  if (!config.autostart) return `${foreground}, or \`${cliCommand('service install')}\` to run it as a service (autostart is off)`;
+  // Not `login`: for someone logged in already, that would start a needless device flow.
+  return `it starts on the first token request (\`${cliCommand('token')}\`, \`${cliCommand('login')}\`, a library call); or ${foreground}`;
 }
 
 /** Runs `fn` with a client and always closes it, so the process can exit at once. */

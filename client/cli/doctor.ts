@@ -7,11 +7,13 @@ import { lstat, readFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { Command } from 'commander';
 import { errnoCode } from '../../shared/diagnostics.js';
+import { cliCommand } from '../../shared/cli-command.js';
 import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
 import { QwenProtocolError } from '../../shared/errors.js';
 import { fingerprint } from '../../shared/fingerprint.js';
 import type { StatusResult } from '../../shared/protocol.js';
-import { commandConfig, commandEnv, openClient, out, outJson, type GlobalOptions } from './context.js';
+import { serviceInstalled } from '../autostart.js';
+import { commandConfig, commandEnv, daemonNotRunning, openClient, out, outJson, startAdvice, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration, formatRelative } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
@@ -47,7 +49,8 @@ const myUid = (): number | undefined => process.getuid?.();
 
 function checkSocketDir(dir: string, st: Stats | null): Check {
   const title = 'socket directory';
-  if (st === null) return check('socket-dir', title, 'warn', `${dir} does not exist yet`, 'the daemon creates it (mode 0700) when it starts');
+  // Not there before the first start: nothing is wrong, the daemon creates it.
+  if (st === null) return check('socket-dir', title, 'ok', `${dir} does not exist yet; the daemon creates it (mode 0700) when it starts`);
   if (!st.isDirectory()) return check('socket-dir', title, 'fail', `${dir} is not a directory`, 'set QWEN_TOKEND_SOCKET to a path in a private directory');
   const uid = myUid();
   if (uid !== undefined && st.uid !== uid) {
@@ -61,7 +64,8 @@ function checkSocketDir(dir: string, st: Stats | null): Check {
 
 function checkSocketFile(path: string, st: Stats | null): Check {
   const title = 'socket';
-  if (st === null) return check('socket', title, 'warn', `${path} does not exist (no daemon is listening)`, 'start one with `qwen-tokend`, or let a client autostart it');
+  // Whether a missing socket matters is the daemon check's to say, once.
+  if (st === null) return check('socket', title, 'ok', `${path} does not exist (no daemon is listening)`);
   if (!st.isSocket()) return check('socket', title, 'fail', `${path} exists but is not a socket`, `move it away or set QWEN_TOKEND_SOCKET elsewhere`);
   const uid = myUid();
   if (uid !== undefined && st.uid !== uid) return check('socket', title, 'fail', `${path} belongs to uid ${st.uid}, not to you`, 'stop the other daemon, or set QWEN_TOKEND_SOCKET');
@@ -88,7 +92,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
     return bad(`cannot inspect ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check the permissions of ${dirname(path)}`);
   }
   if (st === null) return check(o.id, o.title, o.missing.status, `${path} ${o.missing.detail}`, o.missing.hint);
-  if (!st.isFile()) return bad(`${path} is not a regular file`, `remove it and run \`qwen-token login\``);
+  if (!st.isFile()) return bad(`${path} is not a regular file`, `remove it and run \`${cliCommand('login')}\``);
   const uid = myUid();
   if (uid !== undefined && st.uid !== uid) return bad(`${path} belongs to uid ${st.uid}, not to you`, `chown it to yourself or remove it`);
   if ((st.mode & 0o077) !== 0) return bad(`${path} has mode ${modeText(st)}: other users can read the tokens`, `chmod 600 ${path}`);
@@ -112,7 +116,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
       `${path}: valid, mode ${modeText(st)}; token ${fingerprint(creds.access_token)} ${describeExpiry(creds.expiry_date, now)}`,
     );
   } catch (err) {
-    return bad((err as Error).message, 'run `qwen-token login` to replace it');
+    return bad((err as Error).message, `run \`${cliCommand('login')}\` to replace it`);
   }
 }
 
@@ -139,7 +143,9 @@ async function checkQwenCliLock(config: TokendConfig, now: number): Promise<Chec
   );
 }
 
-function checkState(s: StatusResult): Check {
+/** The daemon's token state. `loginFinding`: "not logged in yet" was already said (by the credential file check). */
+function checkState(s: StatusResult, loginFinding: boolean): Check {
+  const login_ = `run \`${cliCommand('login')}\``;
   const title = 'token state';
   const login = s.login_in_progress ? '; a login is in progress' : '';
   const expiry = s.expiry_date === null ? '' : `, token ${describeExpiry(s.expiry_date, s.now)} (${s.token_fingerprint})`;
@@ -149,14 +155,34 @@ function checkState(s: StatusResult): Check {
     case 'refreshing':
       return check('state', title, 'ok', `${s.state}${expiry}${login}`);
     case 'retrying':
-      return check('state', title, 'warn', `retrying (${s.retry_count} failed refreshes)${expiry}${lastError}${login}`, 'the old token is served while it is valid; see `qwen-token status`');
+      return check('state', title, 'warn', `retrying (${s.retry_count} failed refreshes)${expiry}${lastError}${login}`, `the old token is served while it is valid; see \`${cliCommand('status')}\``);
     case 'expired':
-      return check('state', title, 'fail', `expired and refreshing fails${expiry}${lastError}${login}`, 'run `qwen-token refresh`; if it keeps failing, `qwen-token login`');
+      return check('state', title, 'fail', `expired and refreshing fails${expiry}${lastError}${login}`, `run \`${cliCommand('refresh')}\`; if it keeps failing, \`${cliCommand('login')}\``);
     case 'needs_login':
-      return check('state', title, 'fail', `needs login: the refresh token was rejected${lastError}${login}`, 'run `qwen-token login`');
+      return check('state', title, 'fail', `needs login: the refresh token was rejected${lastError}${login}`, login_);
     case 'no_credentials':
-      return check('state', title, 'fail', `no credentials${login}`, 'run `qwen-token login`');
+      // Not logged in yet is something to do, not something broken; and it is one finding.
+      if (loginFinding) return check('state', title, 'skip', `no credentials (see "credential file" above)${lastError}${login}`);
+      return check('state', title, 'warn', `not logged in yet${lastError}${login}`, login_);
   }
+}
+
+/**
+ * The daemon check when no daemon answered. Not running is fine while clients may start one
+ * (autostart, the default: a fresh install has none yet); it is a problem when a service is
+ * meant to keep it running, and worth a warning when autostart is off.
+ */
+function checkDaemonDown(config: TokendConfig, err: unknown): Check {
+  const title = 'daemon';
+  if (err instanceof QwenProtocolError) {
+    return check('daemon', title, 'fail', err.message, 'restart qwen-tokend after upgrading, so daemon and client speak the same protocol');
+  }
+  if (!daemonNotRunning(err)) return check('daemon', title, 'fail', (err as Error).message, startAdvice(config));
+  if (serviceInstalled(config.home)) return check('daemon', title, 'fail', 'not running, though the service is installed', startAdvice(config));
+  if (config.autostart) {
+    return check('daemon', title, 'ok', 'not running; it starts on the first token request (autostart)');
+  }
+  return check('daemon', title, 'warn', 'not running, and autostart is off (QWEN_TOKEND_AUTOSTART=0)', startAdvice(config));
 }
 
 /** Runs every check against the environment `env`; never starts a daemon. */
@@ -205,11 +231,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
       checks.push(check('daemon', 'daemon', 'ok', `qwen-tokend ${hello.version} answers (protocol ${hello.protocol}, pid ${hello.pid})`));
       status = await client.status();
     } catch (err) {
-      const hint =
-        err instanceof QwenProtocolError
-          ? 'restart qwen-tokend after upgrading, so daemon and client speak the same protocol'
-          : 'start it with `qwen-tokend` (or `systemctl --user start qwen-tokend` when the service is installed)';
-      checks.push(check('daemon', 'daemon', 'fail', (err as Error).message, hint));
+      checks.push(checkDaemonDown(config, err));
     } finally {
       await client.close();
     }
@@ -222,7 +244,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
         id: 'own-file',
         title: 'credential file',
         severity: 'fail',
-        missing: { status: 'warn', detail: 'does not exist (not logged in yet)', hint: 'run `qwen-token login`' },
+        missing: { status: 'warn', detail: 'does not exist: not logged in yet', hint: `run \`${cliCommand('login')}\`` },
       },
       now,
     ),
@@ -247,7 +269,9 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
     checks.push(await checkQwenCliLock(config, now));
   }
 
-  checks.push(status ? checkState(status) : check('state', 'token state', 'skip', 'not checked: no daemon answered'));
+  // The own file's only warning is "missing" (its other findings are failures).
+  const loginFinding = checks.some((c) => c.id === 'own-file' && c.status === 'warn');
+  checks.push(status ? checkState(status, loginFinding) : check('state', 'token state', 'skip', 'not checked: no daemon answered'));
   return checks;
 }
 

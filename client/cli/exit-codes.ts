@@ -1,6 +1,7 @@
 /**
  * The qwen-token CLI's exit codes. Scripts branch on them, so they never change meaning.
  */
+import { cliCommand } from '../../shared/cli-command.js';
 import {
   QwenConfigError,
   QwenDaemonUnavailableError,
@@ -35,12 +36,22 @@ export function exitCodeFor(err: unknown): ExitCode {
   return ExitCodes.error;
 }
 
-/** What to do about an error, in one line, or undefined when the message says it already. */
+/**
+ * What to do about an error, in one line, or undefined when there is nothing to add: the
+ * daemon's own messages often end with the same advice ("... run `qwen-token login`"), and
+ * saying it twice reads as two problems. Commands are named in the form that works here.
+ */
 export function hintFor(err: unknown): string | undefined {
-  if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) return 'run `qwen-token login`';
-  if (err instanceof QwenDaemonUnavailableError) return 'run `qwen-token doctor` to see what is wrong';
-  if (err instanceof QwenTokenExpiredError) return 'see `qwen-token status` for the last refresh error; `qwen-token login` if it persists';
-  if (err instanceof QwenConfigError) return 'fix the setting named above; `qwen-token doctor` checks the whole setup';
+  const message = err instanceof Error ? err.message : '';
+  const unlessSaid = (sub: string, hint: string) => (message.includes(`${sub}\``) ? undefined : hint);
+  if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) {
+    return unlessSaid('login', `run \`${cliCommand('login')}\``);
+  }
+  if (err instanceof QwenDaemonUnavailableError) return `run \`${cliCommand('doctor')}\` to see what is wrong`;
+  if (err instanceof QwenTokenExpiredError) {
+    return unlessSaid('status', `see \`${cliCommand('status')}\` for the last refresh error; \`${cliCommand('login')}\` if it persists`);
+  }
+  if (err instanceof QwenConfigError) return `fix the setting named above; \`${cliCommand('doctor')}\` checks the whole setup`;
   return undefined;
 }
 

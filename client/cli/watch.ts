@@ -6,7 +6,7 @@ import { Command } from 'commander';
 import { fingerprint } from '../../shared/fingerprint.js';
 import { QwenDaemonUnavailableError } from '../../shared/errors.js';
 import type { TokenClient } from '../token-client.js';
-import { commandEnv, openClient, out, outJson, type GlobalOptions } from './context.js';
+import { commandConfig, commandEnv, daemonNotRunning, note, openClient, out, outJson, startAdvice, type GlobalOptions } from './context.js';
 import { describeExpiry, formatRelative } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 import { delay, keepAlive } from './keep-alive.js';
@@ -121,9 +121,15 @@ export function watchCommand(): Command {
     .option('--json', 'print one JSON object per event')
     .action(async (opts: { json?: boolean }, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
-      const client = await openClient(env);
+      // Watching is looking: it never starts a daemon (a token request does).
+      const client = await openClient(env, { autostart: false });
       try {
         await runWatch(client, opts.json === true);
+      } catch (err) {
+        if (!daemonNotRunning(err)) throw err;
+        const config = commandConfig(env);
+        note(`qwen-token: qwen-tokend is not running (nothing listens on ${config.socketPath}); ${startAdvice(config)}`);
+        throw new CommandExit(ExitCodes.daemonUnavailable);
       } finally {
         await client.close();
       }

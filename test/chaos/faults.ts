@@ -8,7 +8,8 @@
  */
 import { expect } from 'vitest';
 import { QwenTokenExpiredError } from '../../shared/errors.js';
-import { createFixture, credsFrom, type DaemonFixture, type LogLine } from '../support/daemon.js';
+import { resolveCommand } from '../../shared/cli-command.js';
+import { REPO_ROOT, createFixture, credsFrom, type DaemonFixture, type LogLine } from '../support/daemon.js';
 import type { Fault } from '../support/qwen-server.js';
 import { bugLines, report, until, type SecretLedger } from './harness.js';
 import type { ChaosScale } from './scale.js';
@@ -156,9 +157,11 @@ async function tokenExpiresDuringFaults(ledger: SecretLedger): Promise<{ failure
     expect(err).toBeInstanceOf(QwenTokenExpiredError);
     const message = (err as Error).message;
     expect(message).toMatch(/expired/);
-    // It says what to do.
-    expect(message).toMatch(/qwen-token login/);
-    expect(message).toMatch(/qwen-token status|check the network/);
+    // It says what to do, with the commands in the form that works where the daemon runs.
+    const cli = resolveCommand('qwen-token', { cwd: REPO_ROOT });
+    expect(message).toContain(`\`${cli} login\``);
+    expect(message).toContain('check the network');
+    expect(message).toContain(`\`${cli} status\``);
     // The first healthy answer ends it: a request for a token refreshes at once.
     fx.server.clearFaults();
     const token = await client.getAccessToken({ noCache: true, minValidityMs: 0 });

@@ -109,8 +109,13 @@ export class SecretLedger {
 
 export type Figures = Record<string, number | string>;
 
-/** Prints one scenario's figures on one line (fingerprints and counts only, never a token). */
-export function report(scenario: string, figures: Figures): void {
+/**
+ * Prints one scenario's figures on one line (fingerprints and counts only, never a token), when
+ * asked for: `npm run test:chaos` sets CHAOS_FIGURES (vitest.chaos.config.ts); in `npm test` they
+ * would only be noise between the results, unless `CHAOS_FIGURES=1 npm test`.
+ */
+export function report(scenario: string, figures: Figures, env: NodeJS.ProcessEnv = process.env): void {
+  if (!env.CHAOS_FIGURES) return;
   const text = Object.entries(figures)
     .map(([k, v]) => `${k}=${v}`)
     .join(', ');

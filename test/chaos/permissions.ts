@@ -99,8 +99,10 @@ export async function permissions(ledger: SecretLedger): Promise<PermissionFigur
     expect(await mode(dirname(fx.tokenPath))).toBe('0700');
     checked.push('login');
 
-    // The Qwen CLI file holds the same credentials: a refresh writes both.
+    // The Qwen CLI file holds the same credentials: a refresh writes both. The Qwen CLI makes
+    // its directory (0700) when it first logs in; the daemon never makes it.
     const own = await fx.readOwn();
+    await mkdir(fx.qwenHome, { mode: 0o700 });
     await writeAtomically(fx.qwenCliPath, own!);
     await chmod(fx.qwenCliPath, 0o600);
     await client.refresh();

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseCredentialsText, serializeCredentials, type Credentials } from '../../shared/credentials.js';
+import { DAEMON_NODE_FLAGS } from '../../client/autostart.js';
 import { TokenClient, type TokenClientOptions } from '../../client/token-client.js';
 import { startQwenServer, type QwenServerOptions, type QwenTestServer } from './qwen-server.js';
 
@@ -104,7 +105,8 @@ export class DaemonFixture {
   async start(extraEnv: Record<string, string | undefined> = {}): Promise<void> {
     if (!existsSync(DAEMON_BIN)) throw new Error(`${DAEMON_BIN} is missing: run \`npm run build\``);
     const env = { ...this.env, ...extraEnv };
-    const proc = spawn(process.execPath, [DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Started as autostart starts it, Node flags included.
+    const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, DAEMON_BIN], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc = proc;
     const startIndex = this.output.length;
     let buffered = '';
