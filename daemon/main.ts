@@ -12,7 +12,7 @@ import { QwenConfigError, QwenError } from '../shared/errors.js';
 import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { InstanceLockedError } from './instance-lock.js';
-import { DaemonAlreadyRunningError } from './ipc-server.js';
+import { DaemonAlreadyRunningError } from './socket-file.js';
 import { createLogger, type Logger } from './logger.js';
 import { notifyReady } from './readiness.js';
 

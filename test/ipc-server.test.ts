@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { IpcServer, rpcMethod } from '../daemon/ipc-server.js';
+import { IpcServer } from '../daemon/ipc-server.js';
+import { rpcMethod } from '../daemon/rpc-dispatcher.js';
 import { createLogger, silentLogger } from '../daemon/logger.js';
 import { QwenTokenExpiredError } from '../shared/errors.js';
 
