@@ -382,3 +382,70 @@ describe('IpcServer answering calls that wait on one promise (a burst waiting on
     }
   });
 });
+
+describe('IpcServer limits on idle and refused clients', () => {
+  let logged: Array<{ level: number; msg: string; refused?: number }>;
+
+  async function startLimited(options: { silentConnectionTimeoutMs?: number; maxConnections?: number }): Promise<void> {
+    logged = [];
+    server = new IpcServer({
+      socketPath: join(dir, 'run', 'd.sock'),
+      logger: createLogger({ level: 'debug', destination: { write: (line: string) => void logged.push(JSON.parse(line) as { level: number; msg: string }) } }),
+      methods: { echo: rpcMethod(z.object({ n: z.number().int() }).strict(), ({ n }) => ({ n })) },
+      ...options,
+    });
+    await server.listen();
+  }
+
+  function closedFlag(socket: Socket): () => boolean {
+    let closed = false;
+    socket.once('close', () => (closed = true));
+    return () => closed;
+  }
+
+  it('closes a connection that sends nothing once the silent-connection timeout passes, not one that sent a frame', async () => {
+    await startLimited({ silentConnectionTimeoutMs: 150 });
+    const silent = await rawClient();
+    const spoke = await connect();
+    const silentClosed = closedFlag(silent.socket);
+    const spokeClosed = closedFlag(spoke.socket);
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'echo', params: { n: 1 } })}\n`);
+    await until(() => silentClosed());
+    await new Promise((r) => setTimeout(r, 400));
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'echo', params: { n: 2 } })}\n`);
+    await until(() => spoke.answers.length === 2);
+    expect(spoke.answers).toEqual([1, 2]);
+    expect(spokeClosed()).toBe(false);
+    expect(server.connectionCount).toBe(1);
+  });
+
+  it('a connection that sent only part of a frame is not taken for a silent one: it gets the partial-frame timeout', async () => {
+    await startLimited({ silentConnectionTimeoutMs: 100 });
+    const partial = await rawClient();
+    const closed = closedFlag(partial.socket);
+    partial.socket.write('{"jsonrpc":"2.0","id":1,');
+    await new Promise((r) => setTimeout(r, 400));
+    expect(closed()).toBe(false);
+    partial.socket.write('"method":"echo","params":{"n":5}}\n');
+    await until(() => partial.received().includes('"n":5'));
+  });
+
+  it('warns about clients refused at the connection limit once, with their count, not once per client', async () => {
+    await startLimited({ maxConnections: 1 });
+    const kept = await connect();
+    kept.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'echo', params: { n: 1 } })}\n`);
+    await until(() => kept.answers.length === 1);
+    // One after another: each is accepted by the kernel and closed by the server at once.
+    for (let i = 0; i < 20; i++) {
+      await new Promise<void>((done) => {
+        const socket = createConnection(server.socketPath);
+        socket.on('error', () => undefined);
+        socket.once('close', () => done());
+      });
+    }
+    const warnings = logged.filter((l) => /connection limit/.test(l.msg));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]?.refused).toBe(1);
+    expect(kept.answers).toEqual([1]);
+  });
+});
