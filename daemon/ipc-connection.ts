@@ -39,6 +39,7 @@ const MAX_INFLIGHT_PER_CONNECTION = 256;
 const FRAMES_PER_CLOCK_CHECK = 16;
 const NEWLINE = 10;
 
+/** One accepted socket: its bytes become lines for the dispatcher, its replies leave with back-pressure. */
 export class Connection {
   readonly session: RpcSession;
   /** The start of a frame whose end has not arrived yet, in parts. */
@@ -64,6 +65,7 @@ export class Connection {
   }
 
   onData(chunk: Buffer): void {
+    // The first bytes: the connection is no longer silent (a partial frame keeps its own timer).
     if (this.stallTimer && this.partsLength === 0) this.clearStallTimer();
     // Others are waiting in line: take a place behind them rather than jump the queue.
     if (this.held || this.context.turns.busy) this.hold(chunk);

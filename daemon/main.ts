@@ -28,7 +28,8 @@ Runs in the foreground until SIGTERM/SIGINT; SIGHUP re-reads the credential file
 and reopens the log file. Configuration is by environment variable (see README):
 QWEN_TOKEN_PATH, QWEN_HOME, QWEN_TOKEND_SOCKET, QWEN_OAUTH_BASE_URL, QWEN_OAUTH_CLIENT_ID,
 QWEN_TOKEND_REFRESH_LEAD_MS, QWEN_TOKEND_RETRY_MS, QWEN_TOKEND_HTTP_TIMEOUT_MS,
-QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE.
+QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE,
+QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS.
 `;
 
 function openLogger(config: TokendConfig): { logger: Logger; reopen: () => void } {

@@ -73,6 +73,7 @@ export class RpcSession implements RpcConnection {
 
 const NO_ANSWER = '';
 
+/** Turns request lines into answer lines for the methods it was given; shared by every connection of a server. */
 export class RpcDispatcher {
   private readonly methods = new Map<string, CompiledMethod>();
   /** The last canonical valid call, for frames that repeat it with another id. */

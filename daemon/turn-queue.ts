@@ -10,6 +10,7 @@ export interface TurnTaker {
   takeTurn(deadline: number): void;
 }
 
+/** The line of connections waiting for a turn on the event loop. */
 export class TurnQueue<T extends TurnTaker> {
   /** In arrival order; a Set, so each waits once. */
   private readonly waiting = new Set<T>();
