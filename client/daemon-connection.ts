@@ -6,14 +6,14 @@ import { createConnection, type Socket } from 'node:net';
 import { errorFromWire, QwenConfigError, QwenDaemonUnavailableError, QwenProtocolError, type QwenError } from '../shared/errors.js';
 import { checkSocketPath } from '../shared/path-trust.js';
 import { RpcErrorSchema } from '../shared/protocol.js';
-import { LineReader } from '../shared/line-reader.js';
+import { LineReader } from './line-reader.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
 
 /** Replies are small; anything this large is a broken or hostile peer. */
 const MAX_INCOMING_FRAME = 1024 * 1024;
 
 /** The longest delay setTimeout takes; a later deadline is re-armed when it fires. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
+const LONGEST_NODE_TIMER_MS = 2 ** 31 - 1;
 
 interface Notification {
   line: string;
@@ -77,7 +77,7 @@ export class DaemonConnection {
   /** One timer for all pending calls, due at the earliest deadline (`deadlineAt`). */
   private deadlineTimer: NodeJS.Timeout | undefined;
   private deadlineAt = Infinity;
-  /** The last canonical answer, for answers that repeat it with another id (a burst). */
+  /** The last canonical answer, for answers that repeat it with another id (many calls, one token). */
   private readonly repeated = new RepeatedFrame<unknown>();
 
   private constructor(
@@ -147,8 +147,8 @@ export class DaemonConnection {
       // While a call waits, the socket keeps the process alive; when idle, it must not.
       if (this.pending.size === 1) this.socket.ref();
       const line = `${JSON.stringify({ jsonrpc: '2.0', id, method, params: params ?? {} })}\n`;
-      // The first call of a tick is written at once; more calls in the same tick (a burst of
-      // getAccessToken() on an expired token) leave together when the tick ends: one system
+      // The first call of a tick is written at once; more calls in the same tick (many
+      // getAccessToken() calls on an expired token) leave together when the tick ends: one system
       // call and one wake-up of the daemon instead of one each.
       if (this.batchScheduled) {
         this.batch += line;
@@ -181,7 +181,7 @@ export class DaemonConnection {
   private armDeadline(at: number): void {
     if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
     this.deadlineAt = at;
-    this.deadlineTimer = setTimeout(() => this.expireOverdue(), Math.min(MAX_TIMER_MS, Math.max(1, Math.ceil(at - performance.now()))));
+    this.deadlineTimer = setTimeout(() => this.expireOverdue(), Math.min(LONGEST_NODE_TIMER_MS, Math.max(1, Math.ceil(at - performance.now()))));
     this.deadlineTimer.unref();
   }
 
@@ -211,7 +211,7 @@ export class DaemonConnection {
 
   /** The line `text[start, end)` from the daemon. */
   private onLine(text: string, start: number, end: number): void {
-    // A burst of calls is answered with one result many times over: an answer that repeats
+    // Many calls at once are answered with one result many times over: an answer that repeats
     // the last one with another id carries the same value, so it is not parsed again (nor cut
     // out of the text the read was decoded into).
     const repeatedId = this.repeated.idAt(text, start, end);

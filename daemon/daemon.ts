@@ -23,7 +23,8 @@ import { CredentialFile } from './credential-store.js';
 import { CredentialWatcher } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import { acquireInstanceLock, type InstanceLock } from './instance-lock.js';
-import { IpcServer, rpcMethod, type RpcMethod } from './ipc-server.js';
+import { IpcServer } from './ipc-server.js';
+import { rpcMethod, type RpcMethod } from './rpc-dispatcher.js';
 import type { Logger } from './logger.js';
 import { QwenOAuthClient, TokenResponseSchema } from './oauth.js';
 import { TokenKeeper } from './token-keeper.js';
@@ -166,7 +167,13 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
         return { subscribed: true };
       }),
     };
-    server = new IpcServer({ socketPath: config.socketPath, logger, methods, platform: options.platform });
+    server = new IpcServer({
+      socketPath: config.socketPath,
+      logger,
+      methods,
+      platform: options.platform,
+      silentConnectionTimeoutMs: config.silentConnectionTimeoutMs,
+    });
 
     // Pushed once the callers waiting on this refresh have their answers (those leave from
     // promise callbacks, before this immediate): a waiting caller gets the token first, and the

@@ -6,16 +6,17 @@
  */
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
+import { errorText } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenError } from '../shared/errors.js';
 import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { InstanceLockedError } from './instance-lock.js';
-import { DaemonAlreadyRunningError } from './ipc-server.js';
+import { DaemonAlreadyRunningError } from './socket-file.js';
 import { openDaemonLogger } from './logger.js';
 import { notifyReady } from './readiness.js';
 
 /** Exit codes; the service units tell the service manager not to restart on 3 and 78. */
-export const ExitCodes = { ok: 0, failure: 1, alreadyRunning: 3, config: 78 } as const;
+export const DaemonExitCodes = { ok: 0, failure: 1, alreadyRunning: 3, config: 78 } as const;
 
 const HELP = `qwen-tokend ${packageVersion()}: owns the Qwen OAuth token for every process of this user.
 
@@ -25,31 +26,31 @@ Runs in the foreground until SIGTERM/SIGINT; SIGHUP re-reads the credential file
 and reopens the log file. Configuration is by environment variable (see README):
 QWEN_TOKEN_PATH, QWEN_HOME, QWEN_TOKEND_SOCKET, QWEN_OAUTH_BASE_URL, QWEN_OAUTH_CLIENT_ID,
 QWEN_TOKEND_REFRESH_LEAD_MS, QWEN_TOKEND_RETRY_MS, QWEN_TOKEND_HTTP_TIMEOUT_MS,
-QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE, QWEN_TOKEND_CHAT_HOSTS
-(see docs/security.md).
+QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE,
+QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS, QWEN_TOKEND_CHAT_HOSTS (see docs/security.md).
 `;
 
 async function main(argv: string[]): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
     process.stdout.write(HELP);
-    return ExitCodes.ok;
+    return DaemonExitCodes.ok;
   }
   if (argv.includes('--version') || argv.includes('-v')) {
     process.stdout.write(`${packageVersion()}\n`);
-    return ExitCodes.ok;
+    return DaemonExitCodes.ok;
   }
   const unknown = argv.filter((a) => a.length > 0);
   if (unknown.length > 0) {
     process.stderr.write(`qwen-tokend: unknown argument "${unknown[0]}"; see qwen-tokend --help\n`);
-    return ExitCodes.config;
+    return DaemonExitCodes.config;
   }
 
   let config: TokendConfig;
   try {
     config = resolveConfig(process.env, { platform: process.platform });
   } catch (err) {
-    process.stderr.write(`qwen-tokend: ${(err as Error).message}\n`);
-    return ExitCodes.config;
+    process.stderr.write(`qwen-tokend: ${errorText(err)}\n`);
+    return DaemonExitCodes.config;
   }
   // Never throws: a log file that cannot be opened or written is reported and replaced by stderr.
   const { logger, destination } = await openDaemonLogger({ level: config.logLevel, file: config.logFile, env: process.env });
@@ -64,14 +65,14 @@ async function main(argv: string[]): Promise<number> {
       const watchdog = setTimeout(() => {
         logger.error('shutdown took too long; exiting anyway');
         logger.flush();
-        process.exit(ExitCodes.failure);
+        process.exit(DaemonExitCodes.failure);
       }, 1_800);
       watchdog.unref();
       await daemon.close();
       clearTimeout(watchdog);
       logger.info('stopped');
       logger.flush();
-      return fatal ? ExitCodes.failure : ExitCodes.ok;
+      return fatal ? DaemonExitCodes.failure : DaemonExitCodes.ok;
     })());
 
   try {
@@ -86,12 +87,12 @@ async function main(argv: string[]): Promise<number> {
       },
     });
   } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
+    const message = errorText(err);
     logger.fatal({ code: err instanceof QwenError ? err.code : undefined }, `cannot start: ${message}`);
     process.stderr.write(`qwen-tokend: ${message}\n`);
-    if (err instanceof InstanceLockedError || err instanceof DaemonAlreadyRunningError) return ExitCodes.alreadyRunning;
-    if (err instanceof QwenConfigError) return ExitCodes.config;
-    return ExitCodes.failure;
+    if (err instanceof InstanceLockedError || err instanceof DaemonAlreadyRunningError) return DaemonExitCodes.alreadyRunning;
+    if (err instanceof QwenConfigError) return DaemonExitCodes.config;
+    return DaemonExitCodes.failure;
   }
 
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
@@ -103,7 +104,7 @@ async function main(argv: string[]): Promise<number> {
     void daemon.reload();
   });
   process.on('unhandledRejection', (reason) => {
-    logger.error({ err: reason instanceof Error ? reason.message : String(reason) }, 'unhandled rejection (bug); continuing');
+    logger.error({ err: errorText(reason) }, 'unhandled rejection (bug); continuing');
   });
 
   logger.info({ socket: config.socketPath, version: packageVersion(), pid: process.pid }, 'ready');
@@ -116,6 +117,6 @@ main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err: unknown) => {
     process.stderr.write(`qwen-tokend: unexpected error: ${(err as Error)?.stack ?? String(err)}\n`);
-    process.exit(ExitCodes.failure);
+    process.exit(DaemonExitCodes.failure);
   },
 );

@@ -26,6 +26,8 @@ export interface TokendConfig {
   retryMs: number;
   httpTimeoutMs: number;
   qwenCliLockStaleMs: number;
+  /** A client connection that sends nothing at all this long is closed (`QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS`). */
+  silentConnectionTimeoutMs: number;
   logLevel: string;
   logFile: string | undefined;
   autostart: boolean;
@@ -43,6 +45,7 @@ export const DEFAULTS = {
   retryMs: 60_000,
   httpTimeoutMs: 15_000,
   qwenCliLockStaleMs: 35_000,
+  silentConnectionTimeoutMs: 30_000,
   logLevel: 'info',
 } as const;
 
@@ -142,6 +145,7 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
     retryMs: readInt(env, 'QWEN_TOKEND_RETRY_MS', DEFAULTS.retryMs, 100),
     httpTimeoutMs: readInt(env, 'QWEN_TOKEND_HTTP_TIMEOUT_MS', DEFAULTS.httpTimeoutMs, 100),
     qwenCliLockStaleMs: readInt(env, 'QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS', DEFAULTS.qwenCliLockStaleMs, 1000),
+    silentConnectionTimeoutMs: readInt(env, 'QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS', DEFAULTS.silentConnectionTimeoutMs, 100),
     logLevel,
     logFile: env.QWEN_TOKEND_LOG_FILE?.trim() ? expandHome(env.QWEN_TOKEND_LOG_FILE.trim(), home) : undefined,
     autostart: readBool(env, 'QWEN_TOKEND_AUTOSTART', true),

@@ -9,6 +9,11 @@ export function errnoCode(err: unknown): string | undefined {
   return undefined;
 }
 
+/** What went wrong, as text for a log line or a message: an Error's message, anything else as a string. */
+export function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
 /** True when a process with this pid exists (EPERM: it exists but is not ours to signal). */
 export function processAlive(pid: number): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 0) return false;

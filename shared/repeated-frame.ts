@@ -1,7 +1,11 @@
 /**
  * Recognizes a frame that repeats the last remembered one with another id, so what it carries
- * need not be parsed and validated again. Bursts are made of such frames: a client's concurrent
- * getAccessToken() calls differ only in their ids, and so do the daemon's answers to them.
+ * need not be parsed and validated again. A client's concurrent getAccessToken() calls differ
+ * only in their ids, and so do the daemon's answers to them.
+ *
+ * In shared/ because both ends use it (the daemon on requests, the client on answers) and it
+ * rests on what both agree to write: every frame as JSON.stringify gives it, `jsonrpc` then `id`
+ * first. A frame written otherwise is still understood, through the ordinary path.
  *
  * Sound by construction: a frame is remembered only when its text is exactly what
  * JSON.stringify gives for it and it starts with `jsonrpc` and a positive integer `id`. Another
@@ -12,7 +16,7 @@ const HEAD = '{"jsonrpc":"2.0","id":';
 /** Ids past 15 digits may not be exact doubles; such frames take the slow path. */
 const MAX_ID_DIGITS = 15;
 /**
- * Longer lines are not remembered: the frames of a burst are a few hundred bytes, and checking
+ * Longer lines are not remembered: the frames that repeat are a few hundred bytes, and checking
  * that a line is canonical costs a JSON.stringify of it, which a peer sending large frames
  * should not be able to double.
  */

@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { IpcServer, rpcMethod } from '../daemon/ipc-server.js';
+import { IpcServer } from '../daemon/ipc-server.js';
+import { rpcMethod } from '../daemon/rpc-dispatcher.js';
 import { createLogger, silentLogger } from '../daemon/logger.js';
 import { QwenTokenExpiredError } from '../shared/errors.js';
 
@@ -103,31 +104,6 @@ function frames(from: string, count: number, busyMs?: number): string {
   return out;
 }
 
-/**
- * Sends 100 frames in one write to a server whose turn budget no read can use up, so they are
- * handled in one go however slow the machine, and counts the calls of `proto[name]` meanwhile
- * for which `counts(this)` holds. Checks that every frame was answered, in order.
- */
-async function callsWhileAnsweringOneRead(proto: object, name: string, counts: (self: unknown) => boolean = () => true): Promise<number> {
-  await startServer(60_000);
-  const a = await connect();
-  const target = proto as Record<string, (...args: unknown[]) => unknown>;
-  const original = target[name]!;
-  let calls = 0;
-  target[name] = function (this: unknown, ...args: unknown[]) {
-    if (counts(this)) calls++;
-    return original.apply(this, args);
-  };
-  try {
-    a.socket.write(frames('a', 100));
-    await until(() => a.answers.length === 100);
-  } finally {
-    target[name] = original;
-  }
-  expect(a.answers).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
-  return calls;
-}
-
 async function until(check: () => boolean): Promise<void> {
   for (let i = 0; i < 2_000 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
   expect(check()).toBe(true);
@@ -196,23 +172,6 @@ describe('IpcServer under a flood of frames', () => {
     expect(a.answers).toEqual([7]);
   });
 
-  it('answers the frames of one read with one write', async () => {
-    // Every write the server's side makes: on sockets it accepted (Node sets their `server`),
-    // not on the client's or the test runner's own.
-    const writes = await callsWhileAnsweringOneRead(Socket.prototype, 'write', (socket) => {
-      const server = (socket as { server?: unknown }).server;
-      return server !== undefined && server !== null;
-    });
-    expect(writes).toBe(1);
-  });
-
-  it('decodes the frames of one read in one go, not a Buffer and a string per frame', async () => {
-    const decodes = await callsWhileAnsweringOneRead(Buffer.prototype, 'toString');
-    // One for the read (the client's side decodes through its stream, not this method);
-    // a frame at a time would be 100.
-    expect(decodes).toBeLessThanOrEqual(2);
-  });
-
   it('a read with characters of several bytes, an invalid byte, CRLF and blank lines: every frame answered in order', async () => {
     await startServer(60_000);
     const a = await connect();
@@ -247,7 +206,8 @@ describe('IpcServer under a flood of frames', () => {
     await startServer(60_000);
     const { socket } = await rawClient();
     socket.pause();
-    // Every server-side write from here on, by size (see the one-write test).
+    // Every server-side write from here on, by size: on sockets the server accepted (Node sets
+    // their `server`), not on the client's own.
     const write = Socket.prototype.write;
     let largest = 0;
     Socket.prototype.write = function (this: Socket & { server?: unknown }, ...args: unknown[]) {
@@ -379,5 +339,72 @@ describe('IpcServer answering calls that wait on one promise (a burst waiting on
       expect(a.error?.data?.code).toBe('QWEN_TOKEN_EXPIRED');
       expect(a.error?.message).toBe('the token expired and could not be refreshed');
     }
+  });
+});
+
+describe('IpcServer limits on idle and refused clients', () => {
+  let logged: Array<{ level: number; msg: string; refused?: number }>;
+
+  async function startLimited(options: { silentConnectionTimeoutMs?: number; maxConnections?: number }): Promise<void> {
+    logged = [];
+    server = new IpcServer({
+      socketPath: join(dir, 'run', 'd.sock'),
+      logger: createLogger({ level: 'debug', destination: { write: (line: string) => void logged.push(JSON.parse(line) as { level: number; msg: string }) } }),
+      methods: { echo: rpcMethod(z.object({ n: z.number().int() }).strict(), ({ n }) => ({ n })) },
+      ...options,
+    });
+    await server.listen();
+  }
+
+  function closedFlag(socket: Socket): () => boolean {
+    let closed = false;
+    socket.once('close', () => (closed = true));
+    return () => closed;
+  }
+
+  it('closes a connection that sends nothing once the silent-connection timeout passes, not one that sent a frame', async () => {
+    await startLimited({ silentConnectionTimeoutMs: 150 });
+    const silent = await rawClient();
+    const spoke = await connect();
+    const silentClosed = closedFlag(silent.socket);
+    const spokeClosed = closedFlag(spoke.socket);
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'echo', params: { n: 1 } })}\n`);
+    await until(() => silentClosed());
+    await new Promise((r) => setTimeout(r, 400));
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'echo', params: { n: 2 } })}\n`);
+    await until(() => spoke.answers.length === 2);
+    expect(spoke.answers).toEqual([1, 2]);
+    expect(spokeClosed()).toBe(false);
+    expect(server.connectionCount).toBe(1);
+  });
+
+  it('a connection that sent only part of a frame is not taken for a silent one: it gets the partial-frame timeout', async () => {
+    await startLimited({ silentConnectionTimeoutMs: 100 });
+    const partial = await rawClient();
+    const closed = closedFlag(partial.socket);
+    partial.socket.write('{"jsonrpc":"2.0","id":1,');
+    await new Promise((r) => setTimeout(r, 400));
+    expect(closed()).toBe(false);
+    partial.socket.write('"method":"echo","params":{"n":5}}\n');
+    await until(() => partial.received().includes('"n":5'));
+  });
+
+  it('warns about clients refused at the connection limit once, with their count, not once per client', async () => {
+    await startLimited({ maxConnections: 1 });
+    const kept = await connect();
+    kept.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'echo', params: { n: 1 } })}\n`);
+    await until(() => kept.answers.length === 1);
+    // One after another: each is accepted by the kernel and closed by the server at once.
+    for (let i = 0; i < 20; i++) {
+      await new Promise<void>((done) => {
+        const socket = createConnection(server.socketPath);
+        socket.on('error', () => undefined);
+        socket.once('close', () => done());
+      });
+    }
+    const warnings = logged.filter((l) => /connection limit/.test(l.msg));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]?.refused).toBe(1);
+    expect(kept.answers).toEqual([1]);
   });
 });

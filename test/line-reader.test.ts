@@ -1,5 +1,5 @@
 /**
- * LineReader (shared/line-reader): lines straight from a socket's reads into one reused buffer.
+ * LineReader (client/line-reader): lines straight from a socket's reads into one reused buffer.
  * What can go wrong is keeping a view of bytes the next read overwrites, splitting a character,
  * or reading on after a line too long; each case below fails if the reader gets it wrong.
  */
@@ -8,7 +8,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { LineReader } from '../shared/line-reader.js';
+import { LineReader } from '../client/line-reader.js';
 
 /** Feeds `chunks` to `reader` the way a socket does: each one written into the same buffer. */
 function feed(reader: LineReader, chunks: Buffer[]): boolean[] {

@@ -9,7 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { IpcServer, rpcMethod } from '../daemon/ipc-server.js';
+import { IpcServer } from '../daemon/ipc-server.js';
+import { rpcMethod } from '../daemon/rpc-dispatcher.js';
 import { silentLogger } from '../daemon/logger.js';
 import { RepeatedFrame } from '../shared/repeated-frame.js';
 

@@ -15,8 +15,10 @@ import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command, Option } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
+import { errorText } from '../../shared/diagnostics.js';
 import { packagedDaemonBin, packageRoot } from '../../shared/package.js';
 import { SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
+import { commandEnv, type GlobalOptions } from './context.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
 export type ServicePlatform = 'linux' | 'darwin';
@@ -273,13 +275,14 @@ async function must(command: string, args: readonly string[]): Promise<RunResult
   return result;
 }
 
-interface RunningDaemon {
+/** A daemon that answered on the socket: what `service status` reports of it. */
+interface AnsweringDaemon {
   pid: number;
   socket: string;
 }
 
 /** Asks the socket whether a daemon answers (never starts one). */
-async function probeDaemon(env: NodeJS.ProcessEnv): Promise<RunningDaemon | null> {
+async function probeDaemon(env: NodeJS.ProcessEnv): Promise<AnsweringDaemon | null> {
   // Loaded on demand: `--print` and `uninstall` need no client.
   const { TokenClient } = await import('../token-client.js');
   const client = new TokenClient({ env, autostart: false, reconnectWindowMs: 0, requestTimeoutMs: 2_000 });
@@ -356,7 +359,7 @@ async function installSystemd(plan: ServicePlan, env: NodeJS.ProcessEnv): Promis
       await must('systemctl', ['--user', 'enable', '--now', SYSTEMD_UNIT]);
     }
   } catch (err) {
-    throw new Error(`${(err as Error).message}${leftInPlace}`);
+    throw new Error(`${errorText(err)}${leftInPlace}`);
   }
   if (unmanaged) {
     io.warn(
@@ -413,7 +416,7 @@ async function installLaunchd(plan: ServicePlan, env: NodeJS.ProcessEnv): Promis
     await must('launchctl', ['enable', service]);
     await must('launchctl', ['bootstrap', domain, plan.filePath]);
   } catch (err) {
-    throw new Error(`${(err as Error).message}\n  ${plan.filePath} is installed, so clients will not autostart a daemon; delete it to undo.`);
+    throw new Error(`${errorText(err)}\n  ${plan.filePath} is installed, so clients will not autostart a daemon; delete it to undo.`);
   }
   io.out(`qwen-tokend runs as the launchd agent ${SERVICE_LABEL} and starts at login.`);
   io.out(`  logs:   ${join(logDir, 'qwen-tokend.log')}`);
@@ -475,16 +478,10 @@ async function guarded(name: string, action: () => Promise<number | void>): Prom
   try {
     code = await action();
   } catch (err) {
-    io.warn(`qwen-token service ${name}: ${(err as Error).message}`);
+    io.warn(`qwen-token service ${name}: ${errorText(err)}`);
     throw new CommandExit(ExitCodes.error);
   }
   if (code === ExitCodes.daemonUnavailable) throw new CommandExit(code);
-}
-
-/** The environment for a subcommand: the program's global `--socket`, when given, wins. */
-function commandEnv(cmd: Command): NodeJS.ProcessEnv {
-  const socket = (cmd.optsWithGlobals() as { socket?: unknown }).socket;
-  return typeof socket === 'string' && socket.trim() ? { ...process.env, QWEN_TOKEND_SOCKET: socket } : process.env;
 }
 
 /** The `service` command group (install, uninstall, status) for the qwen-token CLI. */
@@ -512,7 +509,7 @@ export function serviceCommand(): Command {
     .action((opts: { print?: boolean; platform?: string }, cmd: Command) =>
       guarded('install', async () => {
         const platform = platformOf(opts.platform);
-        const env = commandEnv(cmd);
+        const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
         const plan = planService(env, platform);
         if (opts.print) {
           process.stdout.write(plan.contents);
@@ -530,14 +527,14 @@ export function serviceCommand(): Command {
     .command('uninstall')
     .description('stop the service, disable it and remove its unit/plist')
     .addOption(platformOption())
-    .action((opts: { platform?: string }, cmd: Command) => guarded('uninstall', () => uninstall(platformOf(opts.platform), commandEnv(cmd))));
+    .action((opts: { platform?: string }, cmd: Command) => guarded('uninstall', () => uninstall(platformOf(opts.platform), commandEnv(cmd.optsWithGlobals<GlobalOptions>()))));
 
   service
     .command('status')
     .description("show whether the service is installed and running (the service manager's own report)")
     .addOption(platformOption())
     .addHelpText('after', '\nExit code: 0 running, 4 not installed or not running, 1 the service manager could not be asked.')
-    .action((opts: { platform?: string }, cmd: Command) => guarded('status', () => status(platformOf(opts.platform), commandEnv(cmd))));
+    .action((opts: { platform?: string }, cmd: Command) => guarded('status', () => status(platformOf(opts.platform), commandEnv(cmd.optsWithGlobals<GlobalOptions>()))));
 
   return service;
 }

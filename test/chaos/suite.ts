@@ -1,5 +1,5 @@
 /**
- * The chaos suite, registered once for both entry points: `test/chaos.test.ts` (reduced counts,
+ * The chaos suite, registered once for both entry points: `test/chaos.daemon.test.ts` (reduced counts,
  * part of `npm test`) and `test/chaos/full.chaos.ts` (full counts, `npm run test:chaos`).
  * Scenarios run in order in one file so the secret ledger sees the whole run; the secrets
  * check comes last.

@@ -246,6 +246,27 @@ describe('IPC', () => {
     expect(status.state).toBe('valid');
   });
 
+  it('a connection that sends nothing is closed after QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS; one that spoke stays open', async () => {
+    fx = await createFixture({ env: { QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS: '300' } });
+    await fx.writeOwn(credsFrom(fx.server));
+    await fx.start();
+    const silent = await rawConnection(fx.socketPath);
+    const spoke = await rawConnection(fx.socketPath);
+    let silentClosed = false;
+    let spokeClosed = false;
+    silent.socket.once('close', () => (silentClosed = true));
+    spoke.socket.once('close', () => (spokeClosed = true));
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'hello', params: { protocol: 1 } })}\n`);
+    await until(() => silentClosed, 'the daemon to close the silent connection', 5_000);
+    // Well past the timeout: the connection that sent a frame is still served.
+    await new Promise((r) => setTimeout(r, 600));
+    spoke.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'hello', params: { protocol: 1 } })}\n`);
+    await until(() => spoke.lines.length === 2, 'both hello answers', 3_000);
+    expect(spokeClosed).toBe(false);
+    expect(silent.lines).toEqual([]);
+    spoke.socket.destroy();
+  });
+
   it('the socket is 0600 in a 0700 directory, and a looser directory is refused', async () => {
     fx = await createFixture();
     await fx.start();
