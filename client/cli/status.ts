@@ -5,6 +5,7 @@ import { Command } from 'commander';
 import type { StatusResult } from '../../shared/protocol.js';
 import { commandEnv, out, outJson, withClient, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration, formatRelative } from './duration.js';
+import { formatGatewayRows } from './gateway-format.js';
 
 const STATE_TEXT: Record<StatusResult['state'], string> = {
   no_credentials: 'no credentials (run `qwen-token login`)',
@@ -36,6 +37,7 @@ export function formatStatus(s: StatusResult): string {
     ['daemon', `pid ${s.pid}, version ${s.version}, protocol ${s.protocol}, up ${formatDuration(s.uptime_ms)}`],
     ['clients', `${s.connected_clients} connected, ${s.requests_served} requests served`],
     ['socket', s.socket_path],
+    ...(s.gateway ? formatGatewayRows(s.gateway) : []),
   ];
   const width = Math.max(...rows.map(([label]) => label.length));
   return `${rows.map(([label, value]) => `${label.padEnd(width)}  ${value}`).join('\n')}\n`;
