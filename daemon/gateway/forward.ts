@@ -72,6 +72,28 @@ export class UpstreamFailure extends Error {
   }
 }
 
+/**
+ * Lets the gateway cut an exchange when its client goes away. A plain hook rather than an
+ * AbortSignal: the signal's event machinery cost every request more than the rest of the
+ * forwarding did (see bench/gateway.md).
+ */
+export class Cancellation {
+  cancelled = false;
+  private hook: (() => void) | null = null;
+
+  cancel(): void {
+    if (this.cancelled) return;
+    this.cancelled = true;
+    this.hook?.();
+  }
+
+  /** Runs `fn` on cancel, at once when already cancelled. One hook: the exchange in flight. */
+  onCancel(fn: () => void): void {
+    this.hook = fn;
+    if (this.cancelled) fn();
+  }
+}
+
 export interface UpstreamAgents {
   http: HttpAgent;
   https: HttpsAgent;
@@ -92,7 +114,7 @@ export interface UpstreamCall {
   /** A whole body, or a writer that streams it into the request (and ends it). */
   body: Buffer | ((upstream: NodeJS.WritableStream & { destroy(err?: Error): void }) => void);
   timeoutMs: number;
-  signal: AbortSignal;
+  cancel: Cancellation;
   agents: UpstreamAgents;
 }
 
@@ -106,8 +128,8 @@ export function callUpstream(call: UpstreamCall): Promise<IncomingMessage> {
       method: call.method,
       headers: call.headers,
       agent: isHttps ? call.agents.https : call.agents.http,
-      signal: call.signal,
     });
+    call.cancel.onCancel(() => req.destroy());
     // Silence between bytes, before the answer or within it, longer than this is a timeout.
     req.setTimeout(call.timeoutMs, () => {
       req.destroy(new UpstreamFailure('timeout', `the upstream sent nothing for ${call.timeoutMs} ms`));
@@ -116,7 +138,7 @@ export function callUpstream(call: UpstreamCall): Promise<IncomingMessage> {
       if (settled) return;
       settled = true;
       if (err instanceof UpstreamFailure) return reject(err);
-      if (call.signal.aborted) return reject(new UpstreamFailure('aborted', 'the client went away'));
+      if (call.cancel.cancelled) return reject(new UpstreamFailure('aborted', 'the client went away'));
       const code = (err as NodeJS.ErrnoException).code;
       reject(new UpstreamFailure('unreachable', `the upstream ${call.url.host} could not be reached (${code ?? err.message})`));
     });

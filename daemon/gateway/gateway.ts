@@ -17,6 +17,7 @@ import { prepareSocketDirectory, removeStaleSocket } from '../ipc-server.js';
 import type { Logger } from '../logger.js';
 import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
 import {
+  Cancellation,
   callUpstream,
   clientResponseHeaders,
   createUpstreamAgents,
@@ -377,9 +378,9 @@ export class Gateway {
     const profile = profiles.get(profileName);
     if (!profile) return fail('unknown_profile', `no profile named "${profileName}"`);
 
-    const abort = new AbortController();
+    const cancel = new Cancellation();
     res.once('close', () => {
-      if (!res.writableFinished) abort.abort();
+      if (!res.writableFinished) cancel.cancel();
     });
 
     const replayable = body !== null;
@@ -393,7 +394,7 @@ export class Gateway {
       } catch (err) {
         return this.credentialFailure(err, profile, fail);
       }
-      if (abort.signal.aborted) return;
+      if (cancel.cancelled) return;
       const headers = upstreamRequestHeaders(req.headers, credential, body !== null ? (hasBody ? body.length : null) : declared);
       let upstream: IncomingMessage;
       try {
@@ -403,7 +404,7 @@ export class Gateway {
           headers,
           body: body ?? ((dest) => this.streamBody(req, prefix, dest, ex)),
           timeoutMs: limits.upstreamTimeoutMs,
-          signal: abort.signal,
+          cancel,
           agents: this.agents,
         });
       } catch (err) {
@@ -469,6 +470,10 @@ export class Gateway {
     ex.stream = contentType.startsWith('text/event-stream');
     if (ex.stream) this.streams += 1;
     try {
+      if (res.destroyed) {
+        upstream.destroy();
+        return;
+      }
       res.writeHead(status, clientResponseHeaders(upstream.headers));
       if (peeked) {
         ex.bytesOut += peeked.length;
@@ -476,17 +481,33 @@ export class Gateway {
         return;
       }
       // Each read is written as it arrives (an SSE event is never held back), and a slow
-      // client pauses the upstream instead of filling memory.
-      upstream.on('data', (chunk: Buffer) => {
-        ex.bytesOut += chunk.length;
+      // client pauses the upstream (pipe's back-pressure) instead of filling memory.
+      await new Promise<void>((done) => {
+        upstream.on('data', (chunk: Buffer) => {
+          ex.bytesOut += chunk.length;
+        });
+        // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
+        const broken = () => {
+          if (res.writableFinished) return;
+          if (ex.error === null) {
+            ex.error = 'upstream_broken';
+            this.count('upstream_broken');
+          }
+          res.destroy();
+        };
+        upstream.once('error', broken);
+        upstream.once('close', () => {
+          if (!upstream.complete) broken();
+        });
+        res.once('close', () => {
+          if (!res.writableFinished) {
+            ex.error ??= 'client_aborted';
+            upstream.destroy();
+          }
+          done();
+        });
+        upstream.pipe(res);
       });
-      await pipeline(upstream, res);
-    } catch {
-      if (!res.writableFinished) {
-        ex.error ??= 'client_aborted';
-        res.destroy();
-        upstream.destroy();
-      }
     } finally {
       if (ex.stream) this.streams -= 1;
     }
@@ -521,8 +542,8 @@ export class Gateway {
 
   /** `GET {base}/models` of a profile that does not know its models itself. */
   private async upstreamModels(profile: GatewayProfile): Promise<string[]> {
-    const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), MODELS_TIMEOUT_MS);
+    const cancel = new Cancellation();
+    const timer = setTimeout(() => cancel.cancel(), MODELS_TIMEOUT_MS);
     try {
       const headers = upstreamRequestHeaders({ accept: 'application/json' }, await profile.credentialHeaders(), null);
       const upstream = await callUpstream({
@@ -531,7 +552,7 @@ export class Gateway {
         headers,
         body: Buffer.alloc(0),
         timeoutMs: MODELS_TIMEOUT_MS,
-        signal: abort.signal,
+        cancel,
         agents: this.agents,
       });
       const text = await readUpstreamUpTo(upstream, MODELS_BODY_LIMIT);
