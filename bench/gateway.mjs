@@ -59,6 +59,38 @@ function forkWorker(file, task) {
   return { child, first };
 }
 
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/** CPU time (user + system, ms) used so far by the processes `pids`. */
+function cpuMs(pids) {
+  let total = 0;
+  for (const pid of pids) {
+    try {
+      const fields = execFileSync('cat', [`/proc/${pid}/stat`], { encoding: 'utf8' }).split(') ')[1].split(' ');
+      total += ((Number(fields[11]) + Number(fields[12])) * 1000) / CLK_TCK;
+    } catch {
+      /* gone */
+    }
+  }
+  return total;
+}
+
+/** The process and its direct children (nginx's master and worker). */
+function withChildren(pid) {
+  try {
+    const children = execFileSync('cat', [`/proc/${pid}/task/${pid}/children`], { encoding: 'utf8' }).trim().split(/\s+/).filter(Boolean).map(Number);
+    return [pid, ...children];
+  } catch {
+    return [pid];
+  }
+}
+
 function readRssKb(pid, field = 'VmRSS') {
   try {
     const text = execFileSync('cat', [`/proc/${pid}/status`], { encoding: 'utf8' });
@@ -187,7 +219,9 @@ async function main() {
     // Access log lines (info) go to a file, as nginx's do.
     QWEN_TOKEND_LOG_FILE: join(root, 'daemon.log'),
   });
-  const daemon = spawn(process.execPath, [DAEMON_BIN], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+  // BENCH_DAEMON_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the daemon, as in the main bench.
+  const daemonArgs = (process.env.BENCH_DAEMON_ARGS ?? '').split(/\s+/).filter(Boolean);
+  const daemon = spawn(process.execPath, [...daemonArgs, DAEMON_BIN], { env, stdio: ['ignore', 'ignore', 'inherit'] });
   await waitListening(gatewayPort);
   const key = (await readFile(join(stateDir, 'gateway.key'), 'utf8')).trim();
 
@@ -196,6 +230,9 @@ async function main() {
   const proxy = nginx.path ? await startNginx(nginx.path, root, upstreamPort, proxyPort) : await startBareProxy(upstreamPort, proxyPort);
   await waitListening(proxyPort);
   const proxyName = nginx.path ? 'nginx' : 'node:http proxy';
+  // The processes whose CPU time each target costs (the upstream's is the same for all three).
+  const proxyPids = nginx.path ? withChildren(proxy.pid) : [process.pid];
+  const pidsOf = { direct: [], gateway: [daemon.pid], [proxyName]: proxyPids };
 
   const targets = {
     direct: { url: `${upstream}/v1/chat/completions`, headers: { authorization: 'Bearer direct' } },
@@ -206,7 +243,7 @@ async function main() {
   console.log(`gateway bench: ${ROUNDS} rounds × ${DURATION_MS / 1000} s per target; load average ${load.start.toFixed(2)} on ${cpus().length} cores${nginx.note ? `; ${nginx.note}` : ''}`);
 
   const latency = Object.fromEntries(Object.keys(targets).map((k) => [k, []]));
-  const throughput = Object.fromEntries(Object.keys(targets).map((k) => [k, { n: 0, ms: 0, errors: 0 }]));
+  const throughput = Object.fromEntries(Object.keys(targets).map((k) => [k, { n: 0, ms: 0, errors: 0, cpuMs: 0 }]));
   const order = Object.keys(targets);
   for (let round = 0; round < ROUNDS; round++) {
     // Rotate who goes first, so no target always runs on a warmer or colder machine.
@@ -215,8 +252,10 @@ async function main() {
       const one = forkWorker('gateway-load.mjs', { mode: 'latency', ...targets[name], connections: 1, durationMs: DURATION_MS / 2 });
       const l = await one.first;
       latency[name].push(...l.samples);
+      const cpu0 = cpuMs(pidsOf[name]);
       const many = forkWorker('gateway-load.mjs', { mode: 'latency', ...targets[name], connections: CONNECTIONS, durationMs: DURATION_MS });
       const t = await many.first;
+      throughput[name].cpuMs += cpuMs(pidsOf[name]) - cpu0;
       throughput[name].n += t.samples.length;
       throughput[name].ms += t.elapsedMs;
       throughput[name].errors += t.errors + l.errors;
@@ -226,7 +265,14 @@ async function main() {
   const rows = {};
   for (const name of Object.keys(targets)) {
     const s = summarize(latency[name]);
-    rows[name] = { p50_us: s.p50, p99_us: s.p99, n: s.n, rps: (throughput[name].n / throughput[name].ms) * 1000, errors: throughput[name].errors };
+    rows[name] = {
+      p50_us: s.p50,
+      p99_us: s.p99,
+      n: s.n,
+      rps: (throughput[name].n / throughput[name].ms) * 1000,
+      cpu_us_per_request: (throughput[name].cpuMs * 1000) / throughput[name].n,
+      errors: throughput[name].errors,
+    };
   }
   const direct = rows.direct;
   const added = (name) => ({ p50_us: rows[name].p50_us - direct.p50_us, p99_us: rows[name].p99_us - direct.p99_us });
@@ -240,17 +286,31 @@ async function main() {
   const sampler = setInterval(() => {
     rssPeakKb = Math.max(rssPeakKb, readRssKb(daemon.pid));
   }, 100);
+  const sseCpu0 = cpuMs([daemon.pid]);
   const sseGateway = await forkWorker('gateway-load.mjs', { ...sseTask, ...targets.gateway }).first;
+  const sseCpuUsPerEvent = ((cpuMs([daemon.pid]) - sseCpu0) * 1000) / Math.max(1, sseGateway.delays.length);
   clearInterval(sampler);
+  const proxyCpu0 = cpuMs(proxyPids);
+  const sseProxy = await forkWorker('gateway-load.mjs', { ...sseTask, ...targets[proxyName] }).first;
+  const sseProxyCpuUsPerEvent = ((cpuMs(proxyPids) - proxyCpu0) * 1000) / Math.max(1, sseProxy.delays.length);
   const sd = summarize(sseDirect.delays);
   const sg = summarize(sseGateway.delays);
+  const sp = summarize(sseProxy.delays);
   load.end = loadavg()[0];
 
   const ms = (us) => `${(us / 1000).toFixed(3)} ms`;
   const lines = [
-    `| target | p50 | p99 | requests/s (${CONNECTIONS} connections) | errors |`,
+    `| target | p50 (1 connection) | p99 (1 connection) | requests/s (${CONNECTIONS} connections) | proxy CPU per request | errors |`,
+    '| --- | --- | --- | --- | --- | --- |',
+    ...Object.keys(targets).map(
+      (n) => `| ${n} | ${ms(rows[n].p50_us)} | ${ms(rows[n].p99_us)} | ${Math.round(rows[n].rps)} | ${n === 'direct' ? '-' : `${Math.round(rows[n].cpu_us_per_request)} µs`} | ${rows[n].errors} |`,
+    ),
+    '',
+    `| ${STREAMS} SSE streams × ${EVENTS} events | event delay p50 | p99 | streams finished | proxy CPU per event |`,
     '| --- | --- | --- | --- | --- |',
-    ...Object.keys(targets).map((n) => `| ${n} | ${ms(rows[n].p50_us)} | ${ms(rows[n].p99_us)} | ${Math.round(rows[n].rps)} | ${rows[n].errors} |`),
+    `| direct | ${sd.p50.toFixed(2)} ms | ${sd.p99.toFixed(2)} ms | ${sseDirect.finished} | - |`,
+    `| gateway | ${sg.p50.toFixed(2)} ms | ${sg.p99.toFixed(2)} ms | ${sseGateway.finished} | ${Math.round(sseCpuUsPerEvent)} µs |`,
+    `| ${proxyName} | ${sp.p50.toFixed(2)} ms | ${sp.p99.toFixed(2)} ms | ${sseProxy.finished} | ${Math.round(sseProxyCpuUsPerEvent)} µs |`,
     '',
     '| check | measured | target | met |',
     '| --- | --- | --- | --- |',
@@ -266,7 +326,21 @@ async function main() {
   await mkdir(join(REPO_ROOT, 'bench', 'results'), { recursive: true });
   await writeFile(
     join(REPO_ROOT, 'bench', 'results', 'gateway-latest.json'),
-    JSON.stringify({ proxy: proxyName, proxyNote: nginx.note, rows, gatewayAdded: gwAdded, proxyAdded: pxAdded, sse: { direct: sd, gateway: sg, finished: sseGateway.finished, streams: STREAMS }, rssPeakKb, load, node: process.version }, null, 2),
+    JSON.stringify(
+      {
+        proxy: proxyName,
+        proxyNote: nginx.note,
+        rows,
+        gatewayAdded: gwAdded,
+        proxyAdded: pxAdded,
+        sse: { direct: sd, gateway: sg, proxy: sp, finished: sseGateway.finished, streams: STREAMS, gatewayCpuUsPerEvent: sseCpuUsPerEvent, proxyCpuUsPerEvent: sseProxyCpuUsPerEvent },
+        rssPeakKb,
+        load,
+        node: process.version,
+      },
+      null,
+      2,
+    ),
   );
 
   proxy.kill('SIGTERM');
