@@ -5,6 +5,7 @@
  */
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
+import { createServer as createNetServer } from 'node:net';
 import { dirname } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { gatewayKeyPath } from '../daemon/gateway/key.js';
@@ -449,6 +450,22 @@ describe('gateway on loopback TCP', () => {
     expect(again).toEqual({ profiles: { work: { kind: 'api-key' } }, other: [1, 2], gateway: { tcp: { enabled: false, port: 0 } } });
     await gw.gateway.enableTcp(0);
     expect((await gw.gateway.envInfo()).api_key).toBe(key);
+  });
+
+  it('enable on a port in use fails naming the port and changes nothing', async () => {
+    const blocker = createNetServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', () => r()));
+    const taken = (blocker.address() as { port: number }).port;
+    const before = await readFile(gw.configPath, 'utf8');
+    try {
+      await expect(gw.gateway.enableTcp(taken)).rejects.toThrow(`port ${taken} on 127.0.0.1 is in use`);
+      expect(await readFile(gw.configPath, 'utf8')).toBe(before);
+      // Still listening where the config says (port 0: any free port).
+      expect(gw.gateway.status().tcp).toMatchObject({ enabled: true, configured_port: 0 });
+      expect(gw.gateway.status().tcp.address).toMatch(/^127\.0\.0\.1:\d+$/);
+    } finally {
+      blocker.close();
+    }
   });
 
   it('refuses to touch a config file that is not valid JSON', async () => {

@@ -126,19 +126,22 @@ export class Gateway {
   async enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
     if (this.tcpServer && this.configuredPort === port) {
       await this.saveTcp(true, port);
+      this.tcpEnabled = true;
       return this.status();
     }
+    const previous = this.tcpServer ? this.configuredPort : null;
     await this.closeTcp();
-    this.tcpEnabled = false;
-    this.tcpError = null;
-    await this.openTcp(port);
     try {
+      await this.openTcp(port);
       await this.saveTcp(true, port);
     } catch (err) {
+      // Nothing changes when the new port cannot be had or the setting cannot be stored.
       await this.closeTcp();
+      if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
       throw err;
     }
     this.tcpEnabled = true;
+    this.tcpError = null;
     this.configuredPort = port;
     return this.status();
   }
@@ -245,6 +248,8 @@ export class Gateway {
       },
     );
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => this.onClientError(err, socket, listener));
+    // Idle keep-alive connections are cheap but not free: a bound on them too, with room for pools.
+    server.maxConnections = limits.maxConcurrent + 256;
     return server;
   }
 
