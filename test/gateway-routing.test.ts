@@ -7,7 +7,9 @@ import { clientResponseHeaders, looksLikeExpiredToken, upstreamRequestHeaders } 
 import { keyMatches, newGatewayKey } from '../daemon/gateway/key.js';
 import { configFilePath, GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
 import { profileFromModel, routeRequest, upstreamUrl } from '../daemon/gateway/routing.js';
-import { QwenConfigError } from '../shared/errors.js';
+import { keeperProfile } from '../daemon/gateway/keeper-profile.js';
+import { ProfileNeedsLoginError } from '../daemon/gateway/profiles.js';
+import { QwenConfigError, QwenRefreshTokenInvalidError, QwenTokenExpiredError, QwenTokenNotAvailableError } from '../shared/errors.js';
 
 const known = (name: string) => ['qwen', 'work'].includes(name);
 
@@ -132,5 +134,65 @@ describe('gateway key', () => {
     expect(keyMatches(b, a)).toBe(false);
     expect(keyMatches(a.slice(0, -1), a)).toBe(false);
     expect(keyMatches('', a)).toBe(false);
+  });
+});
+
+describe('the qwen profile over the token keeper', () => {
+  const creds = (token: string) => ({ access_token: token, refresh_token: 'r', token_type: 'Bearer', expiry_date: Date.now() + 3600_000, resource_url: 'portal.qwen.ai' });
+
+  function fakeKeeper() {
+    const state = { current: creds('token-1'), refreshes: 0, fail: null as Error | null };
+    const keeper = {
+      servableNow: () => (state.fail ? null : state.current),
+      getAccessToken: async () => {
+        if (state.fail) throw state.fail;
+        return state.current;
+      },
+      refresh: async () => {
+        if (state.fail) throw state.fail;
+        state.refreshes += 1;
+        state.current = creds(`token-${state.refreshes + 1}`);
+        return state.current;
+      },
+    };
+    return { keeper, state };
+  }
+
+  it('sends the token with the portal headers and the base URL from resource_url', async () => {
+    const { keeper } = fakeKeeper();
+    const profile = keeperProfile(keeper, 'qwen-tokend/test');
+    expect(await profile.credentialHeaders()).toEqual({
+      authorization: 'Bearer token-1',
+      'x-dashscope-useragent': 'qwen-tokend/test',
+      'x-dashscope-authtype': 'qwen-oauth',
+      'x-dashscope-cachecontrol': 'enable',
+    });
+    expect(await profile.baseUrl()).toBe('https://portal.qwen.ai/v1');
+    expect(profile).toMatchObject({ name: 'qwen', kind: 'qwen-oauth', retryOnAuthFailure: true });
+  });
+
+  it('a burst of rejections of one token costs one refresh', async () => {
+    const { keeper, state } = fakeKeeper();
+    const profile = keeperProfile(keeper, 'ua');
+    const rejected = await profile.credentialHeaders();
+    const first = await profile.credentialHeaders({ forceRefresh: true, rejected });
+    const second = await profile.credentialHeaders({ forceRefresh: true, rejected });
+    expect(state.refreshes).toBe(1);
+    expect(first.authorization).toBe('Bearer token-2');
+    expect(second.authorization).toBe('Bearer token-2');
+    // The new token rejected in turn: refreshed again.
+    await profile.credentialHeaders({ forceRefresh: true, rejected: first });
+    expect(state.refreshes).toBe(2);
+  });
+
+  it('no credentials or a rejected refresh token: needs login, naming the command', async () => {
+    const { keeper, state } = fakeKeeper();
+    const profile = keeperProfile(keeper, 'ua');
+    state.fail = new QwenTokenNotAvailableError('none');
+    await expect(profile.credentialHeaders()).rejects.toThrow(ProfileNeedsLoginError);
+    state.fail = new QwenRefreshTokenInvalidError('rejected');
+    await expect(profile.credentialHeaders({ forceRefresh: true })).rejects.toThrow(/qwen-token login/);
+    state.fail = new QwenTokenExpiredError('expired, refresh failing');
+    await expect(profile.credentialHeaders()).rejects.toThrow(QwenTokenExpiredError);
   });
 });

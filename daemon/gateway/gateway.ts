@@ -390,11 +390,11 @@ export class Gateway {
 
     const replayable = body !== null;
     let retried = false;
+    let credential: Record<string, string> | undefined;
     for (;;) {
-      let credential: Record<string, string>;
       let url: URL;
       try {
-        credential = await profile.credentialHeaders(retried ? { forceRefresh: true } : {});
+        credential = await profile.credentialHeaders(retried ? { forceRefresh: true, ...(credential ? { rejected: credential } : {}) } : {});
         url = upstreamUrl(await profile.baseUrl(), route.rest);
       } catch (err) {
         return this.credentialFailure(err, profile, fail);

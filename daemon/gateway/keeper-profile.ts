@@ -16,9 +16,14 @@ export const QWEN_PORTAL_MODELS = ['coder-model', 'vision-model'];
 
 /** The `qwen` profile backed by `keeper`; `userAgent` goes out as `X-DashScope-UserAgent`. */
 export function keeperProfile(keeper: Pick<TokenKeeper, 'getAccessToken' | 'refresh' | 'servableNow'>, userAgent: string): GatewayProfile {
-  const credentials = async (forceRefresh: boolean): Promise<Credentials> => {
+  const credentials = async (forceRefresh: boolean, rejected?: string): Promise<Credentials> => {
     try {
-      if (forceRefresh) return await keeper.refresh();
+      if (forceRefresh) {
+        const current = keeper.servableNow(MIN_VALIDITY_MS);
+        // Refreshed since the rejected request left: the new token is the answer.
+        if (current && rejected !== undefined && rejected !== `Bearer ${current.access_token}`) return current;
+        return await keeper.refresh();
+      }
       return keeper.servableNow(MIN_VALIDITY_MS) ?? (await keeper.getAccessToken(MIN_VALIDITY_MS));
     } catch (err) {
       if (err instanceof QwenTokenNotAvailableError || err instanceof QwenRefreshTokenInvalidError) {
@@ -33,7 +38,7 @@ export function keeperProfile(keeper: Pick<TokenKeeper, 'getAccessToken' | 'refr
     kind: 'qwen-oauth',
     retryOnAuthFailure: true,
     async credentialHeaders(options = {}) {
-      const creds = await credentials(options.forceRefresh === true);
+      const creds = await credentials(options.forceRefresh === true, options.rejected?.authorization);
       last = creds;
       return {
         authorization: `Bearer ${creds.access_token}`,

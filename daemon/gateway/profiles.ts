@@ -11,6 +11,12 @@ export type GatewayProfileKind = 'qwen-oauth' | 'oauth-device' | 'api-key';
 export interface CredentialHeaderOptions {
   /** Refresh the credential before answering (after the upstream rejected the current one). */
   forceRefresh?: boolean;
+  /**
+   * With `forceRefresh`: the headers the upstream rejected. A profile whose credential has
+   * changed since (another request's refresh) answers with the new one instead of refreshing
+   * again, so a burst of rejections costs one refresh.
+   */
+  rejected?: Record<string, string>;
 }
 
 /** One profile as the gateway uses it. */
