@@ -26,7 +26,7 @@ import {
   upstreamRequestHeaders,
   type UpstreamAgents,
 } from './forward.js';
-import { gatewayKeyPath, keyMatches, loadOrCreateGatewayKey } from './key.js';
+import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
 import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
 import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
@@ -76,6 +76,7 @@ export class Gateway {
   private tcpEnabled = false;
   private configuredPort: number | null = null;
   private key: string | null = null;
+  private keyHash: Buffer | null = null;
   private readonly agents: UpstreamAgents = createUpstreamAgents();
   private served = 0;
   private active = 0;
@@ -200,6 +201,7 @@ export class Gateway {
 
   private async openTcp(port: number): Promise<void> {
     this.key = await loadOrCreateGatewayKey(gatewayKeyPath(this.options.stateDir));
+    this.keyHash = keyDigest(this.key);
     const server = this.createHttpServer('tcp');
     try {
       await listen(server, { host: LOOPBACK, port, exclusive: true });
@@ -322,7 +324,7 @@ export class Gateway {
   }
 
   private authorized(req: IncomingMessage): boolean {
-    const key = this.key;
+    const key = this.keyHash;
     if (!key) return false;
     const auth = req.headers.authorization;
     const bearer = auth && /^Bearer\s+(\S+)\s*$/i.exec(auth)?.[1];

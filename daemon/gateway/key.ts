@@ -51,9 +51,13 @@ export async function loadOrCreateGatewayKey(path: string): Promise<string> {
   return key;
 }
 
-/** Constant-time comparison: both sides are hashed first, so not even the length leaks. */
-export function keyMatches(presented: string, key: string): boolean {
-  const a = createHash('sha256').update(presented).digest();
-  const b = createHash('sha256').update(key).digest();
-  return timingSafeEqual(a, b);
+/** The digest a presented key is compared with; made once per key. */
+export function keyDigest(key: string): Buffer {
+  return createHash('sha256').update(key).digest();
+}
+
+/** Constant-time comparison: the presented key is hashed first, so not even its length leaks. */
+export function keyMatches(presented: string, key: string | Buffer): boolean {
+  const expected = typeof key === 'string' ? keyDigest(key) : key;
+  return timingSafeEqual(keyDigest(presented), expected);
 }
