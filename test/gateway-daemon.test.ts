@@ -194,6 +194,16 @@ describe('gateway on loopback TCP through the CLI', () => {
   });
 });
 
+describe('gateway commands without a daemon', () => {
+  it('exit 4 with a message naming the socket, and never start one', async () => {
+    const env = { ...fx.env, QWEN_TOKEND_SOCKET: join(fx.root, 'nowhere', 'd.sock'), QWEN_TOKEND_AUTOSTART: '1' };
+    const r = await run(process.execPath, [CLI_BIN, 'gateway', 'status'], env);
+    expect(r.code).toBe(4);
+    expect(r.stderr).toContain(join(fx.root, 'nowhere', 'd.sock'));
+    expect(r.stdout).toBe('');
+  });
+});
+
 describe('gateway of a daemon without credentials', () => {
   it('answers 401 naming `qwen-token login`, in the OpenAI error shape', async () => {
     const bare = await createFixture();
