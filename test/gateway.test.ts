@@ -205,7 +205,7 @@ describe('gateway credential failures and retries', () => {
     qwen = oauthProfile('qwen');
     keyed = keyProfile('keyed');
     dead = oauthProfile('dead', () => 'http://127.0.0.1:9/v1');
-    gw = await startGateway(profileSet([qwen.profile, keyed.profile, dead.profile]), { replayBytes: 2048, upstreamTimeoutMs: 400 });
+    gw = await startGateway(profileSet([qwen.profile, keyed.profile, dead.profile]), { replayBytes: 2048, upstreamTimeoutMs: 2_000 });
   });
   afterAll(async () => {
     await gw.close();
@@ -277,7 +277,7 @@ describe('gateway credential failures and retries', () => {
     const unreachable = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/dead/v1/chat/completions', { headers: json, body: chatBody('m') });
     expect(unreachable.status).toBe(502);
     expect(openAiError(unreachable.body).code).toBe('upstream_unreachable');
-    server.injectFault({ kind: 'delay', endpoint: 'chat', times: 1, delayMs: 3_000 });
+    server.injectFault({ kind: 'delay', endpoint: 'chat', times: 1, delayMs: 8_000 });
     const slow = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/keyed/v1/chat/completions', { headers: json, body: chatBody('m') });
     expect(slow.status).toBe(504);
     expect(openAiError(slow.body).code).toBe('upstream_timeout');
