@@ -28,6 +28,10 @@ import { rpcMethod, type RpcMethod } from './rpc-dispatcher.js';
 import type { Logger } from './logger.js';
 import { QwenOAuthClient, TokenResponseSchema } from './oauth.js';
 import { TokenKeeper } from './token-keeper.js';
+import { Gateway } from './gateway/gateway.js';
+import { keeperProfile, singleProfile } from './gateway/keeper-profile.js';
+import { resolveGatewayEnv } from './gateway/limits.js';
+import { gatewayMethods } from './gateway/rpc.js';
 
 /** How long a state change must hold before subscribers are told (see the state_changed wiring). */
 const STATE_SETTLE_MS = 250;
@@ -115,6 +119,15 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     await watcher.start();
     cleanups.push(() => watcher.close());
 
+    // The HTTP gateway (daemon/gateway/): today over the built-in `qwen` profile alone.
+    const gateway = new Gateway({
+      profiles: singleProfile(keeperProfile(keeper, `qwen-tokend/${version}`)),
+      env: resolveGatewayEnv(process.env, config.socketPath, config.home),
+      stateDir: config.stateDir,
+      logger,
+      platform: options.platform,
+    });
+
     let server: IpcServer;
     const answers = new WeakMap<Promise<Credentials>, Promise<TokenResult>>();
     const methods: Record<string, RpcMethod> = {
@@ -157,6 +170,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
           requests_served: server.requestsServed,
           socket_path: config.socketPath,
           now: clock.now(),
+          gateway: gateway.status(),
         };
       }),
       [Methods.loginStart]: rpcMethod(EmptyParams, () => login.start()),
@@ -166,6 +180,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
         conn.subscribed = true;
         return { subscribed: true };
       }),
+      ...gatewayMethods(gateway),
     };
     server = new IpcServer({
       socketPath: config.socketPath,
@@ -208,6 +223,8 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     setImmediate(() => compileSchemas([TokenResponseSchema])).unref();
     // Stop accepting clients first, so none is cut off in the middle of a shutdown.
     cleanups.push(() => server.close());
+    await gateway.start();
+    cleanups.push(() => gateway.close());
 
     let closing: Promise<void> | null = null;
     return {

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { GatewayStatus } from './gateway-protocol.js';
 
 /**
  * The daemon's wire protocol: JSON-RPC 2.0, one JSON object per line (NDJSON) on a Unix socket.
@@ -126,6 +127,8 @@ export const StatusResult = z.object({
   requests_served: z.number(),
   socket_path: z.string(),
   now: z.number(),
+  /** The HTTP gateway (absent from daemons before it existed). */
+  gateway: GatewayStatus.optional(),
 });
 export type StatusResult = z.infer<typeof StatusResult>;
 

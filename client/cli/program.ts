@@ -6,6 +6,7 @@ import { Command, CommanderError } from 'commander';
 import { packageVersion } from '../../shared/package.js';
 import { reportError } from './context.js';
 import { doctorCommand } from './doctor.js';
+import { gatewayCommand } from './gateway.js';
 import { CommandExit, EXIT_CODES_HELP, ExitCodes, exitCodeFor } from './exit-codes.js';
 import { loginCommand } from './login.js';
 import { logoutCommand } from './logout.js';
@@ -46,7 +47,7 @@ export function createProgram(): Command {
     })
     .showHelpAfterError('(run `qwen-token --help` for usage)')
     .addHelpText('after', `\n${EXIT_CODES_HELP}\n`);
-  for (const cmd of [statusCommand(), tokenCommand(), loginCommand(), refreshCommand(), logoutCommand(), watchCommand(), doctorCommand(), serviceCommand()]) {
+  for (const cmd of [statusCommand(), tokenCommand(), loginCommand(), refreshCommand(), logoutCommand(), watchCommand(), doctorCommand(), serviceCommand(), gatewayCommand()]) {
     addSubcommand(program, cmd);
   }
   return program;

@@ -7,6 +7,7 @@ import type { StatusResult } from '../../shared/protocol.js';
 import { commandConfig, commandEnv, daemonNotRunning, out, outJson, startAdvice, withClient, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration, formatRelative } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
+import { formatGatewayRows } from './gateway-format.js';
 
 function stateText(state: StatusResult['state']): string {
   switch (state) {
@@ -50,6 +51,7 @@ export function formatStatus(s: StatusResult): string {
     ['daemon', `pid ${s.pid}, version ${s.version}, protocol ${s.protocol}, up ${formatDuration(s.uptime_ms)}`],
     ['clients', `${s.connected_clients} connected, ${s.requests_served} requests served`],
     ['socket', s.socket_path],
+    ...(s.gateway ? formatGatewayRows(s.gateway) : []),
   ];
   return table(rows);
 }

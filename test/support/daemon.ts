@@ -70,7 +70,7 @@ export class DaemonFixture {
     this.qwenCliPath = join(this.qwenHome, 'oauth_creds.json');
     const env: NodeJS.ProcessEnv = { ...process.env };
     for (const key of Object.keys(env)) {
-      if (key.startsWith('QWEN_') || key === 'XDG_RUNTIME_DIR' || key === 'NOTIFY_SOCKET') delete env[key];
+      if (key.startsWith('QWEN_') || key === 'XDG_RUNTIME_DIR' || key === 'XDG_CONFIG_HOME' || key === 'NOTIFY_SOCKET') delete env[key];
     }
     Object.assign(env, {
       HOME: this.home,

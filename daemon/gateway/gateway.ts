@@ -1,0 +1,683 @@
+/**
+ * The local OpenAI-compatible gateway: HTTP on a Unix socket beside the token socket (always
+ * on) and, when enabled, on loopback TCP behind a gateway key. Requests are routed to a
+ * profile (routing.ts), forwarded with its credential (forward.ts), and logged one line each.
+ */
+import { chmod, unlink } from 'node:fs/promises';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import { dirname } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { Transform } from 'node:stream';
+import { z } from 'zod';
+import { checkSocketPathLength } from '../../shared/config.js';
+import { QwenConfigError, QwenError } from '../../shared/errors.js';
+import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-protocol.js';
+import { prepareSocketDirectory, removeStaleSocket } from '../socket-file.js';
+import type { Logger } from '../logger.js';
+import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
+import {
+  Cancellation,
+  callUpstream,
+  clientResponseHeaders,
+  createUpstreamAgents,
+  looksLikeExpiredToken,
+  UpstreamFailure,
+  upstreamRequestHeaders,
+  type UpstreamAgents,
+} from './forward.js';
+import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
+import type { GatewayEnvConfig } from './limits.js';
+import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
+import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
+import { DEFAULT_GATEWAY_PORT, readGatewaySettings, updateGatewaySettings } from './settings.js';
+
+/** The only address the TCP listener ever binds. */
+export const LOOPBACK = '127.0.0.1';
+
+/** An error answer from the upstream larger than this is passed through without looking for Qwen's "expired" text. */
+const EXPIRED_BODY_PEEK_BYTES = 64 * 1024;
+/** How long `GET /v1/models` waits for one profile's upstream list. */
+const MODELS_TIMEOUT_MS = 10_000;
+const MODELS_BODY_LIMIT = 4 * 1024 * 1024;
+
+type Listener = 'unix' | 'tcp';
+
+export interface GatewayOptions {
+  profiles: GatewayProfiles;
+  env: GatewayEnvConfig;
+  /** The daemon's state directory, where the gateway key lives. */
+  stateDir: string;
+  logger: Logger;
+  platform?: NodeJS.Platform;
+}
+
+/** What one request did, for the access log and the counters. */
+interface Exchange {
+  method: string;
+  path: string;
+  listener: Listener;
+  profile: string | null;
+  started: number;
+  bytesIn: number;
+  bytesOut: number;
+  error: string | null;
+  stream: boolean;
+}
+
+const ModelListSchema = z.object({ data: z.array(z.object({ id: z.string().min(1).max(200) }).passthrough()).max(10_000) }).passthrough();
+
+/** The gateway: its listeners, counters and settings. */
+export class Gateway {
+  private readonly unixServer: Server;
+  private tcpServer: Server | null = null;
+  private tcpAddress: string | null = null;
+  private tcpError: string | null = null;
+  private tcpEnabled = false;
+  private configuredPort: number | null = null;
+  private key: string | null = null;
+  private keyHash: Buffer | null = null;
+  private readonly agents: UpstreamAgents = createUpstreamAgents();
+  private served = 0;
+  private active = 0;
+  private streams = 0;
+  private readonly errors: Record<string, number> = {};
+  private closed = false;
+
+  constructor(private readonly options: GatewayOptions) {
+    const { limits } = options.env;
+    if (limits.replayBytes > limits.maxBodyBytes) options.env = { ...options.env, limits: { ...limits, replayBytes: limits.maxBodyBytes } };
+    this.unixServer = this.createHttpServer('unix');
+  }
+
+  get socketPath(): string {
+    return this.options.env.socketPath;
+  }
+
+  /** Listens on the Unix socket (0600, in a private directory), then on TCP when the config says so. */
+  async start(): Promise<void> {
+    const { socketPath } = this.options.env;
+    checkSocketPathLength(socketPath, this.options.platform ?? process.platform);
+    await prepareSocketDirectory(dirname(socketPath));
+    await removeStaleSocket(socketPath);
+    await listen(this.unixServer, { path: socketPath });
+    await chmod(socketPath, 0o600);
+    this.unixServer.on('error', (err) => this.options.logger.error({ err: err.message }, 'gateway socket error'));
+    this.options.logger.info({ socket: socketPath }, 'gateway listening');
+    let settings;
+    try {
+      settings = await readGatewaySettings(this.options.env.configPath);
+    } catch (err) {
+      this.options.logger.error({ err: (err as Error).message }, 'gateway settings unreadable; loopback TCP stays off');
+      return;
+    }
+    if (settings.tcp?.enabled) {
+      this.tcpEnabled = true;
+      this.configuredPort = settings.tcp.port;
+      try {
+        await this.openTcp(settings.tcp.port);
+      } catch (err) {
+        this.tcpError = (err as Error).message;
+        this.options.logger.error({ err: this.tcpError }, 'gateway could not listen on loopback TCP');
+      }
+    }
+  }
+
+  /** Turns on loopback TCP (stored in the config, applied now); makes the gateway key when there is none. */
+  async enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
+    if (this.tcpServer && this.configuredPort === port) {
+      await this.saveTcp(true, port);
+      this.tcpEnabled = true;
+      return this.status();
+    }
+    const previous = this.tcpServer ? this.configuredPort : null;
+    await this.closeTcp();
+    try {
+      await this.openTcp(port);
+      await this.saveTcp(true, port);
+    } catch (err) {
+      // Nothing changes when the new port cannot be had or the setting cannot be stored.
+      await this.closeTcp();
+      if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
+      throw err;
+    }
+    this.tcpEnabled = true;
+    this.tcpError = null;
+    this.configuredPort = port;
+    return this.status();
+  }
+
+  /** Turns off loopback TCP (stored in the config); requests in flight finish. */
+  async disableTcp(): Promise<GatewayStatus> {
+    await this.saveTcp(false, this.configuredPort ?? DEFAULT_GATEWAY_PORT);
+    this.tcpEnabled = false;
+    this.tcpError = null;
+    await this.closeTcp();
+    return this.status();
+  }
+
+  /** The base URL and key for `gateway env`; throws when loopback TCP is off. */
+  async envInfo(): Promise<GatewayEnvResult> {
+    if (!this.tcpAddress) {
+      throw new QwenConfigError(
+        this.tcpEnabled
+          ? `the gateway's loopback listener is not up (${this.tcpError ?? 'unknown error'}); run \`qwen-token gateway enable\` again`
+          : 'the gateway listens on loopback TCP only when enabled: run `qwen-token gateway enable`',
+      );
+    }
+    const key = this.key ?? (await loadOrCreateGatewayKey(gatewayKeyPath(this.options.stateDir)));
+    return { base_url: `http://${this.tcpAddress}/v1`, api_key: key };
+  }
+
+  /** Counters and addresses; never the key. */
+  status(): GatewayStatus {
+    return {
+      socket_path: this.options.env.socketPath,
+      tcp: { enabled: this.tcpEnabled, address: this.tcpAddress, configured_port: this.configuredPort, error: this.tcpError },
+      default_profile: this.options.profiles.defaultProfile(),
+      profiles: this.options.profiles.names(),
+      requests_served: this.served,
+      active_requests: this.active,
+      active_streams: this.streams,
+      errors: { ...this.errors },
+      config_path: this.options.env.configPath,
+    };
+  }
+
+  /** Stops both listeners and cuts open exchanges; removes the socket file. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.closeTcp(true);
+    await closeServer(this.unixServer, true);
+    await unlink(this.options.env.socketPath).catch(() => undefined);
+    this.agents.http.destroy();
+    this.agents.https.destroy();
+  }
+
+  private async saveTcp(enabled: boolean, port: number): Promise<void> {
+    await updateGatewaySettings(this.options.env.configPath, (current) => ({ ...current, tcp: { enabled, port } }));
+  }
+
+  private async openTcp(port: number): Promise<void> {
+    this.key = await loadOrCreateGatewayKey(gatewayKeyPath(this.options.stateDir));
+    this.keyHash = keyDigest(this.key);
+    const server = this.createHttpServer('tcp');
+    try {
+      await listen(server, { host: LOOPBACK, port, exclusive: true });
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new QwenConfigError(
+        code === 'EADDRINUSE'
+          ? `port ${port} on ${LOOPBACK} is in use; choose another with \`qwen-token gateway enable --port N\``
+          : `cannot listen on ${LOOPBACK}:${port}: ${code ?? (err as Error).message}`,
+      );
+    }
+    server.on('error', (err) => this.options.logger.error({ err: err.message }, 'gateway TCP error'));
+    const address = server.address();
+    const actual = address && typeof address === 'object' ? address.port : port;
+    this.tcpServer = server;
+    this.tcpAddress = `${LOOPBACK}:${actual}`;
+    this.options.logger.info({ address: this.tcpAddress }, 'gateway listening on loopback TCP');
+  }
+
+  private async closeTcp(force = false): Promise<void> {
+    const server = this.tcpServer;
+    this.tcpServer = null;
+    this.tcpAddress = null;
+    if (server) await closeServer(server, force);
+  }
+
+  private createHttpServer(listener: Listener): Server {
+    const { limits } = this.options.env;
+    const server = createServer(
+      {
+        maxHeaderSize: limits.maxHeaderBytes,
+        headersTimeout: limits.headersTimeoutMs,
+        requestTimeout: limits.requestTimeoutMs,
+        // How often those two are checked: often enough that a slow sender is cut near its deadline.
+        connectionsCheckingInterval: Math.max(50, Math.min(1_000, Math.floor(limits.headersTimeoutMs / 4))),
+        keepAliveTimeout: 5_000,
+        noDelay: true,
+        // Duplicate headers are rejected by the parser already (two Content-Lengths, CL + TE).
+        requireHostHeader: false,
+      },
+      (req, res) => {
+        this.handle(req, res, listener).catch((err: unknown) => {
+          this.options.logger.error({ err: (err as Error).message }, 'gateway request failed unexpectedly');
+          sendError(res, 'internal_error', 'the gateway failed to handle this request', true);
+        });
+      },
+    );
+    server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => this.onClientError(err, socket, listener));
+    // Idle keep-alive connections are cheap but not free: a bound on them too, with room for pools.
+    server.maxConnections = limits.maxConcurrent + 256;
+    return server;
+  }
+
+  /** A request the HTTP parser refused, or a client too slow: answered 4xx on the raw socket, nothing forwarded. */
+  private onClientError(err: NodeJS.ErrnoException, socket: Socket, listener: Listener): void {
+    if (err.code === 'ECONNRESET' || !socket.writable) {
+      socket.destroy();
+      return;
+    }
+    let code: GatewayErrorCode = 'bad_request';
+    let message = `malformed HTTP request (${err.code ?? 'parse error'})`;
+    if (err.code === 'HPE_HEADER_OVERFLOW') {
+      code = 'headers_too_large';
+      message = `the request head is larger than ${this.options.env.limits.maxHeaderBytes} bytes`;
+    } else if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') {
+      code = 'request_timeout';
+      message = 'the request was not received in time';
+    } else if (err.code === 'HPE_INVALID_TRANSFER_ENCODING' || err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH') {
+      message = `ambiguous request framing (${err.code === 'HPE_INVALID_TRANSFER_ENCODING' ? 'Content-Length with Transfer-Encoding' : 'more than one Content-Length'})`;
+    }
+    this.count(code);
+    this.options.logger.info({ listener, status: code === 'request_timeout' ? 408 : code === 'headers_too_large' ? 431 : 400, error: code }, 'gateway refused a malformed request');
+    socket.end(rawErrorResponse(code, message));
+    socket.destroySoon?.();
+  }
+
+  private count(kind: string): void {
+    this.errors[kind] = (this.errors[kind] ?? 0) + 1;
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse, listener: Listener): Promise<void> {
+    const target = req.url ?? '/';
+    const q = target.indexOf('?');
+    const ex: Exchange = {
+      method: req.method ?? '',
+      path: (q === -1 ? target : target.slice(0, q)).slice(0, 200),
+      listener,
+      profile: null,
+      started: performance.now(),
+      bytesIn: 0,
+      bytesOut: 0,
+      error: null,
+      stream: false,
+    };
+    this.active += 1;
+    res.once('close', () => this.finish(ex, res));
+    const fail = (code: GatewayErrorCode, message: string): void => {
+      ex.error = code;
+      this.count(code);
+      // The body was not read: close, so it cannot be taken for a next request.
+      sendError(res, code, message, !req.complete);
+    };
+
+    if (this.active > this.options.env.limits.maxConcurrent) {
+      return fail('gateway_busy', `the gateway is serving its limit of ${this.options.env.limits.maxConcurrent} requests; try again`);
+    }
+    if (listener === 'tcp' && !this.authorized(req)) {
+      return fail('unauthorized', 'a gateway key is required: send `Authorization: Bearer <key>` (see `qwen-token gateway env`)');
+    }
+    const { profiles } = this.options;
+    const known = (name: string) => profiles.get(name) !== undefined;
+    const route = routeRequest(ex.method, target, profiles.defaultProfile(), known);
+    if (route.kind === 'error') return fail(route.code, route.message);
+    if (route.kind === 'models') {
+      ex.profile = route.profile ?? null;
+      await this.drain(req, ex);
+      return this.answerModels(res, route.profile);
+    }
+    await this.forward(req, res, route, ex, fail);
+  }
+
+  private authorized(req: IncomingMessage): boolean {
+    const key = this.keyHash;
+    if (!key) return false;
+    const auth = req.headers.authorization;
+    const bearer = auth && /^Bearer\s+(\S+)\s*$/i.exec(auth)?.[1];
+    const presented = bearer || (typeof req.headers['x-api-key'] === 'string' ? req.headers['x-api-key'].trim() : '');
+    return presented !== '' && keyMatches(presented, key);
+  }
+
+  private async forward(
+    req: IncomingMessage,
+    res: ServerResponse,
+    route: ForwardRoute,
+    ex: Exchange,
+    fail: (code: GatewayErrorCode, message: string) => void,
+  ): Promise<void> {
+    const { limits } = this.options.env;
+    const { profiles } = this.options;
+    const declared = req.headers['content-length'] === undefined ? null : Number(req.headers['content-length']);
+    const hasBody = declared !== null || req.headers['transfer-encoding'] !== undefined;
+    if (declared !== null && declared > limits.maxBodyBytes) {
+      return fail('body_too_large', `the request body is larger than ${limits.maxBodyBytes} bytes`);
+    }
+
+    // Bodies up to the replay size are read whole: they can be looked at and sent twice.
+    let body: Buffer | null = Buffer.alloc(0);
+    let prefix: Buffer[] = [];
+    if (hasBody) {
+      const read = declared !== null && declared > limits.replayBytes ? { whole: false as const, chunks: [] } : await readUpTo(req, limits.replayBytes);
+      if (read === null) return; // the client went away while sending
+      if (read.whole) body = read.body;
+      else {
+        body = null;
+        prefix = read.chunks;
+      }
+    }
+
+    let profileName = route.profile;
+    if (body && body.length > 0 && isJson(req.headers['content-type'])) {
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(body.toString('utf8'));
+      } catch (err) {
+        return fail('invalid_json', `the request body is not valid JSON: ${(err as Error).message.slice(0, 200)}`);
+      }
+      const model = parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as { model?: unknown }).model : undefined;
+      if (typeof model === 'string') {
+        const chosen = profileFromModel(model, (name) => profiles.get(name) !== undefined);
+        if (chosen) {
+          if (route.explicit && chosen.profile !== route.profile) {
+            return fail('profile_conflict', `the path names profile "${route.profile}" but the model names profile "${chosen.profile}"`);
+          }
+          profileName = chosen.profile;
+          (parsed as { model: string }).model = chosen.model;
+          body = Buffer.from(JSON.stringify(parsed), 'utf8');
+        }
+      }
+    }
+    ex.profile = profileName;
+    const profile = profiles.get(profileName);
+    if (!profile) return fail('unknown_profile', `no profile named "${profileName}"`);
+
+    const cancel = new Cancellation();
+    res.once('close', () => {
+      if (!res.writableFinished) cancel.cancel();
+    });
+
+    const replayable = body !== null;
+    let retried = false;
+    let credential: Record<string, string> | undefined;
+    for (;;) {
+      let url: URL;
+      try {
+        credential = await profile.credentialHeaders(retried ? { forceRefresh: true, ...(credential ? { rejected: credential } : {}) } : {});
+        url = upstreamUrl(await profile.baseUrl(), route.rest);
+      } catch (err) {
+        return this.credentialFailure(err, profile, fail);
+      }
+      if (cancel.cancelled) return;
+      const headers = upstreamRequestHeaders(req.headers, credential, body !== null ? (hasBody ? body.length : null) : declared);
+      let upstream: IncomingMessage;
+      try {
+        upstream = await callUpstream({
+          url,
+          method: ex.method,
+          headers,
+          body: body ?? ((dest) => this.streamBody(req, prefix, dest, ex)),
+          timeoutMs: limits.upstreamTimeoutMs,
+          cancel,
+          agents: this.agents,
+        });
+      } catch (err) {
+        if (err instanceof UpstreamFailure) {
+          if (err.kind === 'aborted') return;
+          if (ex.error === 'body_too_large') return fail('body_too_large', `the request body is larger than ${limits.maxBodyBytes} bytes`);
+          return fail(err.kind === 'timeout' ? 'upstream_timeout' : 'upstream_unreachable', err.message);
+        }
+        throw err;
+      }
+      if (body === null) ex.bytesIn = ex.bytesIn || declared || 0;
+      else ex.bytesIn = body.length;
+
+      const status = upstream.statusCode ?? 502;
+      const mayRetry = profile.retryOnAuthFailure && replayable && !retried;
+      if (mayRetry && (status === 401 || status === 403)) {
+        upstream.resume();
+        retried = true;
+        this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
+        continue;
+      }
+      let peeked: Buffer | null = null;
+      const length = Number(upstream.headers['content-length'] ?? Infinity);
+      if (mayRetry && status >= 400 && status < 500 && !upstream.headers['content-encoding'] && length <= EXPIRED_BODY_PEEK_BYTES) {
+        peeked = await readUpstreamUpTo(upstream, EXPIRED_BODY_PEEK_BYTES);
+        if (peeked && looksLikeExpiredToken(peeked.toString('utf8'))) {
+          retried = true;
+          this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
+          continue;
+        }
+      }
+      await this.relay(upstream, res, ex, peeked);
+      return;
+    }
+  }
+
+  /** Streams a body too large to keep: what was read so far, then the rest, counted against the limit. */
+  private streamBody(req: IncomingMessage, prefix: Buffer[], dest: NodeJS.WritableStream & { destroy(err?: Error): void }, ex: Exchange): void {
+    const max = this.options.env.limits.maxBodyBytes;
+    let seen = 0;
+    const counter = new Transform({
+      transform: (chunk: Buffer, _enc, done) => {
+        seen += chunk.length;
+        ex.bytesIn = seen;
+        if (seen > max) {
+          ex.error = 'body_too_large';
+          done(new UpstreamFailure('unreachable', 'request body too large'));
+          return;
+        }
+        done(null, chunk);
+      },
+    });
+    for (const chunk of prefix) counter.write(chunk);
+    pipeline(req, counter, dest).catch((err: Error) => dest.destroy(err));
+  }
+
+  /** Sends the upstream's answer on: status and headers as they are, the body streamed as it comes. */
+  private async relay(upstream: IncomingMessage, res: ServerResponse, ex: Exchange, peeked: Buffer | null): Promise<void> {
+    const status = upstream.statusCode ?? 502;
+    if (status >= 500) this.count('upstream_5xx');
+    else if (status >= 400) this.count('upstream_4xx');
+    const contentType = String(upstream.headers['content-type'] ?? '');
+    ex.stream = contentType.startsWith('text/event-stream');
+    if (ex.stream) this.streams += 1;
+    try {
+      if (res.destroyed) {
+        upstream.destroy();
+        return;
+      }
+      res.writeHead(status, clientResponseHeaders(upstream.headers));
+      if (peeked) {
+        ex.bytesOut += peeked.length;
+        res.end(peeked);
+        return;
+      }
+      // Each read is written as it arrives (an SSE event is never held back), and a slow
+      // client pauses the upstream (pipe's back-pressure) instead of filling memory.
+      await new Promise<void>((done) => {
+        upstream.on('data', (chunk: Buffer) => {
+          ex.bytesOut += chunk.length;
+        });
+        // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
+        const broken = () => {
+          if (res.writableFinished) return;
+          if (ex.error === null) {
+            ex.error = 'upstream_broken';
+            this.count('upstream_broken');
+          }
+          res.destroy();
+        };
+        upstream.once('error', broken);
+        upstream.once('close', () => {
+          if (!upstream.complete) broken();
+        });
+        res.once('close', () => {
+          if (!res.writableFinished) {
+            ex.error ??= 'client_aborted';
+            upstream.destroy();
+          }
+          done();
+        });
+        upstream.pipe(res);
+      });
+    } finally {
+      if (ex.stream) this.streams -= 1;
+    }
+  }
+
+  private credentialFailure(err: unknown, profile: GatewayProfile, fail: (code: GatewayErrorCode, message: string) => void): void {
+    if (err instanceof ProfileNeedsLoginError) return fail('profile_needs_login', err.message);
+    const message = err instanceof QwenError ? err.message : 'the credential could not be obtained';
+    this.options.logger.warn({ profile: profile.name, err: message }, 'gateway: no credential for a request');
+    fail('credential_unavailable', `profile "${profile.name}" has no usable credential right now: ${message}`);
+  }
+
+  private async answerModels(res: ServerResponse, only: string | undefined): Promise<void> {
+    const { profiles } = this.options;
+    const names = only ? [only] : profiles.names();
+    const data: Array<{ id: string; object: 'model'; created: number; owned_by: string }> = [];
+    for (const name of names) {
+      const profile = profiles.get(name);
+      if (!profile) continue;
+      let ids: string[] = [];
+      try {
+        ids = profile.models ? await profile.models() : await this.upstreamModels(profile);
+      } catch (err) {
+        this.options.logger.warn({ profile: name, err: (err as Error).message }, 'gateway: could not list a profile\'s models');
+      }
+      for (const id of ids) data.push({ id: only ? id : `${name}/${id}`, object: 'model', created: 0, owned_by: name });
+    }
+    const body = JSON.stringify({ object: 'list', data });
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  /** `GET {base}/models` of a profile that does not know its models itself. */
+  private async upstreamModels(profile: GatewayProfile): Promise<string[]> {
+    const cancel = new Cancellation();
+    const timer = setTimeout(() => cancel.cancel(), MODELS_TIMEOUT_MS);
+    try {
+      const headers = upstreamRequestHeaders({ accept: 'application/json' }, await profile.credentialHeaders(), null);
+      const upstream = await callUpstream({
+        url: upstreamUrl(await profile.baseUrl(), '/models'),
+        method: 'GET',
+        headers,
+        body: Buffer.alloc(0),
+        timeoutMs: MODELS_TIMEOUT_MS,
+        cancel,
+        agents: this.agents,
+      });
+      const text = await readUpstreamUpTo(upstream, MODELS_BODY_LIMIT);
+      if (upstream.statusCode !== 200 || !text) throw new Error(`the upstream answered ${upstream.statusCode} to GET /models`);
+      return ModelListSchema.parse(JSON.parse(text.toString('utf8'))).data.map((m) => m.id);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async drain(req: IncomingMessage, ex: Exchange): Promise<void> {
+    for await (const chunk of req) ex.bytesIn += (chunk as Buffer).length;
+  }
+
+  /** Counts the exchange and writes its access log line (never a header, query or body). */
+  private finish(ex: Exchange, res: ServerResponse): void {
+    this.active -= 1;
+    this.served += 1;
+    if (!res.writableFinished && ex.error === null) {
+      ex.error = 'client_aborted';
+      this.count('client_aborted');
+    } else if (ex.error === 'client_aborted') this.count('client_aborted');
+    this.options.logger.info(
+      {
+        listener: ex.listener,
+        method: ex.method,
+        path: ex.path,
+        profile: ex.profile,
+        status: res.statusCode,
+        duration_ms: Math.round((performance.now() - ex.started) * 10) / 10,
+        bytes_in: ex.bytesIn,
+        bytes_out: ex.bytesOut,
+        ...(ex.error ? { error: ex.error } : {}),
+      },
+      'gateway request',
+    );
+  }
+}
+
+function isJson(contentType: string | undefined): boolean {
+  if (!contentType) return false;
+  const type = contentType.split(';')[0]!.trim().toLowerCase();
+  return type === 'application/json' || type.endsWith('+json');
+}
+
+/**
+ * Reads a request body up to `limit` bytes. Whole when it fits; otherwise the chunks read so
+ * far, with the request paused for the caller to stream on. Null when the client went away.
+ */
+function readUpTo(req: IncomingMessage, limit: number): Promise<{ whole: true; body: Buffer } | { whole: false; chunks: Buffer[] } | null> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const cleanup = () => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('close', onClose);
+      req.off('error', onClose);
+    };
+    const onData = (chunk: Buffer) => {
+      chunks.push(chunk);
+      size += chunk.length;
+      if (size > limit) {
+        req.pause();
+        cleanup();
+        resolve({ whole: false, chunks });
+      }
+    };
+    const onEnd = () => {
+      cleanup();
+      resolve({ whole: true, body: Buffer.concat(chunks, size) });
+    };
+    const onClose = () => {
+      if (req.complete) return;
+      cleanup();
+      resolve(null);
+    };
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('close', onClose);
+    req.on('error', onClose);
+  });
+}
+
+/** Reads an upstream answer whole when it is at most `limit` bytes; null (answer destroyed) when larger. */
+async function readUpstreamUpTo(upstream: IncomingMessage, limit: number): Promise<Buffer | null> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  try {
+    for await (const chunk of upstream) {
+      size += (chunk as Buffer).length;
+      if (size > limit) {
+        upstream.destroy();
+        return null;
+      }
+      chunks.push(chunk as Buffer);
+    }
+  } catch {
+    return null;
+  }
+  return Buffer.concat(chunks, size);
+}
+
+function listen(server: Server, options: { path: string } | { host: string; port: number; exclusive: boolean }): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ ...options, backlog: 1024 }, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+function closeServer(server: Server, force: boolean): Promise<void> {
+  return new Promise((resolve) => {
+    if (!server.listening) return resolve();
+    server.close(() => resolve());
+    server.closeIdleConnections();
+    if (force) server.closeAllConnections();
+  });
+}
