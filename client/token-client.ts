@@ -276,7 +276,8 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     const cached = this.cached;
     if (cached === null || options?.noCache) return null;
     const min = options?.minValidityMs ?? this.minValidityMs;
-    return cached.expiry_date - this.clock.now() > min ? cached : null;
+    // A credential without expiry (an API key) stays usable until the daemon says otherwise.
+    return cached.expiry_date === null || cached.expiry_date - this.clock.now() > min ? cached : null;
   }
 
   /**

@@ -17,6 +17,8 @@ export const ErrorCodes = {
   config: 'QWEN_CONFIG_INVALID',
   protocol: 'QWEN_PROTOCOL_ERROR',
   chatApi: 'QWEN_CHAT_API_ERROR',
+  profileNotFound: 'QWEN_PROFILE_NOT_FOUND',
+  credentialRejected: 'QWEN_CREDENTIAL_REJECTED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
@@ -102,6 +104,19 @@ export class QwenChatApiError extends QwenError {
   }
 }
 
+/** No profile of that name is configured. */
+export class QwenProfileNotFoundError extends QwenError {
+  override readonly code: ErrorCode = ErrorCodes.profileNotFound;
+}
+
+/**
+ * The API rejected a static credential (an API key): a new key is needed, and retrying will not
+ * help. The message names the profile and how to replace the key.
+ */
+export class QwenCredentialRejectedError extends QwenError {
+  override readonly code: ErrorCode = ErrorCodes.credentialRejected;
+}
+
 const byCode: Record<string, new (message: string) => QwenError> = {
   [ErrorCodes.generic]: QwenError,
   [ErrorCodes.oauth]: QwenOAuthError,
@@ -113,6 +128,8 @@ const byCode: Record<string, new (message: string) => QwenError> = {
   [ErrorCodes.config]: QwenConfigError,
   [ErrorCodes.protocol]: QwenProtocolError,
   [ErrorCodes.chatApi]: QwenChatApiError,
+  [ErrorCodes.profileNotFound]: QwenProfileNotFoundError,
+  [ErrorCodes.credentialRejected]: QwenCredentialRejectedError,
 };
 
 /** Rebuilds the typed error a daemon sent as `{code, message}`; unknown codes become `QwenError`. */

@@ -154,6 +154,8 @@ function checkState(s: StatusResult, loginFinding: boolean): Check {
     case 'valid':
     case 'refreshing':
       return check('state', title, 'ok', `${s.state}${expiry}${login}`);
+    case 'static':
+      return check('state', title, 'ok', `static key (${s.token_fingerprint}), no expiry`);
     case 'retrying':
       return check('state', title, 'warn', `retrying (${s.retry_count} failed refreshes)${expiry}${lastError}${login}`, `the old token is served while it is valid; see \`${cliCommand('status')}\``);
     case 'expired':

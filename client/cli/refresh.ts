@@ -22,6 +22,6 @@ export function refreshCommand(): Command {
         ...(result.resource_url === undefined ? {} : { resource_url: result.resource_url }),
       };
       if (opts.json) outJson(summary);
-      else out(`Refreshed: token ${describeExpiry(result.expiry_date, Date.now())} (fingerprint ${summary.token_fingerprint}).\n`);
+      else out(`Refreshed: token ${result.expiry_date === null ? 'without expiry' : describeExpiry(result.expiry_date, Date.now())} (fingerprint ${summary.token_fingerprint}).\n`);
     });
 }
