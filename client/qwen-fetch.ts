@@ -105,6 +105,14 @@ export function trustedBaseURL(creds: TokenResult, client: TokenClient): string 
  */
 const rejectedAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
 
+/**
+ * API keys the API refused, per client and profile, with when. Another request with the same key
+ * soon after (an SDK's own retries, a loop) fails at once without reaching the API: a refused key
+ * stays refused until it is replaced, so only one request per window goes out to find out.
+ */
+const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number }>>();
+const REJECTED_KEY_WINDOW_MS = 60_000;
+
 /** One renewal per client and rejected token: concurrent 401s share it. */
 const renewals = new WeakMap<TokenClient, Map<string, Promise<TokenResult>>>();
 
@@ -156,14 +164,25 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
     };
 
     const creds = await abortable(client.getCredentials(which), signal);
-    const response = await send(creds);
     if (creds.kind === 'api-key') {
+      const slot = creds.profile ?? options.profile ?? '';
+      const refused = rejectedKeys.get(client)?.get(slot);
+      // Monotonic time: how long ago, not what time it is.
+      if (refused && refused.key === creds.access_token && performance.now() - refused.at < REJECTED_KEY_WINDOW_MS) {
+        throw keyRejected(creds, request.url, 'refused moments ago; not sent again');
+      }
+      const response = await send(creds);
       const rejection = await keyRejection(response);
-      if (rejection === null) return response;
+      if (rejection === null) {
+        if (refused) rejectedKeys.get(client)!.delete(slot);
+        return response;
+      }
       await discard(response);
+      perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now() });
       throw keyRejected(creds, request.url, rejection);
     }
 
+    const response = await send(creds);
     const first = creds.access_token;
     const slot = creds.profile ?? options.profile ?? '';
     const rejection = await tokenRejection(response, true);
