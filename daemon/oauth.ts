@@ -576,11 +576,19 @@ export class QwenOAuthClient {
 
 /**
  * Builds the credential record from a grant (RFC 6749 §6: a new refresh token replaces the
- * old one); keeps the previous refresh_token/resource_url when the grant omits them.
+ * old one); keeps the previous refresh_token/resource_url when the grant omits them. A grant
+ * with no refresh token at all is refused unless `allowNoRefreshToken`.
  */
-export function credentialsFromGrant(grant: TokenGrant, previous: Credentials | null, now: number): Credentials {
-  const refreshToken = grant.refresh_token ?? previous?.refresh_token;
-  if (!refreshToken) {
+export function credentialsFromGrant(
+  grant: TokenGrant,
+  previous: Credentials | null,
+  now: number,
+  options: { allowNoRefreshToken?: boolean } = {},
+): Credentials {
+  const refreshToken = grant.refresh_token ?? previous?.refresh_token ?? '';
+  // Allowed for providers that issue none: the login then lasts as long as its access token
+  // (an empty refresh_token in the record; see lifecycle.ts).
+  if (!refreshToken && !options.allowNoRefreshToken) {
     throw new QwenOAuthError('the token endpoint issued no refresh token, so the login cannot be kept; run the login again', {
       retryable: false,
     });
