@@ -271,6 +271,143 @@ export function sleep(clock: Clock, ms: number, signal: AbortSignal | undefined)
   });
 }
 
+/** Qwen CLI's polling: 2 s by default, ×1.5 per slow_down up to 10 s. */
+const QWEN_POLLING: PollingRules = {
+  defaultIntervalS: DEFAULT_POLL_INTERVAL_S,
+  slowedDown: (interval) => Math.min(interval * SLOW_DOWN_FACTOR, MAX_POLL_INTERVAL_S),
+  expired: expiredDeviceCode,
+};
+
+/** Talks to Qwen's OAuth endpoints. Stateless apart from its configuration. */
+export class QwenOAuthClient {
+  private readonly as: oauth.AuthorizationServer;
+  private readonly client: oauth.Client;
+  private readonly clientAuth: oauth.ClientAuth = oauth.None();
+  private readonly scope: string;
+  private readonly insecure: boolean;
+  private readonly transport: OAuthTransport;
+  private readonly chatUrlPolicy: ChatUrlPolicy;
+
+  /** Builds the RFC 8414 metadata by hand: Qwen publishes no discovery document. */
+  constructor(options: QwenOAuthClientOptions) {
+    const base = options.baseUrl.replace(/\/+$/, '');
+    let url: URL;
+    try {
+      url = new URL(base);
+    } catch {
+      throw new QwenConfigError(`OAuth base URL must be an absolute http(s) URL, got "${options.baseUrl}"`);
+    }
+    if (url.protocol === 'http:' && !isLoopbackHost(url.hostname)) {
+      throw new QwenConfigError(
+        `OAuth base URL must use https (plain http is allowed only for loopback hosts), got "${options.baseUrl}"`,
+      );
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+      throw new QwenConfigError(`OAuth base URL must be an http(s) URL, got "${options.baseUrl}"`);
+    }
+    this.as = {
+      issuer: base,
+      device_authorization_endpoint: `${base}${DEVICE_AUTHORIZATION_PATH}`,
+      token_endpoint: `${base}${TOKEN_PATH}`,
+    };
+    this.client = { client_id: options.clientId, token_endpoint_auth_method: 'none' };
+    this.scope = options.scope;
+    this.insecure = url.protocol === 'http:';
+    this.transport = new OAuthTransport({ timeoutMs: options.timeoutMs, fetch: options.fetch });
+    this.chatUrlPolicy = { oauthBaseUrl: base, trustedHosts: options.trustedChatHosts };
+  }
+
+  /** RFC 8628 §3.1 device authorization request, with an RFC 7636 §4.1–4.2 S256 code challenge. */
+  async deviceAuthorizationRequest(signal?: AbortSignal): Promise<DeviceAuthorization> {
+    const codeVerifier = oauth.generateRandomCodeVerifier();
+    const codeChallenge = await oauth.calculatePKCECodeChallenge(codeVerifier);
+    const parameters = { scope: this.scope, code_challenge: codeChallenge, code_challenge_method: 'S256' };
+    const result = await this.transport.exchange(
+      DEVICE_ENDPOINT,
+      signal,
+      (s) => oauth.deviceAuthorizationRequest(this.as, this.client, this.clientAuth, parameters, this.requestOptions(s)),
+      (response) => oauth.processDeviceAuthorizationResponse(this.as, this.client, response),
+    );
+    if (!result.ok) throw deviceAuthorizationFailure(DEVICE_ENDPOINT, result.answer);
+    const v = result.value;
+    const auth: DeviceAuthorization = {
+      device_code: v.device_code,
+      user_code: v.user_code,
+      verification_uri: v.verification_uri,
+      expires_in: v.expires_in,
+      interval: v.interval ?? DEFAULT_POLL_INTERVAL_S,
+      code_verifier: codeVerifier,
+    };
+    if (v.verification_uri_complete !== undefined) auth.verification_uri_complete = v.verification_uri_complete;
+    return auth;
+  }
+
+  /**
+   * One RFC 8628 §3.4 device access token request (with the RFC 7636 §4.5 `code_verifier`) and
+   * its §3.5 answer: `pending` and `slow_down` are results; expiry, denial and other refusals throw.
+   */
+  async deviceTokenPoll(auth: DeviceAuthorization, signal?: AbortSignal): Promise<DevicePollResult> {
+    const result = await this.transport.exchange(
+      TOKEN_ENDPOINT,
+      signal,
+      (s) =>
+        oauth.deviceCodeGrantRequest(this.as, this.client, this.clientAuth, auth.device_code, {
+          ...this.requestOptions(s),
+          additionalParameters: { code_verifier: auth.code_verifier },
+        }),
+      (response) => oauth.processDeviceCodeResponse(this.as, this.client, response),
+    );
+    if (result.ok) return { status: 'success', grant: toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy) };
+    const { answer } = result;
+    const verdict = devicePollVerdict(answer, expiredDeviceCode);
+    if (verdict) return verdict;
+    if (answer.error === 'access_denied' || answer.status === 401) {
+      throw new QwenOAuthError('the authorization request was denied; run the login again to retry', {
+        oauthError: 'access_denied',
+        status: answer.status,
+      });
+    }
+    throw devicePollFailure(TOKEN_ENDPOINT, answer);
+  }
+
+  /** Polls until the user approves (see `pollForDeviceToken`), with the Qwen CLI's intervals. */
+  async waitForDeviceToken(auth: DeviceAuthorization, opts: WaitForDeviceTokenOptions): Promise<TokenGrant> {
+    return pollForDeviceToken(auth, opts, QWEN_POLLING, (signal) => this.deviceTokenPoll(auth, signal));
+  }
+
+  /**
+   * RFC 6749 §6 refresh. A refusal of the refresh token (400/401/403 with an OAuth error, which
+   * Qwen spells `invalid_request`) throws `QwenRefreshTokenInvalidError`; everything else that
+   * goes wrong throws a retryable `QwenOAuthError`.
+   */
+  async refreshTokenGrant(refreshToken: string, signal?: AbortSignal): Promise<TokenGrant> {
+    if (!refreshToken) throw new QwenRefreshTokenInvalidError('there is no refresh token; run the login again');
+    const result = await this.transport.exchange(
+      TOKEN_ENDPOINT,
+      signal,
+      (s) => oauth.refreshTokenGrantRequest(this.as, this.client, this.clientAuth, refreshToken, this.requestOptions(s)),
+      (response) => oauth.processRefreshTokenResponse(this.as, this.client, response),
+    );
+    if (result.ok) return toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy);
+    const { answer } = result;
+    if (answer.error && REFRESH_REJECTION_STATUSES.has(answer.status) && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
+      throw new QwenRefreshTokenInvalidError(
+        `the ${TOKEN_ENDPOINT} rejected the refresh token (HTTP ${answer.status}, ${describeOAuthError(answer)}); run the login again`,
+      );
+    }
+    throw httpFailure(TOKEN_ENDPOINT, answer);
+  }
+
+  private requestOptions(signal: AbortSignal): oauth.TokenEndpointRequestOptions {
+    const options: oauth.TokenEndpointRequestOptions = { signal };
+    // http:// is only ever a loopback test server (checked in the constructor).
+    if (this.insecure) options[oauth.allowInsecureRequests] = true;
+    options[oauth.customFetch] = (url, init) =>
+      this.transport.boundedFetch(url.endsWith(DEVICE_AUTHORIZATION_PATH) ? DEVICE_ENDPOINT : TOKEN_ENDPOINT, url, init);
+    return options;
+  }
+}
+
 export interface OAuthTransportOptions {
   /** Upper bound of every HTTP exchange, body included. */
   timeoutMs: number;
@@ -504,143 +641,6 @@ export async function pollForDeviceToken(
     onPoll?.(result);
     if (result.status === 'success') return result.grant;
     if (result.status === 'slow_down') interval = Math.max(interval, rules.slowedDown(interval));
-  }
-}
-
-/** Qwen CLI's polling: 2 s by default, ×1.5 per slow_down up to 10 s. */
-const QWEN_POLLING: PollingRules = {
-  defaultIntervalS: DEFAULT_POLL_INTERVAL_S,
-  slowedDown: (interval) => Math.min(interval * SLOW_DOWN_FACTOR, MAX_POLL_INTERVAL_S),
-  expired: expiredDeviceCode,
-};
-
-/** Talks to Qwen's OAuth endpoints. Stateless apart from its configuration. */
-export class QwenOAuthClient {
-  private readonly as: oauth.AuthorizationServer;
-  private readonly client: oauth.Client;
-  private readonly clientAuth: oauth.ClientAuth = oauth.None();
-  private readonly scope: string;
-  private readonly insecure: boolean;
-  private readonly transport: OAuthTransport;
-  private readonly chatUrlPolicy: ChatUrlPolicy;
-
-  /** Builds the RFC 8414 metadata by hand: Qwen publishes no discovery document. */
-  constructor(options: QwenOAuthClientOptions) {
-    const base = options.baseUrl.replace(/\/+$/, '');
-    let url: URL;
-    try {
-      url = new URL(base);
-    } catch {
-      throw new QwenConfigError(`OAuth base URL must be an absolute http(s) URL, got "${options.baseUrl}"`);
-    }
-    if (url.protocol === 'http:' && !isLoopbackHost(url.hostname)) {
-      throw new QwenConfigError(
-        `OAuth base URL must use https (plain http is allowed only for loopback hosts), got "${options.baseUrl}"`,
-      );
-    }
-    if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-      throw new QwenConfigError(`OAuth base URL must be an http(s) URL, got "${options.baseUrl}"`);
-    }
-    this.as = {
-      issuer: base,
-      device_authorization_endpoint: `${base}${DEVICE_AUTHORIZATION_PATH}`,
-      token_endpoint: `${base}${TOKEN_PATH}`,
-    };
-    this.client = { client_id: options.clientId, token_endpoint_auth_method: 'none' };
-    this.scope = options.scope;
-    this.insecure = url.protocol === 'http:';
-    this.transport = new OAuthTransport({ timeoutMs: options.timeoutMs, fetch: options.fetch });
-    this.chatUrlPolicy = { oauthBaseUrl: base, trustedHosts: options.trustedChatHosts };
-  }
-
-  /** RFC 8628 §3.1 device authorization request, with an RFC 7636 §4.1–4.2 S256 code challenge. */
-  async deviceAuthorizationRequest(signal?: AbortSignal): Promise<DeviceAuthorization> {
-    const codeVerifier = oauth.generateRandomCodeVerifier();
-    const codeChallenge = await oauth.calculatePKCECodeChallenge(codeVerifier);
-    const parameters = { scope: this.scope, code_challenge: codeChallenge, code_challenge_method: 'S256' };
-    const result = await this.transport.exchange(
-      DEVICE_ENDPOINT,
-      signal,
-      (s) => oauth.deviceAuthorizationRequest(this.as, this.client, this.clientAuth, parameters, this.requestOptions(s)),
-      (response) => oauth.processDeviceAuthorizationResponse(this.as, this.client, response),
-    );
-    if (!result.ok) throw deviceAuthorizationFailure(DEVICE_ENDPOINT, result.answer);
-    const v = result.value;
-    const auth: DeviceAuthorization = {
-      device_code: v.device_code,
-      user_code: v.user_code,
-      verification_uri: v.verification_uri,
-      expires_in: v.expires_in,
-      interval: v.interval ?? DEFAULT_POLL_INTERVAL_S,
-      code_verifier: codeVerifier,
-    };
-    if (v.verification_uri_complete !== undefined) auth.verification_uri_complete = v.verification_uri_complete;
-    return auth;
-  }
-
-  /**
-   * One RFC 8628 §3.4 device access token request (with the RFC 7636 §4.5 `code_verifier`) and
-   * its §3.5 answer: `pending` and `slow_down` are results; expiry, denial and other refusals throw.
-   */
-  async deviceTokenPoll(auth: DeviceAuthorization, signal?: AbortSignal): Promise<DevicePollResult> {
-    const result = await this.transport.exchange(
-      TOKEN_ENDPOINT,
-      signal,
-      (s) =>
-        oauth.deviceCodeGrantRequest(this.as, this.client, this.clientAuth, auth.device_code, {
-          ...this.requestOptions(s),
-          additionalParameters: { code_verifier: auth.code_verifier },
-        }),
-      (response) => oauth.processDeviceCodeResponse(this.as, this.client, response),
-    );
-    if (result.ok) return { status: 'success', grant: toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy) };
-    const { answer } = result;
-    const verdict = devicePollVerdict(answer, expiredDeviceCode);
-    if (verdict) return verdict;
-    if (answer.error === 'access_denied' || answer.status === 401) {
-      throw new QwenOAuthError('the authorization request was denied; run the login again to retry', {
-        oauthError: 'access_denied',
-        status: answer.status,
-      });
-    }
-    throw devicePollFailure(TOKEN_ENDPOINT, answer);
-  }
-
-  /** Polls until the user approves (see `pollForDeviceToken`), with the Qwen CLI's intervals. */
-  async waitForDeviceToken(auth: DeviceAuthorization, opts: WaitForDeviceTokenOptions): Promise<TokenGrant> {
-    return pollForDeviceToken(auth, opts, QWEN_POLLING, (signal) => this.deviceTokenPoll(auth, signal));
-  }
-
-  /**
-   * RFC 6749 §6 refresh. A refusal of the refresh token (400/401/403 with an OAuth error, which
-   * Qwen spells `invalid_request`) throws `QwenRefreshTokenInvalidError`; everything else that
-   * goes wrong throws a retryable `QwenOAuthError`.
-   */
-  async refreshTokenGrant(refreshToken: string, signal?: AbortSignal): Promise<TokenGrant> {
-    if (!refreshToken) throw new QwenRefreshTokenInvalidError('there is no refresh token; run the login again');
-    const result = await this.transport.exchange(
-      TOKEN_ENDPOINT,
-      signal,
-      (s) => oauth.refreshTokenGrantRequest(this.as, this.client, this.clientAuth, refreshToken, this.requestOptions(s)),
-      (response) => oauth.processRefreshTokenResponse(this.as, this.client, response),
-    );
-    if (result.ok) return toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy);
-    const { answer } = result;
-    if (answer.error && REFRESH_REJECTION_STATUSES.has(answer.status) && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
-      throw new QwenRefreshTokenInvalidError(
-        `the ${TOKEN_ENDPOINT} rejected the refresh token (HTTP ${answer.status}, ${describeOAuthError(answer)}); run the login again`,
-      );
-    }
-    throw httpFailure(TOKEN_ENDPOINT, answer);
-  }
-
-  private requestOptions(signal: AbortSignal): oauth.TokenEndpointRequestOptions {
-    const options: oauth.TokenEndpointRequestOptions = { signal };
-    // http:// is only ever a loopback test server (checked in the constructor).
-    if (this.insecure) options[oauth.allowInsecureRequests] = true;
-    options[oauth.customFetch] = (url, init) =>
-      this.transport.boundedFetch(url.endsWith(DEVICE_AUTHORIZATION_PATH) ? DEVICE_ENDPOINT : TOKEN_ENDPOINT, url, init);
-    return options;
   }
 }
 
