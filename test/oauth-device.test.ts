@@ -117,6 +117,18 @@ describe('login through the provider pages', () => {
     for (const poll of devicePolls) expect(poll.body.code_verifier).toBe(auth.code_verifier);
   });
 
+  it("polls at the server's interval when it sends one", async () => {
+    const p = await provider({ interval: 2 });
+    const client = deviceClient(settingsFor(p));
+    const auth = await client.deviceAuthorizationRequest();
+    expect(auth.interval).toBe(2);
+    await p.approveDevice(auth.user_code);
+    const clock = new FakeClock(Date.now());
+    const waiting = client.waitForDeviceToken(auth, { clock });
+    await nextPoll(clock, 2_000);
+    expect((await waiting).access_token).toBe(p.accessTokensIssued[0]);
+  });
+
   it('with pkce off sends neither challenge nor verifier', async () => {
     const p = await provider();
     const { auth } = await login(p, deviceClient(settingsFor(p, { pkce: false })));

@@ -10,8 +10,8 @@
  * What oidc-provider does that tests rely on: a reused rotated refresh token gets `invalid_grant`
  * and revokes the whole grant, as does polling a device code that was already used; PKCE
  * parameters on the device grant are accepted but not checked; device authorization responses
- * carry no `interval`. It never sends `slow_down` by itself: `slowDown` turns pending answers into
- * `slow_down` so a test can see the client back off.
+ * carry no `interval` (`interval` adds one). It never sends `slow_down` by itself: `slowDown`
+ * turns pending answers into `slow_down` so a test can see the client back off.
  */
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
@@ -31,6 +31,11 @@ export interface OidcProviderOptions {
   issueRefreshToken?: boolean;
   /** A confidential client: the secret and how it authenticates (default: a public client). */
   clientSecret?: { secret: string; method: 'client_secret_post' | 'client_secret_basic' };
+  /**
+   * `interval` (seconds) to add to device authorization responses, which oidc-provider sends
+   * without one; lets a test of the daemon (polling on the real clock) finish sooner than RFC 8628's 5 s.
+   */
+  interval?: number;
   /** Answer the first `polls` device polls that would be `authorization_pending` with `slow_down` and `status`. */
   slowDown?: { polls: number; status: 400 | 429 };
 }
@@ -129,7 +134,10 @@ export async function startOidcProvider(options: OidcProviderOptions = {}): Prom
     await next();
     const route: string | undefined = ctx.oidc?.route;
     const body = { ...(ctx.oidc?.body ?? {}) } as Record<string, unknown>;
-    if (route === 'device_authorization') deviceAuthorizationRequests.push(body);
+    if (route === 'device_authorization') {
+      deviceAuthorizationRequests.push(body);
+      if (options.interval !== undefined && ctx.status === 200) ctx.body = { ...(ctx.body as object), interval: options.interval };
+    }
     if (route !== 'token') return;
     const grantType = String(body.grant_type ?? '');
     const short = grantType === DEVICE_GRANT_TYPE ? 'device_code' : grantType;
