@@ -110,7 +110,7 @@ const rejectedAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
  * soon after (an SDK's own retries, a loop) fails at once without reaching the API: a refused key
  * stays refused until it is replaced, so only one request per window goes out to find out.
  */
-const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number }>>();
+const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number; rejection: string }>>();
 const REJECTED_KEY_WINDOW_MS = 60_000;
 
 /** One renewal per client and rejected token: concurrent 401s share it. */
@@ -169,7 +169,7 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       const refused = rejectedKeys.get(client)?.get(slot);
       // Monotonic time: how long ago, not what time it is.
       if (refused && refused.key === creds.access_token && performance.now() - refused.at < REJECTED_KEY_WINDOW_MS) {
-        throw keyRejected(creds, request.url, 'refused moments ago; not sent again');
+        throw keyRejected(creds, request.url, `${refused.rejection}, moments ago; not sent again`);
       }
       const response = await send(creds);
       const rejection = await keyRejection(response);
@@ -178,7 +178,7 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         return response;
       }
       await discard(response);
-      perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now() });
+      perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now(), rejection });
       throw keyRejected(creds, request.url, rejection);
     }
 

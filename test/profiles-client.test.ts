@@ -5,8 +5,6 @@
  * API-key endpoints, and the CLI's `profile` commands (key from stdin, `--key-env`, a refused key,
  * never on argv). The same against the real daemon: profiles-cli.daemon.test.ts.
  */
-import { spawn } from 'node:child_process';
-import { readdir, readFile } from 'node:fs/promises';
 import { PassThrough } from 'node:stream';
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -29,6 +27,7 @@ import {
 import { fingerprint } from '../shared/fingerprint.js';
 import { PROFILE_NAME_PATTERN, type ProfileInfo } from '../shared/profiles.js';
 import type { StatusResult } from '../shared/protocol.js';
+import { runCli as runCliProcess } from './support/cli-run.js';
 import { CLI_BIN } from './support/daemon.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
 import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
@@ -351,6 +350,11 @@ describe('api-key profiles against the local API-key server', () => {
     expect(err).toBeInstanceOf(QwenConfigError);
     expect(err.message).toContain('profile "cp" (api-key) has no default model: pass modelName');
     expect(() => new QwenChatModel({ client: client(), profile: 'qwen', modelName: 'qwen3-coder-plus' })).toThrow(QwenConfigError);
+    // Naming none, the daemon's default decides: here Qwen OAuth, so the portal's names, at the first call.
+    const byDefault = new QwenChatModel({ client: client(), modelName: 'qwen3-coder-plus' });
+    const wrong = await rejection(byDefault.call('x'));
+    expect(wrong).toBeInstanceOf(QwenConfigError);
+    expect(wrong.message).toContain('coder-model');
   });
 
   it('QwenChatModel with a refused key fails with QwenCredentialRejectedError after one request', async () => {
@@ -531,52 +535,10 @@ describe('checking a key with GET /models', () => {
 
 // ---- the CLI as a child process, against the stand-in ----
 
-interface CliRun {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  /** Every argv seen in /proc while the CLI ran (Linux), joined. */
-  argvSeen: string[];
-  pid: number;
-}
-
-/** Lists every process's argv, as `ps` would show it. */
-async function allArgv(): Promise<Map<number, string>> {
-  const seen = new Map<number, string>();
-  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
-    if (!/^\d+$/.test(entry)) continue;
-    const text = await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (text) seen.set(Number(entry), text.split('\0').join(' '));
-  }
-  return seen;
-}
-
-/** Runs the CLI with `stdin` piped in (or a closed stdin), scanning every process's argv while it runs. */
-async function runCli(args: string[], options: { stdin?: string; env?: Record<string, string> } = {}): Promise<CliRun> {
+/** Runs the CLI against the stand-in, scanning every process's argv while it runs. */
+function runCli(args: string[], options: { stdin?: string; env?: Record<string, string> } = {}) {
   const env = { PATH: process.env.PATH ?? '', HOME: daemon.dir, QWEN_TOKEND_SOCKET: daemon.socketPath, QWEN_TOKEND_AUTOSTART: '0', ...options.env };
-  const child = spawn(process.execPath, [CLI_BIN, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-  let running = true;
-  const done = new Promise<number | null>((resolve) =>
-    child.once('close', (code) => {
-      running = false;
-      resolve(code);
-    }),
-  );
-  const argvSeen: string[] = [];
-  const scanning = (async () => {
-    while (running) {
-      for (const argv of (await allArgv()).values()) argvSeen.push(argv);
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  })();
-  child.stdin.end(options.stdin ?? '');
-  const code = await done;
-  await scanning;
-  return { code, stdout, stderr, argvSeen, pid: child.pid! };
+  return runCliProcess(args, { env, ...(options.stdin === undefined ? {} : { stdin: options.stdin }) });
 }
 
 describe('qwen-token profile against the stand-in daemon', () => {
