@@ -105,6 +105,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     });
 
     let server: IpcServer;
+    const v1Answers = new WeakMap<Promise<TokenResult>, Promise<TokenResult>>();
     const runtimeFor = (name: string | undefined): ProfileRuntime => registry.resolve(name);
     /** A token answer in the shape the connection speaks. */
     const shaped = (result: TokenResult, conn: RpcConnection): TokenResult => (conn.protocol >= 2 ? result : v1Token(result));
@@ -147,9 +148,15 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
         // The common case, a token valid long enough, is answered without a promise.
         const ready = runtime.servableNow(minValidityMs);
         if (ready) return shaped(ready, conn);
-        // Callers waiting on one refresh share one promise (and so one answer): only a static
-        // credential differs between versions, and it never waits.
-        return runtime.getAccessToken(minValidityMs);
+        // Callers waiting on one refresh share one promise, and so one answer per version.
+        const waiting = runtime.getAccessToken(minValidityMs);
+        if (conn.protocol >= 2) return waiting;
+        let v1 = v1Answers.get(waiting);
+        if (!v1) {
+          v1 = waiting.then(v1Token);
+          v1Answers.set(waiting, v1);
+        }
+        return v1;
       }),
       [Methods.refresh]: rpcMethod(ProfileParams, async ({ profile }, conn) => shaped(await runtimeFor(profile).refresh(), conn)),
       [Methods.status]: rpcMethod(ProfileParams, status),
