@@ -199,9 +199,16 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     registry.on('login_failed', (profile, err) =>
       about(profile, Notifications.loginFailed, { code: err.code, message: err.message }, { code: err.code, message: err.message }),
     );
-    registry.on('profiles_changed', () =>
-      server.broadcastV2(Notifications.profilesChanged, { profiles: registry.names(), default_profile: registry.defaultProfile }),
-    );
+    let announcedDefault = registry.defaultProfile;
+    registry.on('profiles_changed', () => {
+      const defaultProfile = registry.defaultProfile;
+      server.broadcastV2(Notifications.profilesChanged, { profiles: registry.names(), default_profile: defaultProfile });
+      if (defaultProfile === announcedDefault) return;
+      announcedDefault = defaultProfile;
+      // A version-1 client caches the default profile's token: it gets the new default's.
+      const ready = registry.get(defaultProfile)?.servableNow(0);
+      if (ready) server.broadcastAbout(defaultProfile, defaultProfile, Notifications.tokenRefreshed, null, v1Token(ready));
+    });
 
     await server.listen();
     // The first refresh response is checked at once, not after its schema is built.
