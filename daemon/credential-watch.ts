@@ -82,6 +82,13 @@ export class CredentialWatcher {
         }
       } else if (this.onTheWay(p)) {
         watcher.add(p);
+        // Directories made with this one (`mkdir -p`) came before its watch: look for them now.
+        const prefix = p.endsWith(sep) ? p : p + sep;
+        for (const dir of [...this.dirs]) {
+          if (!dir.startsWith(prefix)) continue;
+          const deepest = nearestExisting(dir);
+          if (deepest.startsWith(prefix)) appeared(deepest);
+        }
       }
     };
     watcher.on('add', fire);

@@ -105,6 +105,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     });
 
     let server: IpcServer;
+    const v1Answers = new WeakMap<Promise<TokenResult>, Promise<TokenResult>>();
     const runtimeFor = (name: string | undefined): ProfileRuntime => registry.resolve(name);
     /** A token answer in the shape the connection speaks. */
     const shaped = (result: TokenResult, conn: RpcConnection): TokenResult => (conn.protocol >= 2 ? result : v1Token(result));
@@ -147,9 +148,15 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
         // The common case, a token valid long enough, is answered without a promise.
         const ready = runtime.servableNow(minValidityMs);
         if (ready) return shaped(ready, conn);
-        // Callers waiting on one refresh share one promise (and so one answer): only a static
-        // credential differs between versions, and it never waits.
-        return runtime.getAccessToken(minValidityMs);
+        // Callers waiting on one refresh share one promise, and so one answer per version.
+        const waiting = runtime.getAccessToken(minValidityMs);
+        if (conn.protocol >= 2) return waiting;
+        let v1 = v1Answers.get(waiting);
+        if (!v1) {
+          v1 = waiting.then(v1Token);
+          v1Answers.set(waiting, v1);
+        }
+        return v1;
       }),
       [Methods.refresh]: rpcMethod(ProfileParams, async ({ profile }, conn) => shaped(await runtimeFor(profile).refresh(), conn)),
       [Methods.status]: rpcMethod(ProfileParams, status),
@@ -192,9 +199,16 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     registry.on('login_failed', (profile, err) =>
       about(profile, Notifications.loginFailed, { code: err.code, message: err.message }, { code: err.code, message: err.message }),
     );
-    registry.on('profiles_changed', () =>
-      server.broadcastV2(Notifications.profilesChanged, { profiles: registry.names(), default_profile: registry.defaultProfile }),
-    );
+    let announcedDefault = registry.defaultProfile;
+    registry.on('profiles_changed', () => {
+      const defaultProfile = registry.defaultProfile;
+      server.broadcastV2(Notifications.profilesChanged, { profiles: registry.names(), default_profile: defaultProfile });
+      if (defaultProfile === announcedDefault) return;
+      announcedDefault = defaultProfile;
+      // A version-1 client caches the default profile's token: it gets the new default's.
+      const ready = registry.get(defaultProfile)?.servableNow(0);
+      if (ready) server.broadcastAbout(defaultProfile, defaultProfile, Notifications.tokenRefreshed, null, v1Token(ready));
+    });
 
     await server.listen();
     // The first refresh response is checked at once, not after its schema is built.

@@ -127,6 +127,7 @@ export class IpcServer {
    * connection subscribed to that profile or to all of them gets `params`; a version-1
    * connection hears only its subscribed profile (the default one unless it named another) and
    * gets `v1Params`, version 1's shape (null: nothing, the method is not part of version 1).
+   * `params` null: version-2 connections are not told.
    */
   broadcastAbout(profile: string, defaultProfile: string, method: string, params: unknown, v1Params: unknown): number {
     let line: Buffer | null = null;
@@ -136,7 +137,7 @@ export class IpcServer {
       const session = conn.session;
       if (!session.subscribed || conn.socket.destroyed) continue;
       if (session.protocol >= 2) {
-        if (session.subscribedProfile !== null && session.subscribedProfile !== profile) continue;
+        if (params === null || (session.subscribedProfile !== null && session.subscribedProfile !== profile)) continue;
         // Encoded once for every subscriber of a version.
         line ??= encode(method, params);
         if (this.send(conn, line)) sent++;

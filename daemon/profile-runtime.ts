@@ -78,14 +78,15 @@ export const NEVER_EXPIRES = 8_640_000_000_000_000;
 const v1Results = new WeakMap<TokenResult, TokenResult>();
 
 /**
- * A token answer in version 1's shape: `expiry_date` is always a number. Only a static
- * credential's answer differs; the copy is made once per answer (frozen, so it is serialized once).
+ * A token answer in version 1's shape: no `profile`, `kind` or `auth_header`, and `expiry_date`
+ * always a number (a static credential's is the largest date). Made once per answer and frozen,
+ * so it is serialized once too.
  */
 export function v1Token(result: TokenResult): TokenResult {
-  if (result.expiry_date !== null) return result;
   let v1 = v1Results.get(result);
   if (!v1) {
-    v1 = Object.freeze({ ...result, expiry_date: NEVER_EXPIRES });
+    const { profile: _profile, kind: _kind, auth_header: _header, ...rest } = result;
+    v1 = Object.freeze({ ...rest, expiry_date: result.expiry_date ?? NEVER_EXPIRES });
     v1Results.set(result, v1);
   }
   return v1;
