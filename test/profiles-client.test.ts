@@ -23,6 +23,8 @@ import {
   QwenCredentialRejectedError,
   QwenProfileNotFoundError,
   QwenProtocolError,
+  QwenRefreshTokenInvalidError,
+  QwenTokenNotAvailableError,
 } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import { PROFILE_NAME_PATTERN, type ProfileInfo } from '../shared/profiles.js';
@@ -393,6 +395,10 @@ describe('CLI pieces', () => {
     expect(exitCodeFor(new QwenProfileNotFoundError('no'))).toBe(6);
     expect(exitCodeFor(new QwenCredentialRejectedError('no'))).toBe(7);
     expect(hintFor(new QwenProfileNotFoundError('there is no profile "x"'))).toMatch(/profile list/);
+    // The daemon's own advice for a profile is not contradicted by the built-in profile's login.
+    expect(hintFor(new QwenTokenNotAvailableError('profile "cp": it has no API key; run `qwen-token profile add cp --replace ...`'))).toBeUndefined();
+    expect(hintFor(new QwenRefreshTokenInvalidError('the login expired: run `qwen-token login --profile corp`'))).toBeUndefined();
+    expect(hintFor(new QwenTokenNotAvailableError('not logged in'))).toMatch(/login/);
   });
 
   it('gateway env --profile: the base URL with /p/NAME/v1', () => {

@@ -51,8 +51,11 @@ export function exitCodeFor(err: unknown): ExitCode {
  */
 export function hintFor(err: unknown): string | undefined {
   const message = err instanceof Error ? err.message : '';
-  const unlessSaid = (sub: string, hint: string) => (message.includes(`${sub}\``) ? undefined : hint);
+  // Said already: a command in backquotes that runs `sub` (with or without `--profile NAME`).
+  const unlessSaid = (sub: string, hint: string) => (new RegExp(`\`[^\`]*\\b${sub}\\b[^\`]*\``).test(message) ? undefined : hint);
   if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) {
+    // An API-key profile without its key says how to store one; a login would not help.
+    if (/`[^`]*\bprofile add\b[^`]*`/.test(message)) return undefined;
     return unlessSaid('login', `run \`${cliCommand('login')}\``);
   }
   if (err instanceof QwenDaemonUnavailableError) return `run \`${cliCommand('doctor')}\` to see what is wrong`;

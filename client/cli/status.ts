@@ -80,7 +80,8 @@ export function formatStatus(s: StatusResult, options: FormatStatusOptions = {})
   const isKey = s.kind === 'api-key';
   const info = s.profiles?.find((p) => p.name === s.profile);
   const rows: Array<[string, string]> = [];
-  if (s.profile !== undefined) {
+  // Named unless it is the built-in Qwen profile as the default: then the rows read as they always have.
+  if (s.profile !== undefined && !(qwenOAuth && s.profile === s.default_profile)) {
     rows.push(['profile', `${s.profile} (${s.kind ?? 'qwen-oauth'}${s.profile === s.default_profile ? ', the default' : ''})`]);
   }
   rows.push(['state', stateText(s)]);
