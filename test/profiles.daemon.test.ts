@@ -14,6 +14,7 @@ import { fingerprint } from '../shared/fingerprint.js';
 import { presetSettings } from '../shared/profiles.js';
 import { assertNoSecrets, createFixture, credsFrom, RawRpcClient, type DaemonFixture } from './support/daemon.js';
 import { DEVICE_CODE_PATH, QWEN_CLIENT_ID, TOKEN_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { unixSocketFetch } from './support/unix-fetch.js';
 import { until } from './support/wait.js';
 
 let fx: DaemonFixture | null = null;
@@ -366,6 +367,37 @@ async function hangingProvider(): Promise<{ baseUrl: string; received: () => num
     },
   };
 }
+
+describe('the gateway over profiles', () => {
+  it('routes /p/<profile>/v1 to each profile with its own credential header, the portal headers for the built-in profile only', async () => {
+    fx = await createFixture();
+    await fx.writeOwn({ ...credsFrom(fx.server), resource_url: fx.server.baseUrl });
+    await fx.start();
+    const admin = await connect(fx);
+    const bearer = apiKey('bearer');
+    const xKey = apiKey('xkey');
+    await admin.call('profiles.add', { name: 'plan', settings: { kind: 'api-key', base_url: `${fx.server.baseUrl}/v1` }, secret: bearer });
+    await admin.call('profiles.add', { name: 'anth', settings: { kind: 'api-key', base_url: `${fx.server.baseUrl}/v1`, auth: 'x-api-key' }, secret: xKey });
+    const gateway = unixSocketFetch(join(fx.runDir, 'gateway.sock'));
+    const chat = (path: string) =>
+      gateway(`http://localhost${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: 'hi' }] }) });
+
+    expect((await chat('/v1/chat/completions')).status).toBe(200);
+    expect(fx.server.lastChatHeaders?.['x-dashscope-authtype']).toBe('qwen-oauth');
+    await (await chat('/p/plan/v1/chat/completions')).text();
+    expect(fx.server.lastChatHeaders?.authorization).toBe(`Bearer ${bearer}`);
+    expect(fx.server.lastChatHeaders?.['x-dashscope-authtype']).toBeUndefined();
+    await (await chat('/p/anth/v1/chat/completions')).text();
+    expect(fx.server.lastChatHeaders?.['x-api-key']).toBe(xKey);
+    expect(fx.server.lastChatHeaders?.authorization).toBeUndefined();
+    // The local server rejects these keys: the 401 is passed through, not retried.
+    const chats = fx.server.counts.chat;
+    expect((await chat('/p/plan/v1/chat/completions')).status).toBe(401);
+    expect(fx.server.counts.chat).toBe(chats + 1);
+    const unknown = await chat('/p/nope/v1/chat/completions');
+    expect(unknown.status).toBe(404);
+  });
+});
 
 describe('isolation', () => {
   it('20 profiles of mixed kinds: each expiring one is refreshed exactly once, and a hanging provider delays none of the others', async () => {
