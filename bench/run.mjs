@@ -19,6 +19,7 @@ import { runB2, runB3 } from './scenarios/b2-b3-rpc.mjs';
 import { runB4, runB4Rounds } from './scenarios/b4-expired.mjs';
 import { runConnections } from './scenarios/b5-b6-connections.mjs';
 import { runB7, runB8 } from './scenarios/b7-b8-startup.mjs';
+import { runB9 } from './scenarios/b9-profiles.mjs';
 import { row } from './scenarios/common.mjs';
 import { fmtMs } from './lib/stats.mjs';
 
@@ -30,6 +31,7 @@ const SCENARIOS = [
   { ids: ['B5', 'B6'], run: runConnections },
   { ids: ['B7'], run: runB7 },
   { ids: ['B8'], run: runB8 },
+  { ids: ['B9'], run: runB9 },
 ];
 
 function progress(text) {

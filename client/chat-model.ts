@@ -1,15 +1,19 @@
 /**
  * `QwenChatModel`: the seed's chat model in TypeScript. An OpenAI-compatible chat client for
- * Qwen's portal that always carries the daemon's current token (through `createQwenFetch`).
+ * Qwen's portal, or for any profile's API (an API key's plan, another OAuth provider), that
+ * always carries the daemon's current credential (through `createQwenFetch`).
  *
  *   const model = new QwenChatModel({ modelName: 'coder-model' });
+ *   const plan = new QwenChatModel({ profile: 'coding-plan', modelName: 'qwen3-coder-plus' });
  *   const { text } = await model.call('Hello, Qwen!');
  *   for await (const delta of model.stream('Tell me a story')) process.stdout.write(delta);
  */
 import { z } from 'zod';
 import { QwenChatApiError, QwenConfigError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
-import { abortable, createQwenFetch, qwenBaseURL, type QwenFetch } from './qwen-fetch.js';
+import { DEFAULT_PROFILE } from '../shared/profiles.js';
+import type { TokenResult } from '../shared/protocol.js';
+import { abortable, createQwenFetch, isQwenOAuth, trustedBaseURL, type QwenFetch } from './qwen-fetch.js';
 import { TokenClient } from './token-client.js';
 
 /** The models Qwen's OAuth portal serves, by their wire names. */
@@ -41,8 +45,13 @@ export interface QwenChatMessage {
 export type QwenChatInput = string | readonly QwenChatMessage[];
 
 export interface QwenChatModelOptions {
-  /** `coder-model` (default), `vision-model`, or the seed's `qwen-portal/{name}`. */
+  /**
+   * For Qwen OAuth: `coder-model` (default), `vision-model`, or the seed's `qwen-portal/{name}`.
+   * For other profiles: any name their API serves (required; e.g. `qwen3-coder-plus`).
+   */
   modelName?: QwenModelName | (string & {});
+  /** The credential profile (default: the client's, i.e. `QWEN_TOKEND_PROFILE`, else the daemon's default). */
+  profile?: string;
   /** Daemon client to use. Default: the shared client, or a new one when `clientId`/`tokenPath`/`env` is given. */
   client?: TokenClient;
   /**
@@ -57,9 +66,9 @@ export interface QwenChatModelOptions {
   tokenPath?: string;
   /** Environment the daemon client is configured from (default `process.env`). */
   env?: NodeJS.ProcessEnv;
-  /** Reject model names Qwen's portal does not serve (default true). */
+  /** For Qwen OAuth: reject model names Qwen's portal does not serve (default true). Other profiles accept any name. */
   validateModel?: boolean;
-  /** Chat API base URL; default: the daemon's `base_url` for the current login, looked up per call. */
+  /** Chat API base URL; default: the profile's `base_url` from the daemon, looked up per call. */
   baseURL?: string;
   /** Transport under the token handling (default: the global `fetch`). */
   fetch?: QwenFetch;
@@ -132,13 +141,18 @@ export function resolveModelName(name: string, validate = true): string {
   return wire;
 }
 
-/** An OpenAI-compatible Qwen chat model that always uses the daemon's current token. */
+/** An OpenAI-compatible chat model that always uses the daemon's current credential for its profile. */
 export class QwenChatModel {
   /** The name as given (e.g. `qwen-portal/coder-model`). */
   readonly modelName: string;
   /** The name sent in the request's `model` field (e.g. `coder-model`). */
   readonly model: string;
   readonly client: TokenClient;
+  /** The profile given (undefined: the client's). */
+  readonly profile: string | undefined;
+  private readonly which: { profile: string } | undefined;
+  private readonly modelGiven: boolean;
+  private readonly validateModel: boolean;
   private readonly ownsClient: boolean;
   private readonly tokenPath: string | undefined;
   private readonly baseURL: string | undefined;
@@ -147,8 +161,11 @@ export class QwenChatModel {
   private daemonChecked: Promise<void> | null = null;
 
   constructor(options: QwenChatModelOptions = {}) {
+    this.modelGiven = options.modelName !== undefined;
     this.modelName = options.modelName ?? 'coder-model';
-    this.model = resolveModelName(this.modelName, options.validateModel ?? true);
+    this.validateModel = options.validateModel ?? true;
+    this.profile = options.profile;
+    this.which = options.profile === undefined ? undefined : { profile: options.profile };
     const configures = options.clientId !== undefined || options.tokenPath !== undefined || options.env !== undefined;
     if (options.client && configures) {
       throw new QwenConfigError('pass either `client` or `clientId`/`tokenPath`/`env`, not both: the client already has its configuration');
@@ -166,11 +183,16 @@ export class QwenChatModel {
       this.client = TokenClient.getInstance();
       this.ownsClient = false;
     }
+    // The portal's model list belongs to Qwen OAuth, the built-in `qwen` profile: named so, the
+    // name is checked now; otherwise at the first call, once the daemon says the profile's kind.
+    const named = options.profile ?? this.client.profile;
+    this.model = resolveModelName(this.modelName, this.validateModel && named === DEFAULT_PROFILE);
     this.tokenPath = options.tokenPath === undefined ? undefined : this.client.config.tokenPath;
     this.baseURL = options.baseURL?.replace(/\/+$/, '');
     this.defaultParams = { ...options.defaultParams };
     this.fetch = createQwenFetch({
       client: this.client,
+      ...(options.profile === undefined ? {} : { profile: options.profile }),
       ...(options.fetch ? { fetch: options.fetch } : {}),
       ...(options.headers ? { headers: options.headers } : {}),
     });
@@ -245,7 +267,9 @@ export class QwenChatModel {
   private async post(input: QwenChatInput, options: QwenCallOptions, stream: boolean): Promise<Response> {
     const messages = toMessages(input);
     await abortable(this.checkDaemon(), options.signal);
-    const base = this.baseURL ?? (await abortable(qwenBaseURL(this.client), options.signal));
+    const creds = await abortable(this.client.getCredentials(this.which), options.signal);
+    this.checkModel(creds);
+    const base = this.baseURL ?? trustedBaseURL(creds, this.client);
     const body = { ...this.defaultParams, ...options.params, model: this.model, messages, stream };
     const response = await this.fetch(`${base}/chat/completions`, {
       method: 'POST',
@@ -259,14 +283,28 @@ export class QwenChatModel {
       return '';
     });
     const message = errorMessage(parseJson(text)) ?? plainMessage(text) ?? (response.statusText || 'no message');
-    throw new QwenChatApiError(`the Qwen chat API answered HTTP ${response.status}: ${await this.redact(message)}`, { status: response.status });
+    const api = isQwenOAuth(creds) ? 'the Qwen chat API' : `the chat API of profile "${creds.profile ?? 'default'}"`;
+    throw new QwenChatApiError(`${api} answered HTTP ${response.status}: ${await this.redact(message)}`, { status: response.status });
+  }
+
+  /** The model name against the profile's kind: the portal's names for Qwen OAuth; a name given for the others. */
+  private checkModel(creds: TokenResult): void {
+    if (isQwenOAuth(creds)) {
+      if (this.validateModel) resolveModelName(this.modelName, true);
+      return;
+    }
+    if (!this.modelGiven) {
+      throw new QwenConfigError(
+        `profile "${creds.profile ?? 'default'}" (${creds.kind}) has no default model: pass modelName, one its API serves (GET ${creds.base_url}/models lists them)`,
+      );
+    }
   }
 
   /** With `tokenPath` given, the daemon that answers must keep its token in that file. */
   private checkDaemon(): Promise<void> {
     if (this.tokenPath === undefined) return Promise.resolve();
     this.daemonChecked ??= (async () => {
-      const status = await this.client.status();
+      const status = await this.client.status(this.which);
       if (status.token_path !== this.tokenPath) {
         throw new QwenConfigError(
           `tokenPath is ${this.tokenPath}, but the qwen-tokend at ${status.socket_path} keeps its token in ${status.token_path}: ` +
@@ -285,7 +323,7 @@ export class QwenChatModel {
   private async redact(message: string): Promise<string> {
     let out = message.replace(/(bearer\s+)[A-Za-z0-9._~+/=-]{8,}/gi, '$1[redacted]');
     try {
-      const token = (await this.client.getCredentials()).access_token;
+      const token = (await this.client.getCredentials(this.which)).access_token;
       if (out.includes(token)) out = out.split(token).join(`[token ${fingerprint(token)}]`);
     } catch {
       /* no token to look for */

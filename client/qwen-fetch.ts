@@ -1,12 +1,15 @@
 /**
- * A drop-in `fetch` for Qwen's OpenAI-compatible chat API that always carries the daemon's
- * current token, and survives one token rejection by forcing a refresh and retrying.
+ * A drop-in `fetch` for an OpenAI-compatible chat API that always carries the daemon's current
+ * credential for a profile: Qwen OAuth (the default), another OAuth provider's token, or an API
+ * key. An OAuth token the API rejects is refreshed once and the request retried; a rejected API
+ * key is an error at once (a new key is needed, retrying cannot help).
  *
  *   const openai = new OpenAI({ apiKey: 'qwen-oauth', baseURL: await qwenBaseURL(), fetch: createQwenFetch() });
  */
 import { TokenClient } from './token-client.js';
-import { QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '../shared/errors.js';
+import { QwenConfigError, QwenCredentialRejectedError, QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
+import { isAcceptableEndpoint } from '../shared/profiles.js';
 import type { TokenResult } from '../shared/protocol.js';
 import { packageVersion } from '../shared/package.js';
 import { DEFAULT_CHAT_BASE_URL } from '../shared/credentials.js';
@@ -18,9 +21,14 @@ export type QwenFetch = (input: string | URL | Request, init?: RequestInit) => P
 export interface QwenFetchOptions {
   /** Daemon client to take tokens from (default: the shared `TokenClient.getInstance()`). */
   client?: TokenClient;
-  /** Extra headers for every request; they override the request's own and the Qwen identity headers (not `Authorization`). */
+  /** The credential profile (default: the client's, i.e. `QWEN_TOKEND_PROFILE`, else the daemon's default). */
+  profile?: string;
+  /**
+   * Extra headers for every request; they override the request's own and the Qwen identity
+   * headers (not the credential's header).
+   */
   headers?: Record<string, string>;
-  /** Sent as both `User-Agent` and `X-DashScope-UserAgent` (default `qwen-tokend/<version> (node <ver>; <platform>; <arch>)`). */
+  /** Sent as `User-Agent` (and, for Qwen OAuth, `X-DashScope-UserAgent`); default `qwen-tokend/<version> (node <ver>; <platform>; <arch>)`. */
   userAgent?: string;
   /** The transport underneath (default: the global `fetch`). */
   fetch?: QwenFetch;
@@ -28,6 +36,8 @@ export interface QwenFetchOptions {
 
 /** Qwen's chat API answer to an expired, revoked or unknown access token. */
 const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
+/** A 403 with this in its body is about quota or rate, not the key: it goes to the caller as is. */
+const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
 /** Error bodies are read only this far to look for the token-rejection message. */
 const PEEK_LIMIT_BYTES = 64 * 1024;
 
@@ -36,21 +46,47 @@ export function defaultUserAgent(): string {
   return `qwen-tokend/${packageVersion()} (node ${process.versions.node}; ${process.platform}; ${process.arch})`;
 }
 
-/** The chat API's OpenAI-compatible base URL for the current login (e.g. `https://portal.qwen.ai/v1`). */
-export async function qwenBaseURL(client?: TokenClient): Promise<string> {
-  const c = client ?? TokenClient.getInstance();
-  return trustedBaseURL((await c.getCredentials()).base_url, c);
+export interface QwenBaseUrlOptions {
+  client?: TokenClient;
+  profile?: string;
+}
+
+/**
+ * The OpenAI-compatible base URL of a profile (e.g. `https://portal.qwen.ai/v1` for Qwen OAuth,
+ * the plan's URL for an API key). Takes a client, or `{ client, profile }`.
+ */
+export async function qwenBaseURL(target?: TokenClient | QwenBaseUrlOptions): Promise<string> {
+  const options: QwenBaseUrlOptions = target instanceof TokenClient ? { client: target } : (target ?? {});
+  const c = options.client ?? TokenClient.getInstance();
+  const creds = await c.getCredentials(options.profile === undefined ? undefined : { profile: options.profile });
+  return trustedBaseURL(creds, c);
+}
+
+/** True for Qwen OAuth's credentials, and for a version-1 daemon's (which has no other kind). */
+export function isQwenOAuth(creds: TokenResult): boolean {
+  return creds.kind === undefined || creds.kind === 'qwen-oauth';
 }
 
 /** Base URLs already reported as refused, so each is reported once per process. */
 const refusedBaseURLs = new Set<string>();
 
 /**
- * The daemon checks `base_url` where it comes in; the client checks it again where the token is
- * about to follow it (a stand-in daemon, or one with an older configuration, may send any URL):
- * https to a trusted host, by this process's own settings. A refused one gives the default.
+ * The daemon checks `base_url` where it comes in; the client checks it again where the credential
+ * is about to follow it (a stand-in daemon, or one with an older configuration, may send any URL).
+ * Qwen OAuth's comes from server answers: https to a trusted host, by this process's own
+ * settings, and a refused one gives the default. Other profiles' come from the user's config:
+ * https (plain http only to this machine), and a refused one is an error, never a fallback that
+ * would send the key elsewhere.
  */
-function trustedBaseURL(base: string, client: TokenClient): string {
+export function trustedBaseURL(creds: TokenResult, client: TokenClient): string {
+  const base = creds.base_url;
+  if (!isQwenOAuth(creds)) {
+    if (isAcceptableEndpoint(base)) return base.replace(/\/+$/, '');
+    throw new QwenConfigError(
+      `qwen-tokend gave the base URL ${printable(base, 200)} for profile "${creds.profile ?? 'default'}", which is refused: ` +
+        `it must be https (plain http only to this machine), without user, query or fragment; fix it with \`${qwenToken(`profile show ${creds.profile ?? ''}`.trim())}\``,
+    );
+  }
   const verdict = checkChatBaseUrl(base, { oauthBaseUrl: client.config.oauthBaseUrl, trustedHosts: client.config.trustedChatHosts });
   if (verdict.ok) return verdict.url;
   if (!refusedBaseURLs.has(base)) {
@@ -63,20 +99,38 @@ function trustedBaseURL(base: string, client: TokenClient): string {
 }
 
 /**
- * Tokens the chat API rejected right after a forced refresh. Using one again skips the
- * refresh (and fails after one attempt), so a service that refuses every token cannot turn
- * each request into a refresh, and SDK retries stay cheap.
+ * Tokens the chat API rejected right after a forced refresh, per client and profile. Using one
+ * again skips the refresh (and fails after one attempt), so a service that refuses every token
+ * cannot turn each request into a refresh, and SDK retries stay cheap.
  */
-const rejectedAfterRefresh = new WeakMap<TokenClient, string>();
+const rejectedAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
+
+/**
+ * API keys the API refused, per client and profile, with when. Another request with the same key
+ * soon after (an SDK's own retries, a loop) fails at once without reaching the API: a refused key
+ * stays refused until it is replaced, so only one request per window goes out to find out.
+ */
+const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number; rejection: string }>>();
+const REJECTED_KEY_WINDOW_MS = 60_000;
 
 /** One renewal per client and rejected token: concurrent 401s share it. */
-const renewals = new WeakMap<TokenClient, { rejected: string; run: Promise<TokenResult> }>();
+const renewals = new WeakMap<TokenClient, Map<string, Promise<TokenResult>>>();
 
-/** Returns a `fetch` that authenticates every request with the daemon's token; see the module doc. */
+function perClient<V>(map: WeakMap<TokenClient, Map<string, V>>, client: TokenClient): Map<string, V> {
+  let inner = map.get(client);
+  if (!inner) {
+    inner = new Map();
+    map.set(client, inner);
+  }
+  return inner;
+}
+
+/** Returns a `fetch` that authenticates every request with the daemon's credential; see the module doc. */
 export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
   const transport: QwenFetch = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
   const userAgent = options.userAgent ?? defaultUserAgent();
   const extraHeaders = options.headers ?? {};
+  const which = options.profile === undefined ? undefined : { profile: options.profile };
 
   return async function qwenFetch(input, init) {
     // Resolved per request so a `TokenClient.shutdown()` between requests is harmless.
@@ -85,14 +139,20 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
     signal?.throwIfAborted();
     const request = await bufferRequest(input, init, signal);
 
-    const send = (token: string): Promise<Response> => {
+    const send = (creds: TokenResult): Promise<Response> => {
       const headers = new Headers(request.headers);
       headers.set('User-Agent', userAgent);
-      headers.set('X-DashScope-UserAgent', userAgent);
-      headers.set('X-DashScope-AuthType', 'qwen-oauth');
-      headers.set('X-DashScope-CacheControl', 'enable');
+      if (isQwenOAuth(creds)) {
+        headers.set('X-DashScope-UserAgent', userAgent);
+        headers.set('X-DashScope-AuthType', 'qwen-oauth');
+        headers.set('X-DashScope-CacheControl', 'enable');
+      }
       for (const [name, value] of Object.entries(extraHeaders)) headers.set(name, value);
-      headers.set('Authorization', `Bearer ${token}`);
+      // The caller's own credential header (an SDK's placeholder key) never goes out beside ours.
+      headers.delete('Authorization');
+      headers.delete('x-api-key');
+      if (creds.auth_header === 'x-api-key') headers.set('x-api-key', creds.access_token);
+      else headers.set('Authorization', `Bearer ${creds.access_token}`);
       return transport(request.url, {
         ...init,
         method: request.method,
@@ -103,59 +163,140 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       });
     };
 
-    const first = (await abortable(client.getCredentials(), signal)).access_token;
-    const response = await send(first);
+    const creds = await abortable(client.getCredentials(which), signal);
+    if (creds.kind === 'api-key') {
+      const slot = creds.profile ?? options.profile ?? '';
+      const refused = rejectedKeys.get(client)?.get(slot);
+      // Monotonic time: how long ago, not what time it is.
+      if (refused && refused.key === creds.access_token && performance.now() - refused.at < REJECTED_KEY_WINDOW_MS) {
+        throw keyRejected(creds, request.url, `${refused.rejection}, moments ago; not sent again`);
+      }
+      const response = await send(creds);
+      const rejection = await keyRejection(response);
+      if (rejection === null) {
+        if (refused) rejectedKeys.get(client)!.delete(slot);
+        return response;
+      }
+      await discard(response);
+      perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now(), rejection });
+      throw keyRejected(creds, request.url, rejection);
+    }
+
+    const response = await send(creds);
+    const first = creds.access_token;
+    const slot = creds.profile ?? options.profile ?? '';
     const rejection = await tokenRejection(response, true);
+    const rejectedBefore = rejectedAfterRefresh.get(client);
     if (rejection === null) {
-      if (rejectedAfterRefresh.get(client) === first) rejectedAfterRefresh.delete(client);
+      if (rejectedBefore?.get(slot) === first) rejectedBefore.delete(slot);
       return response;
     }
     await discard(response);
-    if (rejectedAfterRefresh.get(client) === first) throw expiredAfterRefresh(rejection);
+    if (rejectedBefore?.get(slot) === first) throw expiredAfterRefresh(rejection, creds);
 
     let renewed: TokenResult;
     try {
-      renewed = await abortable(renew(client, first), signal);
+      renewed = await abortable(renew(client, first, which), signal);
     } catch (err) {
       if (err instanceof QwenDaemonUnavailableError || !(err instanceof QwenError)) throw err;
-      throw new QwenTokenExpiredError(
-        `Qwen's chat API rejected the access token (${rejection}) and refreshing it failed: ${err.message}`,
-        { cause: err },
-      );
+      throw new QwenTokenExpiredError(`${apiName(creds)} rejected the access token (${rejection}) and refreshing it failed: ${err.message}`, {
+        cause: err,
+      });
     }
-    const retried = await send(renewed.access_token);
+    const retried = await send(renewed);
     // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it.
     const again = await tokenRejection(retried, false);
     if (again === null) return retried;
     await discard(retried);
-    rejectedAfterRefresh.set(client, renewed.access_token);
-    throw expiredAfterRefresh(again, renewed.access_token);
+    perClient(rejectedAfterRefresh, client).set(slot, renewed.access_token);
+    throw expiredAfterRefresh(again, renewed, renewed.access_token);
   };
 }
 
-function expiredAfterRefresh(rejection: string, token?: string): QwenTokenExpiredError {
+/** A `qwen-token` command line, as library messages name it (the CLI names its own in the form that works where it runs). */
+function qwenToken(sub: string): string {
+  return `qwen-token ${sub}`;
+}
+
+function apiName(creds: TokenResult): string {
+  return isQwenOAuth(creds) ? "Qwen's chat API" : `the API of profile "${creds.profile ?? 'default'}"`;
+}
+
+/** `qwen-token <sub>`, with `--profile NAME` unless the credentials are the built-in profile's. */
+function cliFor(sub: string, creds: TokenResult): string {
+  const named = creds.profile !== undefined && !isQwenOAuth(creds) ? ` --profile ${creds.profile}` : '';
+  return qwenToken(`${sub}${named}`);
+}
+
+function expiredAfterRefresh(rejection: string, creds: TokenResult, token?: string): QwenTokenExpiredError {
   const which = token ? ` (token ${fingerprint(token)})` : '';
+  const why = isQwenOAuth(creds) ? 'The login was probably revoked, or Qwen no longer accepts this OAuth account' : 'The login was probably revoked';
   return new QwenTokenExpiredError(
-    `Qwen's chat API rejected the access token${which} even after a forced refresh (${rejection}). ` +
-      'The login was probably revoked, or Qwen no longer accepts this OAuth account: run `qwen-token login` ' +
-      '(and `qwen-token status` to see what the daemon knows).',
+    `${apiName(creds)} rejected the access token${which} even after a forced refresh (${rejection}). ` +
+      `${why}: run \`${cliFor('login', creds)}\` (and \`${cliFor('status', creds)}\` to see what the daemon knows).`,
   );
 }
 
+/** The error for an API key the API refused: names the profile, never the key, and says how to replace it. */
+function keyRejected(creds: TokenResult, url: string, rejection: string): QwenCredentialRejectedError {
+  const name = creds.profile ?? 'default';
+  let origin = url;
+  try {
+    origin = new URL(url).origin;
+  } catch {
+    /* keep it as given */
+  }
+  return new QwenCredentialRejectedError(
+    `${origin} rejected the API key of profile "${name}" (${redactKey(rejection, creds.access_token)}; key ${fingerprint(creds.access_token)}). ` +
+      'A key works only with the base URL of its own plan and region. ' +
+      `Replace the key with \`${qwenToken(`profile add ${name} --replace`)}\` (it reads the new key from standard input or a prompt), ` +
+      `or check the base URL with \`${qwenToken(`profile show ${name}`)}\`.`,
+  );
+}
+
+function redactKey(text: string, key: string): string {
+  return key.length > 0 && text.includes(key) ? text.split(key).join(`[key ${fingerprint(key)}]`) : text;
+}
+
+/**
+ * Why a response means "this API key is refused", or null: a 401, or a 403 that is not about
+ * quota or rate (those go to the caller as they are, to be handled, never retried here).
+ */
+async function keyRejection(response: Response): Promise<string | null> {
+  if (response.status !== 401 && response.status !== 403) return null;
+  const text = await peekText(response);
+  if (response.status === 403 && QUOTA_TEXT.test(text.slice(0, 4_000))) return null;
+  const message = serverMessage(text);
+  return `HTTP ${response.status}${message ? `: ${message}` : ''}`;
+}
+
+/** The server's own short message in an error body (OpenAI or Anthropic shape), printable and bounded. */
+function serverMessage(text: string): string | undefined {
+  try {
+    const body = JSON.parse(text) as { error?: unknown; message?: unknown };
+    const error = body?.error;
+    const message =
+      error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
+    return typeof message === 'string' && message.trim() ? printable(message.trim(), 200) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Forces a refresh for a rejected token, unless the token was replaced meanwhile. */
-function renew(client: TokenClient, rejected: string): Promise<TokenResult> {
-  const pending = renewals.get(client);
-  if (pending && pending.rejected === rejected) return pending.run;
+function renew(client: TokenClient, rejected: string, which: { profile: string } | undefined): Promise<TokenResult> {
+  const pending = perClient(renewals, client);
+  const known = pending.get(rejected);
+  if (known) return known;
   const run = (async () => {
     // Another request (or a refresh the daemon pushed) may already have replaced it.
-    const current = await client.getCredentials();
+    const current = await client.getCredentials(which);
     if (current.access_token !== rejected) return current;
-    return client.refresh();
+    return client.refresh(which);
   })();
-  const entry = { rejected, run };
-  renewals.set(client, entry);
+  pending.set(rejected, run);
   const forget = (): void => {
-    if (renewals.get(client) === entry) renewals.delete(client);
+    if (pending.get(rejected) === run) pending.delete(rejected);
   };
   run.then(forget, forget);
   return run;

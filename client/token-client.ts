@@ -7,7 +7,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { z } from 'zod';
 import { systemClock, type Clock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
-import { QwenDaemonUnavailableError, QwenError, QwenProtocolError } from '../shared/errors.js';
+import { QwenConfigError, QwenDaemonUnavailableError, QwenError, QwenProtocolError } from '../shared/errors.js';
+import { DEFAULT_PROFILE, PROFILE_ENV, PROFILE_NAME_PATTERN } from '../shared/profiles.js';
 import {
   HelloResult,
   LoginCancelResult,
@@ -16,7 +17,13 @@ import {
   LoginStartResult,
   LogoutResult,
   Methods,
+  MIN_PROTOCOL_VERSION,
   Notifications,
+  ProfilesAddParams,
+  ProfilesAddResult,
+  ProfilesChangedParams,
+  ProfilesListResult,
+  ProfilesRemoveResult,
   PROTOCOL_VERSION,
   RefreshFailedParams,
   StateChangedParams,
@@ -43,17 +50,34 @@ export interface TokenClientOptions {
   requestTimeoutMs?: number;
   /** How long to keep trying to reach a daemon that is (re)starting (default 10 s). */
   reconnectWindowMs?: number;
+  /**
+   * The profile calls use when they name none (default: `QWEN_TOKEND_PROFILE` from `env`, else
+   * the daemon's default profile).
+   */
+  profile?: string;
   clock?: Clock;
 }
 
-export interface TokenRequestOptions {
+/** Which credential profile a call is about (default: the client's profile, see `TokenClientOptions.profile`). */
+export interface ProfileOption {
+  profile?: string;
+}
+
+export interface TokenRequestOptions extends ProfileOption {
   /** The token must stay valid at least this long (default: the client's `minValidityMs`). */
   minValidityMs?: number;
   /** Skip the in-memory cache and ask the daemon. */
   noCache?: boolean;
 }
 
-export interface LoginOptions {
+export interface LogoutOptions extends ProfileOption {
+  /** Also delete the Qwen CLI's credential file (the `qwen` profile only). */
+  qwenCli?: boolean;
+}
+
+export type ProfilesAddRequest = z.input<typeof ProfilesAddParams>;
+
+export interface LoginOptions extends ProfileOption {
   /** Called once with the code to show the user. */
   onCode: (info: LoginStartResult) => void;
   /** Aborting cancels the login in the daemon too. */
@@ -66,6 +90,8 @@ export interface TokenClientEvents {
   'state.changed': [z.infer<typeof StateChangedParams>];
   'login.completed': [z.infer<typeof LoginCompletedParams>];
   'login.failed': [z.infer<typeof LoginFailedParams>];
+  /** Protocol 2: profiles were added, removed or changed (the caches were dropped). */
+  'profiles.changed': [z.infer<typeof ProfilesChangedParams>];
   disconnected: [];
 }
 
@@ -119,16 +145,34 @@ function accessTokenOf(token: TokenResult): string {
   return token.access_token;
 }
 
+/** The profile named by `env` (`QWEN_TOKEND_PROFILE`), checked; undefined when unset or empty. */
+export function profileFromEnv(env: NodeJS.ProcessEnv): string | undefined {
+  const value = env[PROFILE_ENV];
+  if (value === undefined || value === '') return undefined;
+  return checkProfileName(value, PROFILE_ENV);
+}
+
+/** `name` when it is a valid profile name, else a QwenConfigError naming where it came from. */
+function checkProfileName(name: string, from: string): string {
+  if (PROFILE_NAME_PATTERN.test(name)) return name;
+  throw new QwenConfigError(
+    `${from} is not a profile name (1-63 characters: lower-case letters, digits, "_" and "-", starting with a letter or digit)`,
+  );
+}
+
 function isUnreachable(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException)?.code;
   return code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ETIMEDOUT' || code === 'ECONNRESET' || code === 'EPIPE';
 }
+
 
 /** A client of the daemon. Most programs use the shared one: `TokenClient.getInstance()`. */
 export class TokenClient extends EventEmitter<TokenClientEvents> {
   private static shared: TokenClient | null = null;
 
   readonly config: TokendConfig;
+  /** The profile calls use when they name none; undefined: the daemon's default profile. */
+  readonly profile: string | undefined;
   private readonly env: NodeJS.ProcessEnv;
   private readonly clock: Clock;
   private readonly minValidityMs: number;
@@ -138,7 +182,12 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   private connection: DaemonConnection | null = null;
   private connecting: Promise<DaemonConnection> | null = null;
   private starting: Promise<void> | null = null;
+  /** The daemon's default profile's token (calls that name no profile). */
   private cached: TokenResult | null = null;
+  /** Tokens of profiles named in calls, by name. */
+  private readonly profileCaches = new Map<string, TokenResult>();
+  /** The protocol the open connection speaks; 0 until its `hello` is answered. */
+  private daemonProtocol = 0;
   private closed = false;
   /** A daemon answered this client before: a lost connection is then a restart worth waiting for. */
   private everConnected = false;
@@ -149,6 +198,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     const config = resolveConfig(this.env, { platform: process.platform });
     if (options.socketPath) config.socketPath = options.socketPath;
     this.config = config;
+    this.profile = options.profile === undefined ? profileFromEnv(this.env) : checkProfileName(options.profile, 'the profile option');
     this.clock = options.clock ?? systemClock;
     this.minValidityMs = options.minValidityMs ?? 60_000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 30_000;
@@ -169,14 +219,18 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     await shared?.close();
   }
 
-  /** A valid access token. Answered from memory while the cached one is valid long enough. */
+  /** A valid access token (or API key). Answered from memory while the cached one is valid long enough. */
   getAccessToken(options?: TokenRequestOptions): Promise<string> {
     const cached = this.usableCache(options);
     if (cached !== null) return Promise.resolve(cached.access_token);
     return this.requestToken(options, accessTokenOf);
   }
 
-  /** The full token record, including the chat API's `base_url`; frozen, as it is shared with the cache and other callers. */
+  /**
+   * The full token record: the chat API's `base_url`, and (protocol 2) `profile`, `kind` and the
+   * header the credential goes in; `expiry_date` is null for an API key. Frozen, as it is shared
+   * with the cache and other callers.
+   */
   getCredentials(options?: TokenRequestOptions): Promise<TokenResult> {
     const cached = this.usableCache(options);
     if (cached !== null) return Promise.resolve(cached);
@@ -184,30 +238,46 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   }
 
   /** Forces a refresh in the daemon (shared with one still waiting for the server's answer). */
-  async refresh(): Promise<TokenResult> {
-    const result = expectToken(await this.request(Methods.refresh, {}), Methods.refresh);
-    this.remember(result);
+  async refresh(options: ProfileOption = {}): Promise<TokenResult> {
+    const result = expectToken(await this.request(Methods.refresh, {}, this.profileFor(options)), Methods.refresh);
+    this.remember(result, this.profileFor(options));
     return result;
   }
 
-  async status(): Promise<StatusResult> {
-    return expect(StatusResult, await this.request(Methods.status, {}), Methods.status);
+  /** The daemon's state; with protocol 2, about one profile, with every profile listed in `profiles`. */
+  async status(options: ProfileOption = {}): Promise<StatusResult> {
+    return expect(StatusResult, await this.request(Methods.status, {}, this.profileFor(options)), Methods.status);
   }
 
   async hello(): Promise<HelloResult> {
     return expect(HelloResult, await this.request(Methods.hello, { protocol: PROTOCOL_VERSION }), Methods.hello);
   }
 
-  /** Deletes the daemon's credential file (and the Qwen CLI's when `qwenCli`). Returns the removed paths. */
-  async logout(options: { qwenCli?: boolean } = {}): Promise<string[]> {
-    this.cached = null;
-    const params = options.qwenCli ? { qwenCli: true } : {};
-    return expect(LogoutResult, await this.request(Methods.logout, params), Methods.logout).removed;
+  /** The protocol version the current connection speaks (0 before the first answer). */
+  get protocol(): number {
+    return this.daemonProtocol;
   }
 
-  /** Starts the device flow in the daemon; `login.start` returns the code, then waits for the outcome. */
+  /** Deletes a profile's credentials (and the Qwen CLI's file when `qwenCli`). Returns the removed paths. */
+  async logout(options: LogoutOptions = {}): Promise<string[]> {
+    const profile = this.profileFor(options);
+    this.forget(profile);
+    const params = options.qwenCli ? { qwenCli: true } : {};
+    return expect(LogoutResult, await this.request(Methods.logout, params, profile), Methods.logout).removed;
+  }
+
+  /**
+   * Starts the login flow of a profile in the daemon; `login.start` returns the code, then this
+   * waits for the outcome (a `login.completed` or `login.failed` push about that profile).
+   */
   async login(options: LoginOptions): Promise<z.infer<typeof LoginCompletedParams>> {
-    const connection = await this.connect();
+    let connection = await this.connect();
+    if (this.daemonProtocol === 0 && this.connecting) connection = await this.connecting;
+    // Pushes of every profile reach this connection: wait for the one about ours, by name.
+    let profile = this.profileFor(options);
+    if (profile === undefined && this.daemonProtocol >= 2) profile = (await this.status()).profile;
+    const params = this.withProfile({}, profile);
+    const mine = (p: { profile?: string | undefined }) => p.profile === undefined || profile === undefined || p.profile === profile;
     const outcome = new Promise<z.infer<typeof LoginCompletedParams>>((resolve, reject) => {
       const done = () => {
         this.off('login.completed', onCompleted);
@@ -216,10 +286,12 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         options.signal?.removeEventListener('abort', onAbort);
       };
       const onCompleted = (p: z.infer<typeof LoginCompletedParams>) => {
+        if (!mine(p)) return;
         done();
         resolve(p);
       };
       const onFailed = (p: z.infer<typeof LoginFailedParams>) => {
+        if (!mine(p)) return;
         done();
         reject(errorFromWire(p.code, p.message));
       };
@@ -228,7 +300,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         reject(new QwenDaemonUnavailableError('lost the connection to qwen-tokend during login'));
       };
       const onAbort = () => {
-        void connection.call(Methods.loginCancel, {}, this.requestTimeoutMs).catch(() => undefined);
+        void connection.call(Methods.loginCancel, params, this.requestTimeoutMs).catch(() => undefined);
       };
       this.on('login.completed', onCompleted);
       this.on('login.failed', onFailed);
@@ -236,15 +308,35 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       options.signal?.addEventListener('abort', onAbort, { once: true });
     });
     outcome.catch(() => undefined);
-    const started = expect(LoginStartResult, await connection.call(Methods.loginStart, {}, this.requestTimeoutMs), Methods.loginStart);
+    const started = expect(LoginStartResult, await connection.call(Methods.loginStart, params, this.requestTimeoutMs), Methods.loginStart);
     options.onCode(started);
-    if (options.signal?.aborted) await connection.call(Methods.loginCancel, {}, this.requestTimeoutMs).catch(() => undefined);
+    if (options.signal?.aborted) await connection.call(Methods.loginCancel, params, this.requestTimeoutMs).catch(() => undefined);
     return outcome;
   }
 
   /** Cancels a login running in the daemon. */
-  async cancelLogin(): Promise<boolean> {
-    return expect(LoginCancelResult, await this.request(Methods.loginCancel, {}), Methods.loginCancel).cancelled;
+  async cancelLogin(options: ProfileOption = {}): Promise<boolean> {
+    return expect(LoginCancelResult, await this.request(Methods.loginCancel, {}, this.profileFor(options)), Methods.loginCancel).cancelled;
+  }
+
+  /** Every profile the daemon knows, its default, and the config file (protocol 2). */
+  async listProfiles(): Promise<ProfilesListResult> {
+    await this.requireProfiles(Methods.profilesList);
+    return expect(ProfilesListResult, await this.request(Methods.profilesList, {}), Methods.profilesList);
+  }
+
+  /** Adds (or with `replace`, replaces) a profile; a key or client secret goes in `secret` (protocol 2). */
+  async addProfile(params: ProfilesAddRequest): Promise<z.infer<typeof ProfilesAddResult>> {
+    await this.requireProfiles(Methods.profilesAdd);
+    this.forget(params.name);
+    return expect(ProfilesAddResult, await this.request(Methods.profilesAdd, params), Methods.profilesAdd);
+  }
+
+  /** Removes a profile and its secret files (protocol 2). */
+  async removeProfile(name: string): Promise<z.infer<typeof ProfilesRemoveResult>> {
+    await this.requireProfiles(Methods.profilesRemove);
+    this.forget(name);
+    return expect(ProfilesRemoveResult, await this.request(Methods.profilesRemove, { name }), Methods.profilesRemove);
   }
 
   /** Subscribes to pushed events (the connection subscribes anyway; this makes sure it is open). */
@@ -255,7 +347,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   /** Closes the connection; later calls reopen it unless the client was closed for good. */
   async close(): Promise<void> {
     this.closed = true;
-    this.cached = null;
+    this.dropCaches();
     this.connection?.close();
     this.connection = null;
   }
@@ -267,14 +359,48 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
 
   // ---- internals ----
 
-  private remember(result: TokenResult): void {
-    this.cached = result;
+  /** The profile a call is about: its own option, else the client's; undefined: the daemon's default. */
+  private profileFor(options: ProfileOption | undefined): string | undefined {
+    const named = options?.profile;
+    return named === undefined ? this.profile : checkProfileName(named, 'the profile option');
+  }
+
+  /**
+   * Remembers a token under every name it answers to: the profile it was asked for (undefined:
+   * the daemon's default) and the profile the daemon says it belongs to (protocol 2).
+   */
+  private remember(result: TokenResult, asked: string | undefined): void {
+    if (asked === undefined) this.cached = result;
+    else this.profileCaches.set(asked, result);
+    const owner = result.profile;
+    if (owner === undefined) return;
+    if (asked !== owner && this.profileCaches.has(owner)) this.profileCaches.set(owner, result);
+    if (asked !== undefined && this.cached?.profile === owner) this.cached = result;
+  }
+
+  /** Drops what is cached for a profile (undefined: the default's). */
+  private forget(profile: string | undefined): void {
+    if (profile === undefined) {
+      this.cached = null;
+      // Version 1 names no profile: what it says is about `qwen`, its only one.
+      if (this.daemonProtocol === 1) this.profileCaches.delete(DEFAULT_PROFILE);
+      return;
+    }
+    this.profileCaches.delete(profile);
+    if (this.cached?.profile === profile) this.cached = null;
+  }
+
+  private dropCaches(): void {
+    this.cached = null;
+    this.profileCaches.clear();
   }
 
   /** The cached token when it may answer a call with these options, else null. */
   private usableCache(options: TokenRequestOptions | undefined): TokenResult | null {
-    const cached = this.cached;
-    if (cached === null || options?.noCache) return null;
+    if (options?.noCache) return null;
+    const profile = options?.profile ?? this.profile;
+    const cached = profile === undefined ? this.cached : (this.profileCaches.get(profile) ?? null);
+    if (cached === null) return null;
     const min = options?.minValidityMs ?? this.minValidityMs;
     // A credential without expiry (an API key) stays usable until the daemon says otherwise.
     return cached.expiry_date === null || cached.expiry_date - this.clock.now() > min ? cached : null;
@@ -287,21 +413,63 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
    * and a resumption, going out and again coming back.
    */
   private requestToken<T>(options: TokenRequestOptions | undefined, pick: (token: TokenResult) => T): Promise<T> {
+    let profile: string | undefined;
+    try {
+      profile = this.profileFor(options);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const params = { minValidityMs: options?.minValidityMs ?? this.minValidityMs };
-    return this.requestThen(Methods.getAccessToken, params, (value) => {
+    return this.requestThen(Methods.getAccessToken, params, profile, (value) => {
       const token = expectToken(value, Methods.getAccessToken);
-      this.remember(token);
+      this.remember(token, profile);
       return pick(token);
     });
   }
 
+  /**
+   * `params` with the profile added in the form the connection's protocol takes: version 1 knows
+   * only its one profile (Qwen OAuth, `qwen`), so another name is an error that says to restart
+   * the daemon.
+   */
+  private withProfile<P extends object>(params: P, profile: string | undefined): P | (P & { profile: string }) {
+    if (profile === undefined) return params;
+    if (this.daemonProtocol === 1) {
+      if (profile === DEFAULT_PROFILE) return params;
+      throw this.noProfiles(`profile "${profile}"`);
+    }
+    return { ...params, profile };
+  }
+
+  private noProfiles(what: string): QwenProtocolError {
+    return new QwenProtocolError(
+      `qwen-tokend at ${this.config.socketPath} speaks protocol ${this.daemonProtocol}, which has no profiles, so ${what} is not available: ` +
+        'restart the daemon after upgrading (it serves only the built-in Qwen OAuth profile until then)',
+    );
+  }
+
+  /** Throws unless the daemon serves the `profiles.*` methods (protocol 2). */
+  private async requireProfiles(method: string): Promise<void> {
+    await this.connect();
+    if (this.daemonProtocol === 0 && this.connecting) await this.connecting;
+    if (this.daemonProtocol < 2) throw this.noProfiles(`"${method}"`);
+  }
+
   /** Sends a request, reconnecting (with backoff and jitter) while the daemon restarts. */
-  private async request(method: string, params: unknown, deadline = this.clock.now() + this.reconnectWindowMs, firstAttempt = 0): Promise<unknown> {
+  private async request(
+    method: string,
+    params: object,
+    profile?: string,
+    deadline = this.clock.now() + this.reconnectWindowMs,
+    firstAttempt = 0,
+  ): Promise<unknown> {
     for (let attempt = firstAttempt; ; attempt++) {
       try {
         const open = this.connection;
-        const connection = open?.isOpen ? open : await this.connect();
-        return await connection.call(method, params, this.requestTimeoutMs);
+        let connection = open?.isOpen ? open : await this.connect();
+        // The profile's form depends on the protocol: wait for `hello`'s answer on a new connection.
+        if (profile !== undefined && this.daemonProtocol === 0 && this.connecting) connection = await this.connecting;
+        return await connection.call(method, this.withProfile(params, profile), this.requestTimeoutMs);
       } catch (err) {
         await this.beforeRetry(err, method, deadline, attempt);
       }
@@ -313,13 +481,19 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
    * leaves before this returns (the first of a burst reaches the daemon while the rest are still
    * being made), and the answer goes straight to `map`; a failure takes the reconnecting path.
    */
-  private requestThen<T>(method: string, params: unknown, map: (value: unknown) => T): Promise<T> {
+  private requestThen<T>(method: string, params: object, profile: string | undefined, map: (value: unknown) => T): Promise<T> {
     const open = this.connection;
-    if (!open?.isOpen) return this.request(method, params).then(map);
+    if (!open?.isOpen || (profile !== undefined && this.daemonProtocol === 0)) return this.request(method, params, profile).then(map);
+    let sent: object;
+    try {
+      sent = this.withProfile(params, profile);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const deadline = this.clock.now() + this.reconnectWindowMs;
-    return open.call(method, params, this.requestTimeoutMs).then(map, async (err: unknown) => {
+    return open.call(method, sent, this.requestTimeoutMs).then(map, async (err: unknown) => {
       await this.beforeRetry(err, method, deadline, 0);
-      return map(await this.request(method, params, deadline, 1));
+      return map(await this.request(method, params, profile, deadline, 1));
     });
   }
 
@@ -358,8 +532,11 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       }
     }
     this.connection = connection;
+    this.daemonProtocol = 0;
     this.everConnected = true;
-    // Every connection subscribes, so the cache is replaced by pushes, never left stale.
+    // Every connection subscribes, so the caches are replaced by pushes, never left stale. With
+    // no profile named, a version-2 daemon pushes about every profile (each push names its own)
+    // and a version-1 daemon about its one.
     const handshake = Promise.all([
       connection.call(Methods.hello, { protocol: PROTOCOL_VERSION }, this.requestTimeoutMs),
       connection.call(Methods.subscribe, {}, this.requestTimeoutMs).then((r) => expect(SubscribeResult, r, Methods.subscribe)),
@@ -369,10 +546,13 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     if (!tokenSchemaCompiled) setImmediate(compileTokenSchemaOnce).unref();
     const [hello] = await handshake;
     const info = expect(HelloResult, hello, Methods.hello);
-    if (info.protocol !== PROTOCOL_VERSION) {
+    if (info.protocol < MIN_PROTOCOL_VERSION || info.protocol > PROTOCOL_VERSION) {
       connection.close();
-      throw new QwenProtocolError(`qwen-tokend speaks protocol ${info.protocol}, this client ${PROTOCOL_VERSION}: restart the daemon after upgrading`);
+      throw new QwenProtocolError(
+        `qwen-tokend speaks protocol ${info.protocol}, this client ${MIN_PROTOCOL_VERSION} to ${PROTOCOL_VERSION}: restart the daemon after upgrading`,
+      );
     }
+    if (this.connection === connection) this.daemonProtocol = info.protocol;
     return connection;
   }
 
@@ -383,8 +563,9 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         onNotification: (method, params) => this.onNotification(method, params),
         onClose: () => {
           this.connection = null;
+          this.daemonProtocol = 0;
           // What the daemon told us is no longer being kept up to date.
-          this.cached = null;
+          this.dropCaches();
           this.emit('disconnected');
         },
       },
@@ -441,7 +622,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       case Notifications.tokenRefreshed: {
         const token = checkToken(params);
         if (!token) return;
-        this.cached = token;
+        this.onPushedToken(token);
         this.emit('token.refreshed', token);
         return;
       }
@@ -449,7 +630,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         const parsed = StateChangedParams.safeParse(params);
         if (!parsed.success) return;
         // After a logout (or a rejected refresh token that has expired) the cache must go.
-        if (parsed.data.state === 'no_credentials' || parsed.data.state === 'expired') this.cached = null;
+        if (parsed.data.state === 'no_credentials' || parsed.data.state === 'expired') this.forget(parsed.data.profile);
         this.emit('state.changed', parsed.data);
         return;
       }
@@ -468,7 +649,29 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         if (parsed.success) this.emit('login.failed', parsed.data);
         return;
       }
+      case Notifications.profilesChanged: {
+        const parsed = ProfilesChangedParams.safeParse(params);
+        if (!parsed.success) return;
+        // Settings, secrets or the default may have changed: ask again rather than guess.
+        this.dropCaches();
+        this.emit('profiles.changed', parsed.data);
+        return;
+      }
     }
   }
-}
 
+  /**
+   * A pushed token replaces what is cached for its profile, and nothing else: a version-2 push
+   * names its profile; a version-1 push is about the one profile that daemon has.
+   */
+  private onPushedToken(token: TokenResult): void {
+    const owner = token.profile;
+    if (owner === undefined) {
+      this.cached = token;
+      if (this.profileCaches.has(DEFAULT_PROFILE)) this.profileCaches.set(DEFAULT_PROFILE, token);
+      return;
+    }
+    if (this.cached?.profile === owner) this.cached = token;
+    if (this.profileCaches.has(owner)) this.profileCaches.set(owner, token);
+  }
+}

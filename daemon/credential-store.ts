@@ -36,6 +36,11 @@ export interface CredentialFileOptions {
    * these files, and the value decides where clients send their token.
    */
   chatUrlPolicy?: ChatUrlPolicy;
+  /**
+   * Parses the file's text (default: the Qwen CLI's format, `parseCredentialsText`); throws
+   * `QwenCredentialsFileError` when it is not a credential record.
+   */
+  parse?: (text: string, source: string) => Credentials;
 }
 
 /** The text we last wrote and the file's mtime right after that write. */
@@ -209,6 +214,7 @@ export class CredentialFile {
   private readonly label: string;
   private warnedAboutDirectory = false;
   private readonly chatUrlPolicy: ChatUrlPolicy | undefined;
+  private readonly parse: (text: string, source: string) => Credentials;
   /** `resource_url` values already reported as refused (reported once each). */
   private readonly refusedResourceUrls = new Set<string>();
 
@@ -222,6 +228,7 @@ export class CredentialFile {
     this.ownsDirectory = options.ownsDirectory;
     this.label = options.label;
     this.chatUrlPolicy = options.chatUrlPolicy;
+    this.parse = options.parse ?? parseCredentialsText;
   }
 
   /** True when `text` is exactly what this instance wrote last. */
@@ -280,7 +287,7 @@ export class CredentialFile {
     let credentials: Credentials;
     try {
       if (text.trim() === '') throw new QwenCredentialsFileError(`${this.path} is empty`);
-      credentials = parseCredentialsText(text, this.path);
+      credentials = this.parse(text, this.path);
     } catch (err) {
       const error =
         err instanceof QwenCredentialsFileError

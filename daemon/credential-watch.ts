@@ -34,68 +34,62 @@ function nearestExisting(dir: string): string {
  */
 export class CredentialWatcher {
   private watcher: FSWatcher | null = null;
-  private stopTimers: () => void = () => undefined;
+  private readonly byPath = new Map<string, WatchedFile>();
+  /** The directories of the watched files. */
+  private readonly dirs = new Set<string>();
+  private readonly timers = new Map<string, NodeJS.Timeout>();
 
   constructor(
-    private readonly files: WatchedFile[],
+    files: WatchedFile[],
     private readonly logger: Logger,
-  ) {}
+  ) {
+    for (const file of files) this.remember(file);
+  }
 
   /** Starts watching; resolves once the watcher is ready (changes from then on are reported). */
   async start(): Promise<void> {
-    const byPath = new Map(this.files.map((f) => [resolve(f.path), f]));
-    const dirs = [...new Set([...byPath.keys()].map((p) => dirname(p)))];
-    // Every directory on the way to a watched one: watched while the one below is missing.
-    const onTheWay = (p: string) => dirs.some((d) => d.startsWith(p.endsWith(sep) ? p : p + sep));
     const watcher = watch(
-      dirs.map((d) => nearestExisting(d)),
+      [...this.dirs].map((d) => nearestExisting(d)),
       {
         ignoreInitial: true,
         depth: 0,
         persistent: true,
         ignored: (path: string) => {
           const p = resolve(path);
-          return !dirs.includes(p) && !byPath.has(p) && !onTheWay(p);
+          return !this.dirs.has(p) && !this.byPath.has(p) && !this.onTheWay(p);
         },
       },
     );
-    // chokidar reports a second change of one path within ~50 ms as nothing: two quick writes
-    // (a refresh, then a login) would leave us on the first. Look again once it is quiet.
-    const timers = new Map<string, NodeJS.Timeout>();
-    const later = (key: string, ms: number, fn: () => void) => {
-      clearTimeout(timers.get(key));
-      const timer = setTimeout(() => {
-        timers.delete(key);
-        fn();
-      }, ms);
-      timer.unref();
-      timers.set(key, timer);
-    };
     const fire = (path: string) => {
       const key = resolve(path);
-      const file = byPath.get(key);
+      const file = this.byPath.get(key);
       if (!file) return;
       file.onChange();
-      later(key, TRAILING_CHECK_MS, () => file.onChange());
+      // chokidar reports a second change of one path within ~50 ms as nothing: two quick writes
+      // (a refresh, then a login) would leave us on the first. Look again once it is quiet.
+      this.later(key, TRAILING_CHECK_MS, () => this.byPath.get(key)?.onChange());
     };
     const appeared = (path: string) => {
       const p = resolve(path);
-      if (dirs.includes(p)) {
+      if (this.dirs.has(p)) {
         this.logger.info({ dir: p }, `${p} appeared; watching it for credential files`);
         watcher.add(p);
         // Files created with the directory came before its watch: read them now and once more.
-        for (const [key, file] of byPath) {
+        for (const [key, file] of this.byPath) {
           if (dirname(key) !== p) continue;
           file.onChange();
-          later(`${key}\0late`, LATE_CHECK_MS, () => file.onChange());
+          this.later(`${key}\0late`, LATE_CHECK_MS, () => this.byPath.get(key)?.onChange());
         }
-      } else if (onTheWay(p)) {
+      } else if (this.onTheWay(p)) {
         watcher.add(p);
+        // Directories made with this one (`mkdir -p`) came before its watch: look for them now.
+        const prefix = p.endsWith(sep) ? p : p + sep;
+        for (const dir of [...this.dirs]) {
+          if (!dir.startsWith(prefix)) continue;
+          const deepest = nearestExisting(dir);
+          if (deepest.startsWith(prefix)) appeared(deepest);
+        }
       }
-    };
-    this.stopTimers = () => {
-      for (const timer of timers.values()) clearTimeout(timer);
-      timers.clear();
     };
     watcher.on('add', fire);
     watcher.on('change', fire);
@@ -105,9 +99,46 @@ export class CredentialWatcher {
     await new Promise<void>((done) => watcher.once('ready', () => done()));
   }
 
+  /** Watches one more file (its directory too, or the nearest existing one above it). */
+  add(file: WatchedFile): void {
+    const dir = dirname(resolve(file.path));
+    const newDir = !this.dirs.has(dir);
+    this.remember(file);
+    if (newDir && this.watcher) this.watcher.add(nearestExisting(dir));
+  }
+
+  /** Stops reporting changes of `path` (its directory stays watched: cheap, and others may share it). */
+  remove(path: string): void {
+    this.byPath.delete(resolve(path));
+  }
+
   async close(): Promise<void> {
-    this.stopTimers();
+    for (const timer of this.timers.values()) clearTimeout(timer);
+    this.timers.clear();
     await this.watcher?.close();
     this.watcher = null;
+  }
+
+  private remember(file: WatchedFile): void {
+    const key = resolve(file.path);
+    this.byPath.set(key, file);
+    this.dirs.add(dirname(key));
+  }
+
+  /** True for a directory on the way to a watched one (watched while the one below is missing). */
+  private onTheWay(p: string): boolean {
+    const prefix = p.endsWith(sep) ? p : p + sep;
+    for (const d of this.dirs) if (d.startsWith(prefix)) return true;
+    return false;
+  }
+
+  private later(key: string, ms: number, fn: () => void): void {
+    clearTimeout(this.timers.get(key));
+    const timer = setTimeout(() => {
+      this.timers.delete(key);
+      fn();
+    }, ms);
+    timer.unref();
+    this.timers.set(key, timer);
   }
 }

@@ -1,40 +1,47 @@
 /**
- * Wires the daemon together: instance lock, credential files, token keeper, file watcher,
- * device login and the socket server with its method handlers.
+ * Wires the daemon together: instance lock, the credential profiles (profile-registry.ts), the
+ * socket server with its method handlers, and the HTTP gateway.
+ *
+ * Protocol versions: a connection speaks the version its `hello` named (version 1 until then,
+ * for pushes; `profile` params are accepted either way). Version 1 sees only the default
+ * profile, in version 1's shapes: an API key's `expiry_date` is a number and its state `valid`.
  */
 import type { Clock } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
-import { chatBaseUrl, type Credentials } from '../shared/credentials.js';
-import { fingerprint } from '../shared/fingerprint.js';
+import { errorText } from '../shared/diagnostics.js';
 import {
-  EmptyParams,
   GetAccessTokenParams,
   HelloParams,
   LogoutParams,
+  MIN_PROTOCOL_VERSION,
   Methods,
   Notifications,
   PROTOCOL_VERSION,
+  ProfileParams,
+  ProfilesAddParams,
+  ProfilesRemoveParams,
+  SubscribeParams,
+  EmptyParams,
+  type ProfilesListResult,
   type StatusResult,
   type TokenResult,
 } from '../shared/protocol.js';
 import { packageVersion } from '../shared/package.js';
 import { compileSchemas } from '../shared/compile-schemas.js';
-import { CredentialFile } from './credential-store.js';
-import { CredentialWatcher } from './credential-watch.js';
-import { DeviceLogin } from './device-login.js';
 import { acquireInstanceLock, type InstanceLock } from './instance-lock.js';
 import { IpcServer } from './ipc-server.js';
-import { rpcMethod, type RpcMethod } from './rpc-dispatcher.js';
+import { rpcMethod, type RpcConnection, type RpcMethod } from './rpc-dispatcher.js';
 import type { Logger } from './logger.js';
-import { QwenOAuthClient, TokenResponseSchema } from './oauth.js';
-import { TokenKeeper } from './token-keeper.js';
+import { TokenResponseSchema } from './oauth.js';
+import { DeviceFlowClient } from './oauth-device.js';
+import type { DeviceFlowFactory } from './profile-oauth.js';
+import { ProfileRegistry } from './profile-registry.js';
+import { v1State, v1Token, type ProfileRuntime } from './profile-runtime.js';
+import type { TokenKeeper } from './token-keeper.js';
 import { Gateway } from './gateway/gateway.js';
-import { keeperProfile, singleProfile } from './gateway/keeper-profile.js';
+import { registryProfiles } from './gateway/keeper-profile.js';
 import { resolveGatewayEnv } from './gateway/limits.js';
 import { gatewayMethods } from './gateway/rpc.js';
-
-/** How long a state change must hold before subscribers are told (see the state_changed wiring). */
-const STATE_SETTLE_MS = 250;
 
 export interface DaemonOptions {
   config: TokendConfig;
@@ -43,34 +50,25 @@ export interface DaemonOptions {
   platform?: NodeJS.Platform;
   /** Called if the instance lock is lost while running (another daemon took over). */
   onFatal?: (err: Error) => void;
+  /** Makes the OAuth client of an `oauth-device` profile (default: DeviceFlowClient). */
+  createDeviceFlow?: DeviceFlowFactory;
 }
 
 export interface RunningDaemon {
+  /** The built-in profile's token owner. */
   keeper: TokenKeeper;
+  profiles: ProfileRegistry;
   server: IpcServer;
-  /** Re-reads the credential files (SIGHUP). */
+  /** Re-reads the credential files and the config file (SIGHUP). */
   reload(): Promise<void>;
   /** Stops everything in order; safe to call twice. */
   close(): Promise<void>;
 }
 
-/** Built once per credential record (frozen, so the socket server serializes it once too). */
-const tokenResults = new WeakMap<Credentials, TokenResult>();
-
-/** What clients receive for a token: the record plus the chat API's base URL. */
-export function tokenResult(c: Credentials): TokenResult {
-  const cached = tokenResults.get(c);
-  if (cached) return cached;
-  const result: TokenResult = {
-    access_token: c.access_token,
-    token_type: c.token_type,
-    expiry_date: c.expiry_date,
-    base_url: chatBaseUrl(c.resource_url),
-  };
-  if (c.resource_url) result.resource_url = c.resource_url;
-  Object.freeze(result);
-  tokenResults.set(c, result);
-  return result;
+/** The version a connection speaks, for the version its client named. */
+function negotiate(requested: number | undefined): number {
+  if (requested === undefined) return PROTOCOL_VERSION;
+  return Math.min(Math.max(requested, MIN_PROTOCOL_VERSION), PROTOCOL_VERSION);
 }
 
 /** Starts the daemon; resolves once the socket listens (the moment to report readiness). */
@@ -89,39 +87,17 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     }
   };
   try {
-    // A resource_url from a file or a token response is checked where it comes in (see shared/url-trust.ts).
-    const chatUrlPolicy = { oauthBaseUrl: config.oauthBaseUrl, trustedHosts: config.trustedChatHosts };
-    const ownFile = new CredentialFile(config.tokenPath, { logger, clock, moveCorruptAside: true, ownsDirectory: true, label: 'own', chatUrlPolicy });
-    const cliFile = config.qwenCliSync
-      ? new CredentialFile(config.qwenCliCredsPath, { logger, clock, moveCorruptAside: false, ownsDirectory: false, label: 'qwen-cli', chatUrlPolicy })
-      : null;
-    const oauth = new QwenOAuthClient({
-      baseUrl: config.oauthBaseUrl,
-      clientId: config.clientId,
-      scope: config.scope,
-      timeoutMs: config.httpTimeoutMs,
-      trustedChatHosts: config.trustedChatHosts,
-    });
-    const keeper = new TokenKeeper({ config, oauth, ownFile, cliFile, clock, logger });
-    const login = new DeviceLogin(oauth, clock, logger, (creds) => keeper.installCredentials(creds), { serverUrl: config.oauthBaseUrl });
+    const createDeviceFlow: DeviceFlowFactory =
+      options.createDeviceFlow ??
+      ((profile, settings, clientSecret) =>
+        new DeviceFlowClient({ profile, settings, timeoutMs: config.httpTimeoutMs, ...(clientSecret === undefined ? {} : { clientSecret }) }));
+    const registry = new ProfileRegistry({ config, logger, clock, createDeviceFlow });
+    cleanups.push(() => registry.stop());
+    await registry.start();
 
-    await keeper.start();
-    cleanups.push(() => keeper.stop());
-    cleanups.push(() => login.stop());
-
-    const watcher = new CredentialWatcher(
-      [
-        { path: ownFile.path, onChange: () => void keeper.fileChanged('own') },
-        ...(cliFile ? [{ path: cliFile.path, onChange: () => void keeper.fileChanged('qwen-cli') }] : []),
-      ],
-      logger,
-    );
-    await watcher.start();
-    cleanups.push(() => watcher.close());
-
-    // The HTTP gateway (daemon/gateway/): today over the built-in `qwen` profile alone.
+    // The HTTP gateway (daemon/gateway/), over every profile.
     const gateway = new Gateway({
-      profiles: singleProfile(keeperProfile(keeper, `qwen-tokend/${version}`)),
+      profiles: registryProfiles(registry, `qwen-tokend/${version}`),
       env: resolveGatewayEnv(process.env, config.socketPath, config.home),
       stateDir: config.stateDir,
       logger,
@@ -129,57 +105,73 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     });
 
     let server: IpcServer;
-    const answers = new WeakMap<Promise<Credentials>, Promise<TokenResult>>();
+    const v1Answers = new WeakMap<Promise<TokenResult>, Promise<TokenResult>>();
+    const runtimeFor = (name: string | undefined): ProfileRuntime => registry.resolve(name);
+    /** A token answer in the shape the connection speaks. */
+    const shaped = (result: TokenResult, conn: RpcConnection): TokenResult => (conn.protocol >= 2 ? result : v1Token(result));
+    const status = ({ profile }: { profile?: string | undefined }, conn: RpcConnection): StatusResult => {
+      const runtime = runtimeFor(profile);
+      const own = runtime.status();
+      return {
+        ...own,
+        state: conn.protocol >= 2 ? own.state : v1State(own.state),
+        pid: process.pid,
+        version,
+        protocol: conn.protocol,
+        uptime_ms: clock.now() - startedAt,
+        connected_clients: server.connectionCount,
+        requests_served: server.requestsServed,
+        socket_path: config.socketPath,
+        now: clock.now(),
+        gateway: gateway.status(),
+        profile: runtime.name,
+        kind: runtime.kind,
+        default_profile: registry.defaultProfile,
+        profiles: registry.infos(),
+        config_path: registry.configPath,
+        config_error: registry.configProblem,
+      };
+    };
+    const list = (): ProfilesListResult => ({
+      default_profile: registry.defaultProfile,
+      profiles: registry.infos(),
+      config_path: registry.configPath,
+      config_error: registry.configProblem,
+    });
     const methods: Record<string, RpcMethod> = {
-      [Methods.hello]: rpcMethod(HelloParams, () => ({ protocol: PROTOCOL_VERSION, daemon: 'qwen-tokend', version, pid: process.pid })),
-      [Methods.getAccessToken]: rpcMethod(GetAccessTokenParams, ({ minValidityMs = 0 }) => {
+      [Methods.hello]: rpcMethod(HelloParams, ({ protocol }, conn) => {
+        conn.protocol = negotiate(protocol);
+        return { protocol: conn.protocol, daemon: 'qwen-tokend', version, pid: process.pid };
+      }),
+      [Methods.getAccessToken]: rpcMethod(GetAccessTokenParams, ({ minValidityMs = 0, profile }, conn) => {
+        const runtime = runtimeFor(profile);
         // The common case, a token valid long enough, is answered without a promise.
-        const ready = keeper.servableNow(minValidityMs);
-        if (ready) return tokenResult(ready);
-        // Callers waiting on one refresh share the keeper's promise; they share its answer too.
-        const waiting = keeper.getAccessToken(minValidityMs);
-        let answer = answers.get(waiting);
-        if (!answer) {
-          answer = waiting.then(tokenResult);
-          answers.set(waiting, answer);
+        const ready = runtime.servableNow(minValidityMs);
+        if (ready) return shaped(ready, conn);
+        // Callers waiting on one refresh share one promise, and so one answer per version.
+        const waiting = runtime.getAccessToken(minValidityMs);
+        if (conn.protocol >= 2) return waiting;
+        let v1 = v1Answers.get(waiting);
+        if (!v1) {
+          v1 = waiting.then(v1Token);
+          v1Answers.set(waiting, v1);
         }
-        return answer;
+        return v1;
       }),
-      [Methods.refresh]: rpcMethod(EmptyParams, async () => tokenResult(await keeper.refresh())),
-      [Methods.status]: rpcMethod(EmptyParams, (): StatusResult => {
-        const snap = keeper.snapshot();
-        return {
-          state: snap.state,
-          expiry_date: snap.credentials?.expiry_date ?? null,
-          next_refresh_at: snap.nextRefreshAt,
-          last_refresh_at: snap.lastRefreshAt,
-          // A failed login counts too: it is often the first error a new user meets.
-          last_error: newestError(snap.lastError, login.lastFailure),
-          retry_count: snap.retryCount,
-          source_file: snap.sourceFile,
-          token_path: config.tokenPath,
-          qwen_cli_link: { enabled: config.qwenCliSync, path: config.qwenCliCredsPath },
-          token_fingerprint: fingerprint(snap.credentials?.access_token),
-          refresh_token_fingerprint: fingerprint(snap.credentials?.refresh_token),
-          login_in_progress: login.inProgress,
-          pid: process.pid,
-          version,
-          protocol: PROTOCOL_VERSION,
-          uptime_ms: clock.now() - startedAt,
-          connected_clients: server.connectionCount,
-          requests_served: server.requestsServed,
-          socket_path: config.socketPath,
-          now: clock.now(),
-          gateway: gateway.status(),
-        };
-      }),
-      [Methods.loginStart]: rpcMethod(EmptyParams, () => login.start()),
-      [Methods.loginCancel]: rpcMethod(EmptyParams, () => ({ cancelled: login.cancel() })),
-      [Methods.logout]: rpcMethod(LogoutParams, async ({ qwenCli = false }) => ({ removed: await keeper.logout(qwenCli) })),
-      [Methods.subscribe]: rpcMethod(EmptyParams, (_params, conn) => {
+      [Methods.refresh]: rpcMethod(ProfileParams, async ({ profile }, conn) => shaped(await runtimeFor(profile).refresh(), conn)),
+      [Methods.status]: rpcMethod(ProfileParams, status),
+      [Methods.loginStart]: rpcMethod(ProfileParams, ({ profile }) => runtimeFor(profile).loginStart()),
+      [Methods.loginCancel]: rpcMethod(ProfileParams, ({ profile }) => ({ cancelled: runtimeFor(profile).loginCancel() })),
+      [Methods.logout]: rpcMethod(LogoutParams, async ({ qwenCli = false, profile }) => ({ removed: await runtimeFor(profile).logout(qwenCli) })),
+      [Methods.subscribe]: rpcMethod(SubscribeParams, ({ profile }, conn) => {
+        if (profile !== undefined) runtimeFor(profile);
         conn.subscribed = true;
+        conn.subscribedProfile = profile ?? null;
         return { subscribed: true };
       }),
+      [Methods.profilesList]: rpcMethod(EmptyParams, list),
+      [Methods.profilesAdd]: rpcMethod(ProfilesAddParams, (params) => registry.add(params)),
+      [Methods.profilesRemove]: rpcMethod(ProfilesRemoveParams, ({ name }) => registry.remove(name)),
       ...gatewayMethods(gateway),
     };
     server = new IpcServer({
@@ -190,33 +182,33 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
       silentConnectionTimeoutMs: config.silentConnectionTimeoutMs,
     });
 
+    const about = (profile: string, method: string, params: Record<string, unknown>, v1: Record<string, unknown> | null) =>
+      server.broadcastAbout(profile, registry.defaultProfile, method, { ...params, profile }, v1);
     // Pushed once the callers waiting on this refresh have their answers (those leave from
     // promise callbacks, before this immediate): a waiting caller gets the token first, and the
     // push's wake-ups of a thousand subscribers do not stand between the refresh and them.
-    keeper.on('token_refreshed', (creds) => setImmediate(() => server.broadcast(Notifications.tokenRefreshed, tokenResult(creds))));
-    keeper.on('refresh_failed', ({ error, state, nextRetryAt }) =>
-      server.broadcast(Notifications.tokenRefreshFailed, { code: error.code, message: error.message, state, next_retry_at: nextRetryAt }),
+    registry.on('token_refreshed', (profile, result) =>
+      setImmediate(() => server.broadcastAbout(profile, registry.defaultProfile, Notifications.tokenRefreshed, result, v1Token(result))),
     );
-    // State changes are announced settled: coalesced over STATE_SETTLE_MS, so a quick refresh
-    // (valid → refreshing → valid) costs subscribers one push (token.refreshed), not three,
-    // and never sits between a refresh and its HTTP call.
-    let announced = keeper.snapshot().state;
-    let settleTimer: NodeJS.Timeout | null = null;
-    keeper.on('state_changed', () => {
-      settleTimer ??= setTimeout(() => {
-        settleTimer = null;
-        const state = keeper.snapshot().state;
-        if (state === announced) return;
-        server.broadcast(Notifications.stateChanged, { state, previous: announced });
-        announced = state;
-      }, STATE_SETTLE_MS);
-      settleTimer.unref();
+    registry.on('refresh_failed', (profile, failure) => about(profile, Notifications.tokenRefreshFailed, { ...failure }, { ...failure }));
+    // State changes arrive settled (see ProfileRegistry.settle).
+    registry.on('state_changed', (profile, state, previous) =>
+      about(profile, Notifications.stateChanged, { state, previous }, { state: v1State(state), previous: v1State(previous) }),
+    );
+    registry.on('login_completed', (profile, info) => about(profile, Notifications.loginCompleted, { ...info }, { ...info }));
+    registry.on('login_failed', (profile, err) =>
+      about(profile, Notifications.loginFailed, { code: err.code, message: err.message }, { code: err.code, message: err.message }),
+    );
+    let announcedDefault = registry.defaultProfile;
+    registry.on('profiles_changed', () => {
+      const defaultProfile = registry.defaultProfile;
+      server.broadcastV2(Notifications.profilesChanged, { profiles: registry.names(), default_profile: defaultProfile });
+      if (defaultProfile === announcedDefault) return;
+      announcedDefault = defaultProfile;
+      // A version-1 client caches the default profile's token: it gets the new default's.
+      const ready = registry.get(defaultProfile)?.servableNow(0);
+      if (ready) server.broadcastAbout(defaultProfile, defaultProfile, Notifications.tokenRefreshed, null, v1Token(ready));
     });
-    cleanups.push(async () => {
-      if (settleTimer) clearTimeout(settleTimer);
-    });
-    login.on('completed', (creds) => server.broadcast(Notifications.loginCompleted, { expiry_date: creds.expiry_date }));
-    login.on('failed', (err) => server.broadcast(Notifications.loginFailed, { code: err.code, message: err.message }));
 
     await server.listen();
     // The first refresh response is checked at once, not after its schema is built.
@@ -228,20 +220,14 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
 
     let closing: Promise<void> | null = null;
     return {
-      keeper,
+      keeper: registry.qwen.keeper,
+      profiles: registry,
       server,
-      reload: () => keeper.reload(),
+      reload: () => registry.reload().catch((err: unknown) => logger.warn({ err: errorText(err) }, 'reload failed')),
       close: () => (closing ??= closeAll()),
     };
   } catch (err) {
     await closeAll();
     throw err;
   }
-}
-
-/** The more recent of two recorded errors (either may be null). */
-function newestError<T extends { at: number }>(a: T | null, b: T | null): T | null {
-  if (a === null) return b;
-  if (b === null) return a;
-  return b.at > a.at ? b : a;
 }

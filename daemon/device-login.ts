@@ -26,6 +26,10 @@ export interface LoginFailure {
 export interface DeviceLoginOptions {
   /** The OAuth server's base URL (QWEN_OAUTH_BASE_URL), named when a login cannot start. */
   serverUrl?: string;
+  /** What to check when the server cannot be reached (default: the Qwen advice, NETWORK_ADVICE). */
+  networkAdvice?: string;
+  /** Accept a grant without a refresh token (a provider that issues none); the login then lasts one token. */
+  allowNoRefreshToken?: boolean;
 }
 
 /** The URL as a person should see it in a message: no credentials, no query, no trailing slash. */
@@ -94,7 +98,8 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
       return err instanceof QwenError ? err : new QwenOAuthError(`login failed: could not start the device flow${where}: ${cause}`);
     }
     if (isCancellation(err)) return err;
-    const advice = err.retryable && !cause.includes(NETWORK_ADVICE) ? `; ${NETWORK_ADVICE}` : '';
+    const networkAdvice = this.options.networkAdvice ?? NETWORK_ADVICE;
+    const advice = err.retryable && networkAdvice && !cause.includes(networkAdvice) ? `; ${networkAdvice}` : '';
     return new QwenOAuthError(`login failed: could not start the device flow${where}: ${cause}${advice}`, {
       oauthError: err.oauthError,
       status: err.status,
@@ -129,7 +134,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
     const done = (async () => {
       try {
         const grant = await this.oauth.waitForDeviceToken(auth, { clock: this.clock, signal: abort.signal });
-        const credentials = credentialsFromGrant(grant, null, this.clock.now());
+        const credentials = credentialsFromGrant(grant, null, this.clock.now(), { allowNoRefreshToken: this.options.allowNoRefreshToken === true });
         await this.install(credentials);
         this.failure = null;
         this.logger.info({ expiry_date: credentials.expiry_date }, 'login completed');

@@ -44,6 +44,10 @@ export interface IpcServerOptions {
 const TURN_BUDGET_MS = 2;
 const REFUSED_WARNING_INTERVAL_MS = 60_000;
 
+function encode(method: string, params: unknown): Buffer {
+  return Buffer.from(`${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`);
+}
+
 /** JSON-RPC 2.0 over NDJSON on a Unix socket. */
 export class IpcServer {
   private readonly server: Server;
@@ -109,18 +113,63 @@ export class IpcServer {
   /** Sends a notification to every subscribed connection. */
   broadcast(method: string, params: unknown): number {
     // Encoded once for every subscriber.
-    const line = Buffer.from(`${JSON.stringify({ jsonrpc: '2.0', method, params })}\n`);
+    const line = encode(method, params);
     let sent = 0;
     for (const conn of this.connections) {
       if (!conn.session.subscribed || conn.socket.destroyed) continue;
-      if (conn.socket.writableLength > MAX_UNREAD_BYTES) {
-        conn.socket.destroy();
-        continue;
-      }
-      conn.sendEncoded(line);
-      sent++;
+      if (this.send(conn, line)) sent++;
     }
     return sent;
+  }
+
+  /**
+   * Sends a notification about one profile to the connections that listen to it: a version-2
+   * connection subscribed to that profile or to all of them gets `params`; a version-1
+   * connection hears only its subscribed profile (the default one unless it named another) and
+   * gets `v1Params`, version 1's shape (null: nothing, the method is not part of version 1).
+   * `params` null: version-2 connections are not told.
+   */
+  broadcastAbout(profile: string, defaultProfile: string, method: string, params: unknown, v1Params: unknown): number {
+    let line: Buffer | null = null;
+    let v1Line: Buffer | null = null;
+    let sent = 0;
+    for (const conn of this.connections) {
+      const session = conn.session;
+      if (!session.subscribed || conn.socket.destroyed) continue;
+      if (session.protocol >= 2) {
+        if (params === null || (session.subscribedProfile !== null && session.subscribedProfile !== profile)) continue;
+        // Encoded once for every subscriber of a version.
+        line ??= encode(method, params);
+        if (this.send(conn, line)) sent++;
+      } else {
+        if (v1Params === null || (session.subscribedProfile ?? defaultProfile) !== profile) continue;
+        v1Line ??= encode(method, v1Params);
+        if (this.send(conn, v1Line)) sent++;
+      }
+    }
+    return sent;
+  }
+
+  /** Sends a notification only version-2 connections know (`profiles.changed`). */
+  broadcastV2(method: string, params: unknown): number {
+    let line: Buffer | null = null;
+    let sent = 0;
+    for (const conn of this.connections) {
+      if (!conn.session.subscribed || conn.session.protocol < 2 || conn.socket.destroyed) continue;
+      line ??= encode(method, params);
+      if (this.send(conn, line)) sent++;
+    }
+    return sent;
+  }
+
+  /** Writes an encoded notification; a client that stopped reading is closed instead. */
+  private send(conn: Connection, line: Buffer): boolean {
+    if (conn.socket.writableLength > MAX_UNREAD_BYTES) {
+      conn.socket.destroy();
+      return false;
+    }
+    conn.sendEncoded(line);
+    return true;
   }
 
   /** Stops accepting, closes every connection and removes the socket file. */

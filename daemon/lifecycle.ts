@@ -97,6 +97,8 @@ export function reduce(state: LifecycleState, event: LifecycleEvent, now: number
 export function phase(state: LifecycleState, now: number): TokenState {
   if (!state.credentials) return 'no_credentials';
   if (state.needsLogin) return 'needs_login';
+  // A login without a refresh token (a provider that issues none) ends when its token expires.
+  if (!state.credentials.refresh_token && now >= state.credentials.expiry_date) return 'needs_login';
   if (state.refreshing) return 'refreshing';
   if (now >= state.credentials.expiry_date) return 'expired';
   if (state.failures > 0) return 'retrying';
@@ -118,6 +120,8 @@ export function finalAttemptLeadMs(config: LifecycleConfig): number {
 export function nextRefreshAt(state: LifecycleState, config: LifecycleConfig, now: number): number | null {
   const creds = state.credentials;
   if (!creds || state.needsLogin || state.refreshing) return null;
+  // Nothing to refresh with: the token is served until it expires, then a login is needed.
+  if (!creds.refresh_token) return null;
   let dueByExpiry = creds.expiry_date - config.refreshLeadMs;
   // A token whose whole lifetime is shorter than the lead would be refreshed again at once,
   // in a loop; refresh such a fresh token halfway through its life instead.
@@ -156,7 +160,7 @@ export function decideTokenRequest(
   if (!creds) return { action: 'fail', reason: 'no_credentials' };
   const remaining = creds.expiry_date - now;
   if (remaining > minValidityMs) return { action: 'serve' };
-  if (state.needsLogin) return remaining > 0 ? { action: 'serve' } : { action: 'fail', reason: 'needs_login' };
+  if (state.needsLogin || !creds.refresh_token) return remaining > 0 ? { action: 'serve' } : { action: 'fail', reason: 'needs_login' };
   if (!afterRefreshAttempt) return { action: 'refresh' };
   // The refresh failed: a token that is still valid is better than none.
   return remaining > 0 ? { action: 'serve' } : { action: 'fail', reason: 'expired' };

@@ -23,6 +23,12 @@ export const REDACT_PATHS = [
   '*.credentials',
   'headers.authorization',
   '*.headers.authorization',
+  'api_key',
+  'client_secret',
+  '*.api_key',
+  '*.client_secret',
+  'headers["x-api-key"]',
+  '*.headers["x-api-key"]',
 ];
 
 export interface LoggerOptions {

@@ -40,7 +40,7 @@ export interface DeviceAuthorization {
   verification_uri: string;
   verification_uri_complete?: string;
   expires_in: number;
-  /** Seconds between polls; 2 when the server omits it. */
+  /** Seconds between polls; the client's default when the server omits it. */
   interval: number;
   /** RFC 7636 §4.1 code verifier; sent with every poll. */
   code_verifier: string;
@@ -87,7 +87,7 @@ const DEVICE_ENDPOINT = 'device authorization endpoint';
 const TOKEN_ENDPOINT = 'token endpoint';
 
 /** OAuth `error` values that say "try again later", not "this credential is bad". */
-const RETRYABLE_OAUTH_ERRORS = new Set(['slow_down', 'temporarily_unavailable', 'server_error']);
+export const RETRYABLE_OAUTH_ERRORS: ReadonlySet<string> = new Set(['slow_down', 'temporarily_unavailable', 'server_error']);
 
 /** Statuses on which an OAuth error body means the refresh token itself was refused. */
 const REFRESH_REJECTION_STATUSES = new Set([400, 401, 403]);
@@ -103,7 +103,7 @@ export const TokenResponseSchema = z.object({
 });
 
 /** A non-200 answer, before the step that made the request decides what it means. */
-interface ErrorAnswer {
+export interface ErrorAnswer {
   status: number;
   /** OAuth `error` field, when the body (or a WWW-Authenticate challenge) carried one. */
   error?: string | undefined;
@@ -111,14 +111,14 @@ interface ErrorAnswer {
   html: boolean;
 }
 
-type Exchange<T> = { ok: true; value: T } | { ok: false; answer: ErrorAnswer };
+export type Exchange<T> = { ok: true; value: T } | { ok: false; answer: ErrorAnswer };
 
 /**
  * Server-sent text made safe for a one-line message: no control characters, bounded length,
  * and no token-like runs (a server may echo the refresh token it rejects; our messages reach
  * logs, clients and terminals, so anything that could be a credential is cut out).
  */
-function clip(text: string | undefined): string | undefined {
+export function clip(text: string | undefined): string | undefined {
   if (!text) return undefined;
   const clean = text
     .replace(/[\u0000-\u001f\u007f]+/g, ' ')
@@ -127,7 +127,7 @@ function clip(text: string | undefined): string | undefined {
   return clean.length > 160 ? `${clean.slice(0, 157)}...` : clean;
 }
 
-function describeOAuthError(answer: ErrorAnswer): string {
+export function describeOAuthError(answer: ErrorAnswer): string {
   const description = clip(answer.description);
   const error = clip(answer.error) ?? 'error';
   return description ? `${error}: ${description}` : error;
@@ -164,7 +164,7 @@ export const NETWORK_ADVICE =
   'check the network connection, QWEN_OAUTH_BASE_URL, and behind a proxy HTTPS_PROXY with NODE_USE_ENV_PROXY=1 (Node 22 and later)';
 
 /** A transport failure in one line: what failed, why (with the errno-style code), and what to check. */
-function networkErrorMessage(endpoint: string, e: unknown): string {
+function networkErrorMessage(endpoint: string, e: unknown, advice: string): string {
   const code = networkErrorCode(e);
   const what = ((): string => {
     switch (code) {
@@ -188,26 +188,26 @@ function networkErrorMessage(endpoint: string, e: unknown): string {
         return `could not reach the ${endpoint}: network error (${code})`;
     }
   })();
-  return what.startsWith('could not reach') ? `${what}; ${NETWORK_ADVICE}` : what;
+  return what.startsWith('could not reach') ? `${what}; ${advice}` : what;
 }
 
 /** A retryable error for an HTTP answer that carries no usable OAuth verdict. */
-function httpFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
+export function httpFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
   let message = `${endpoint} answered HTTP ${answer.status}`;
   if (answer.html) message += ' with an HTML page';
   else if (answer.error) message += ` (${describeOAuthError(answer)})`;
   return new QwenOAuthError(message, { status: answer.status, oauthError: clip(answer.error), retryable: true });
 }
 
-function malformed(endpoint: string, what: string): QwenOAuthError {
+export function malformed(endpoint: string, what: string): QwenOAuthError {
   return new QwenOAuthError(`${endpoint} sent ${what}`, { status: 200, retryable: true });
 }
 
-function cancelled(message: string): QwenOAuthError {
+export function cancelled(message: string): QwenOAuthError {
   return new QwenOAuthError(message, { oauthError: 'cancelled' });
 }
 
-function expiredDeviceCode(): QwenOAuthError {
+export function expiredDeviceCode(): QwenOAuthError {
   return new QwenOAuthError('the device code expired before it was approved; run the login again', {
     oauthError: 'expired_token',
   });
@@ -224,8 +224,11 @@ function canonicalTokenType(tokenType: string): string {
   }
 }
 
-/** Checks a processed token response and keeps the fields we use; an untrusted `resource_url` is dropped. */
-function toGrant(endpoint: string, json: oauth.TokenEndpointResponse, policy: ChatUrlPolicy): TokenGrant {
+/**
+ * Checks a processed token response and keeps the fields we use; an untrusted `resource_url` is
+ * dropped, and without a policy (servers that are not Qwen's) `resource_url` is ignored.
+ */
+export function toGrant(endpoint: string, json: oauth.TokenEndpointResponse, policy: ChatUrlPolicy | null): TokenGrant {
   const parsed = TokenResponseSchema.safeParse(json);
   if (!parsed.success) {
     // Paths only: issue messages could quote values, and values may be tokens.
@@ -239,7 +242,7 @@ function toGrant(endpoint: string, json: oauth.TokenEndpointResponse, policy: Ch
     expires_in: v.expires_in,
   };
   if (v.refresh_token !== undefined) grant.refresh_token = v.refresh_token;
-  if (v.resource_url) {
+  if (v.resource_url && policy) {
     const verdict = checkChatBaseUrl(chatBaseUrl(v.resource_url), policy);
     if (verdict.ok) grant.resource_url = v.resource_url;
     else grant.rejected_resource_url = verdict.reason;
@@ -249,7 +252,7 @@ function toGrant(endpoint: string, json: oauth.TokenEndpointResponse, policy: Ch
 }
 
 /** Waits `ms` on the injected clock; rejects with a `cancelled` error when `signal` aborts. */
-function sleep(clock: Clock, ms: number, signal: AbortSignal | undefined): Promise<void> {
+export function sleep(clock: Clock, ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) {
       reject(cancelled('the login was cancelled'));
@@ -268,15 +271,21 @@ function sleep(clock: Clock, ms: number, signal: AbortSignal | undefined): Promi
   });
 }
 
+/** Qwen CLI's polling: 2 s by default, ×1.5 per slow_down up to 10 s. */
+const QWEN_POLLING: PollingRules = {
+  defaultIntervalS: DEFAULT_POLL_INTERVAL_S,
+  slowedDown: (interval) => Math.min(interval * SLOW_DOWN_FACTOR, MAX_POLL_INTERVAL_S),
+  expired: expiredDeviceCode,
+};
+
 /** Talks to Qwen's OAuth endpoints. Stateless apart from its configuration. */
 export class QwenOAuthClient {
   private readonly as: oauth.AuthorizationServer;
   private readonly client: oauth.Client;
   private readonly clientAuth: oauth.ClientAuth = oauth.None();
   private readonly scope: string;
-  private readonly timeoutMs: number;
   private readonly insecure: boolean;
-  private readonly fetchImpl: typeof fetch;
+  private readonly transport: OAuthTransport;
   private readonly chatUrlPolicy: ChatUrlPolicy;
 
   /** Builds the RFC 8414 metadata by hand: Qwen publishes no discovery document. */
@@ -303,9 +312,8 @@ export class QwenOAuthClient {
     };
     this.client = { client_id: options.clientId, token_endpoint_auth_method: 'none' };
     this.scope = options.scope;
-    this.timeoutMs = options.timeoutMs;
     this.insecure = url.protocol === 'http:';
-    this.fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
+    this.transport = new OAuthTransport({ timeoutMs: options.timeoutMs, fetch: options.fetch });
     this.chatUrlPolicy = { oauthBaseUrl: base, trustedHosts: options.trustedChatHosts };
   }
 
@@ -314,22 +322,13 @@ export class QwenOAuthClient {
     const codeVerifier = oauth.generateRandomCodeVerifier();
     const codeChallenge = await oauth.calculatePKCECodeChallenge(codeVerifier);
     const parameters = { scope: this.scope, code_challenge: codeChallenge, code_challenge_method: 'S256' };
-    const result = await this.exchange(
+    const result = await this.transport.exchange(
       DEVICE_ENDPOINT,
       signal,
       (s) => oauth.deviceAuthorizationRequest(this.as, this.client, this.clientAuth, parameters, this.requestOptions(s)),
       (response) => oauth.processDeviceAuthorizationResponse(this.as, this.client, response),
     );
-    if (!result.ok) {
-      const { answer } = result;
-      if (answer.error && answer.status >= 400 && answer.status < 500 && answer.status !== 429 && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
-        throw new QwenOAuthError(`${DEVICE_ENDPOINT} refused the request (${describeOAuthError(answer)})`, {
-          oauthError: clip(answer.error),
-          status: answer.status,
-        });
-      }
-      throw httpFailure(DEVICE_ENDPOINT, answer);
-    }
+    if (!result.ok) throw deviceAuthorizationFailure(DEVICE_ENDPOINT, result.answer);
     const v = result.value;
     const auth: DeviceAuthorization = {
       device_code: v.device_code,
@@ -348,7 +347,7 @@ export class QwenOAuthClient {
    * its §3.5 answer: `pending` and `slow_down` are results; expiry, denial and other refusals throw.
    */
   async deviceTokenPoll(auth: DeviceAuthorization, signal?: AbortSignal): Promise<DevicePollResult> {
-    const result = await this.exchange(
+    const result = await this.transport.exchange(
       TOKEN_ENDPOINT,
       signal,
       (s) =>
@@ -360,60 +359,20 @@ export class QwenOAuthClient {
     );
     if (result.ok) return { status: 'success', grant: toGrant(TOKEN_ENDPOINT, result.value, this.chatUrlPolicy) };
     const { answer } = result;
-    // Judge by the error field, not the status: Qwen sends slow_down with 429, RFC 8628 with 400.
-    if (answer.error === 'authorization_pending') return { status: 'pending' };
-    if (answer.error === 'slow_down') return { status: 'slow_down' };
-    if (answer.error === 'expired_token') throw expiredDeviceCode();
+    const verdict = devicePollVerdict(answer, expiredDeviceCode);
+    if (verdict) return verdict;
     if (answer.error === 'access_denied' || answer.status === 401) {
       throw new QwenOAuthError('the authorization request was denied; run the login again to retry', {
         oauthError: 'access_denied',
         status: answer.status,
       });
     }
-    if (answer.status === 429 || answer.status === 408 || (answer.error && RETRYABLE_OAUTH_ERRORS.has(answer.error))) {
-      throw httpFailure(TOKEN_ENDPOINT, answer);
-    }
-    if (answer.error && answer.status >= 400 && answer.status < 500) {
-      throw new QwenOAuthError(`${TOKEN_ENDPOINT} refused the device code (${describeOAuthError(answer)}); run the login again`, {
-        oauthError: clip(answer.error),
-        status: answer.status,
-      });
-    }
-    throw httpFailure(TOKEN_ENDPOINT, answer);
+    throw devicePollFailure(TOKEN_ENDPOINT, answer);
   }
 
-  /**
-   * Polls (RFC 8628 §3.4–3.5) until the user approves: waits `interval` on the injected clock
-   * before each poll, grows it on `slow_down` (×1.5, capped at 10 s, never shrinking), retries
-   * transient failures at the interval, and gives up at the `expires_in` deadline.
-   */
+  /** Polls until the user approves (see `pollForDeviceToken`), with the Qwen CLI's intervals. */
   async waitForDeviceToken(auth: DeviceAuthorization, opts: WaitForDeviceTokenOptions): Promise<TokenGrant> {
-    const { clock, signal, onPoll, onTransientError } = opts;
-    let interval = auth.interval > 0 ? auth.interval : DEFAULT_POLL_INTERVAL_S;
-    // Measured from when waiting starts: the caller calls this right after the authorization.
-    const deadline = clock.now() + auth.expires_in * 1000;
-    for (;;) {
-      const remaining = deadline - clock.now();
-      if (remaining <= 0) throw expiredDeviceCode();
-      await sleep(clock, Math.min(interval * 1000, remaining), signal);
-      if (clock.now() >= deadline) throw expiredDeviceCode();
-      let result: DevicePollResult;
-      try {
-        result = await this.deviceTokenPoll(auth, signal);
-      } catch (e) {
-        if (e instanceof QwenOAuthError && e.oauthError === 'cancelled') throw cancelled('the login was cancelled');
-        if (e instanceof QwenOAuthError && e.retryable) {
-          onTransientError?.(e);
-          continue;
-        }
-        throw e;
-      }
-      onPoll?.(result);
-      if (result.status === 'success') return result.grant;
-      if (result.status === 'slow_down') {
-        interval = Math.max(interval, Math.min(interval * SLOW_DOWN_FACTOR, MAX_POLL_INTERVAL_S));
-      }
-    }
+    return pollForDeviceToken(auth, opts, QWEN_POLLING, (signal) => this.deviceTokenPoll(auth, signal));
   }
 
   /**
@@ -423,7 +382,7 @@ export class QwenOAuthClient {
    */
   async refreshTokenGrant(refreshToken: string, signal?: AbortSignal): Promise<TokenGrant> {
     if (!refreshToken) throw new QwenRefreshTokenInvalidError('there is no refresh token; run the login again');
-    const result = await this.exchange(
+    const result = await this.transport.exchange(
       TOKEN_ENDPOINT,
       signal,
       (s) => oauth.refreshTokenGrantRequest(this.as, this.client, this.clientAuth, refreshToken, this.requestOptions(s)),
@@ -443,17 +402,44 @@ export class QwenOAuthClient {
     const options: oauth.TokenEndpointRequestOptions = { signal };
     // http:// is only ever a loopback test server (checked in the constructor).
     if (this.insecure) options[oauth.allowInsecureRequests] = true;
-    options[oauth.customFetch] = (url, init) => this.boundedFetch(url, init);
+    options[oauth.customFetch] = (url, init) =>
+      this.transport.boundedFetch(url.endsWith(DEVICE_AUTHORIZATION_PATH) ? DEVICE_ENDPOINT : TOKEN_ENDPOINT, url, init);
     return options;
+  }
+}
+
+export interface OAuthTransportOptions {
+  /** Upper bound of every HTTP exchange, body included. */
+  timeoutMs: number;
+  fetch?: typeof fetch | undefined;
+  /** What to check when the server cannot be reached (default `NETWORK_ADVICE`). */
+  networkAdvice?: string | undefined;
+}
+
+/**
+ * The HTTP side every OAuth client here shares: one deadline per exchange (body included),
+ * answers read up to `MAX_RESPONSE_BYTES`, and whatever oauth4webapi or fetch threw turned into
+ * an error answer for the calling step, or a `QwenOAuthError` whose message holds no token.
+ * `endpoint` is how messages name the endpoint (e.g. `token endpoint`).
+ */
+export class OAuthTransport {
+  readonly timeoutMs: number;
+  private readonly fetchImpl: typeof fetch;
+  private readonly networkAdvice: string;
+
+  constructor(options: OAuthTransportOptions) {
+    this.timeoutMs = options.timeoutMs;
+    const custom = options.fetch;
+    this.fetchImpl = custom ?? ((input, init) => globalThis.fetch(input, init));
+    this.networkAdvice = options.networkAdvice ?? NETWORK_ADVICE;
   }
 
   /**
    * fetch, with the answer read here up to `MAX_RESPONSE_BYTES` and handed on in memory: a
    * larger one fails as a retryable server error (the deadline covers this read too).
    */
-  private async boundedFetch(url: string, init: RequestInit): Promise<Response> {
+  async boundedFetch(endpoint: string, url: string, init: RequestInit): Promise<Response> {
     const response = await this.fetchImpl(url, init);
-    const endpoint = url.endsWith(DEVICE_AUTHORIZATION_PATH) ? DEVICE_ENDPOINT : TOKEN_ENDPOINT;
     const tooLarge = () => {
       void response.body?.cancel().catch(() => undefined);
       return new QwenOAuthError(`${endpoint} sent an answer larger than ${MAX_RESPONSE_BYTES / 1024} KiB (HTTP ${response.status}); treating it as a server error`, {
@@ -488,7 +474,7 @@ export class QwenOAuthClient {
    * Returns the processed body, or the error answer for the caller to interpret; throws a
    * `QwenOAuthError` for transport failures and unusable 200 answers.
    */
-  private async exchange<T>(
+  async exchange<T>(
     endpoint: string,
     callerSignal: AbortSignal | undefined,
     send: (signal: AbortSignal) => Promise<Response>,
@@ -570,17 +556,109 @@ export class QwenOAuthClient {
       // oauth4webapi refused our own input: a bug or bad configuration, not worth retrying.
       throw new QwenOAuthError(`${endpoint} request could not be made (${code})`);
     }
-    throw new QwenOAuthError(networkErrorMessage(endpoint, e), { retryable: true, cause: e });
+    throw new QwenOAuthError(networkErrorMessage(endpoint, e, this.networkAdvice), { retryable: true, cause: e });
+  }
+}
+
+/** The error for a device authorization request (RFC 8628 §3.2) the server did not grant. */
+export function deviceAuthorizationFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
+  if (answer.error && answer.status >= 400 && answer.status < 500 && answer.status !== 429 && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
+    return new QwenOAuthError(`${endpoint} refused the request (${describeOAuthError(answer)})`, {
+      oauthError: clip(answer.error),
+      status: answer.status,
+    });
+  }
+  return httpFailure(endpoint, answer);
+}
+
+/**
+ * What a device access token request's error answer means (RFC 8628 §3.5): `pending` and
+ * `slow_down` are results, judged by the error field (Qwen sends slow_down with 429, RFC 8628
+ * with 400); expiry throws `expired`; undefined for any other answer.
+ */
+export function devicePollVerdict(answer: ErrorAnswer, expired: () => QwenOAuthError): DevicePollResult | undefined {
+  if (answer.error === 'authorization_pending') return { status: 'pending' };
+  if (answer.error === 'slow_down') return { status: 'slow_down' };
+  if (answer.error === 'expired_token') throw expired();
+  return undefined;
+}
+
+/** The error for a device poll answer that is not a verdict: retryable when the server is busy, else terminal. */
+export function devicePollFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
+  if (answer.status === 429 || answer.status === 408 || (answer.error && RETRYABLE_OAUTH_ERRORS.has(answer.error))) {
+    return httpFailure(endpoint, answer);
+  }
+  if (answer.error && answer.status >= 400 && answer.status < 500) {
+    return new QwenOAuthError(`${endpoint} refused the device code (${describeOAuthError(answer)}); run the login again`, {
+      oauthError: clip(answer.error),
+      status: answer.status,
+    });
+  }
+  return httpFailure(endpoint, answer);
+}
+
+/** How often a device flow polls. */
+export interface PollingRules {
+  /** Seconds between polls when the device authorization response names none. */
+  defaultIntervalS: number;
+  /** The interval after a `slow_down`, given the current one. */
+  slowedDown(intervalS: number): number;
+  /** The error when the device code expires unapproved. */
+  expired(): QwenOAuthError;
+}
+
+/**
+ * Polls (RFC 8628 §3.4–3.5) until the user approves: waits the interval on the injected clock
+ * before each poll, lets `rules` grow it on `slow_down` (never shrinking), retries transient
+ * failures at the interval, and gives up at the `expires_in` deadline.
+ */
+export async function pollForDeviceToken(
+  auth: DeviceAuthorization,
+  opts: WaitForDeviceTokenOptions,
+  rules: PollingRules,
+  poll: (signal: AbortSignal | undefined) => Promise<DevicePollResult>,
+): Promise<TokenGrant> {
+  const { clock, signal, onPoll, onTransientError } = opts;
+  let interval = auth.interval > 0 ? auth.interval : rules.defaultIntervalS;
+  // Measured from when waiting starts: the caller calls this right after the authorization.
+  const deadline = clock.now() + auth.expires_in * 1000;
+  for (;;) {
+    const remaining = deadline - clock.now();
+    if (remaining <= 0) throw rules.expired();
+    await sleep(clock, Math.min(interval * 1000, remaining), signal);
+    if (clock.now() >= deadline) throw rules.expired();
+    let result: DevicePollResult;
+    try {
+      result = await poll(signal);
+    } catch (e) {
+      if (e instanceof QwenOAuthError && e.oauthError === 'cancelled') throw cancelled('the login was cancelled');
+      if (e instanceof QwenOAuthError && e.retryable) {
+        onTransientError?.(e);
+        continue;
+      }
+      throw e;
+    }
+    onPoll?.(result);
+    if (result.status === 'success') return result.grant;
+    if (result.status === 'slow_down') interval = Math.max(interval, rules.slowedDown(interval));
   }
 }
 
 /**
  * Builds the credential record from a grant (RFC 6749 §6: a new refresh token replaces the
- * old one); keeps the previous refresh_token/resource_url when the grant omits them.
+ * old one); keeps the previous refresh_token/resource_url when the grant omits them. A grant
+ * with no refresh token at all is refused unless `allowNoRefreshToken`.
  */
-export function credentialsFromGrant(grant: TokenGrant, previous: Credentials | null, now: number): Credentials {
-  const refreshToken = grant.refresh_token ?? previous?.refresh_token;
-  if (!refreshToken) {
+export function credentialsFromGrant(
+  grant: TokenGrant,
+  previous: Credentials | null,
+  now: number,
+  options: { allowNoRefreshToken?: boolean } = {},
+): Credentials {
+  const refreshToken = grant.refresh_token ?? previous?.refresh_token ?? '';
+  // Allowed for providers that issue none: the login then lasts as long as its access token
+  // (an empty refresh_token in the record; see lifecycle.ts).
+  if (!refreshToken && !options.allowNoRefreshToken) {
     throw new QwenOAuthError('the token endpoint issued no refresh token, so the login cannot be kept; run the login again', {
       retryable: false,
     });

@@ -21,7 +21,11 @@ export type Id = string | number | null;
 /** What a handler sees of the connection a call came on. */
 export interface RpcConnection {
   readonly id: number;
+  /** The protocol version it speaks: 1 until its `hello` names another. */
+  protocol: number;
   subscribed: boolean;
+  /** The profile its pushes are about; null: every profile (version 2) or the default one (version 1). */
+  subscribedProfile: string | null;
 }
 
 /** One method: the schema its params must match, and what it does with them. */
@@ -62,7 +66,9 @@ interface AwaitingCalls {
 
 /** One connection's side of the protocol: whether it listens for pushes, and the calls it is owed answers to. */
 export class RpcSession implements RpcConnection {
+  protocol = 1;
   subscribed = false;
+  subscribedProfile: string | null = null;
   /** Calls (and notifications) whose handler has not settled yet. */
   owed = 0;
   /** Calls waiting on a promise, by that promise. */

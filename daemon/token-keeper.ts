@@ -60,6 +60,25 @@ export interface TokenKeeperEvents {
   state_changed: [{ state: TokenState; previous: TokenState }];
 }
 
+/** How messages name this keeper's login and token issuer (the built-in profile's by default). */
+export interface KeeperWording {
+  /** The command that logs in, as a person runs it where the daemon runs: `qwen-token login`. */
+  loginCommand(): string;
+  /** The command that shows its status: `qwen-token status`. */
+  statusCommand(): string;
+  /** Other ways to log in, said after the command: ` (or log in with the Qwen CLI)`. */
+  otherWays: string;
+  /** Who issued the tokens: `the Qwen server`. */
+  issuer: string;
+}
+
+export const QWEN_WORDING: KeeperWording = {
+  loginCommand: () => cliCommand('login'),
+  statusCommand: () => cliCommand('status'),
+  otherWays: ' (or log in with the Qwen CLI)',
+  issuer: 'the Qwen server',
+};
+
 export interface TokenKeeperDeps {
   config: Pick<TokendConfig, 'refreshLeadMs' | 'retryMs' | 'qwenCliLockPath' | 'qwenCliLockStaleMs' | 'httpTimeoutMs'>;
   oauth: Pick<QwenOAuthClient, 'refreshTokenGrant'>;
@@ -68,6 +87,8 @@ export interface TokenKeeperDeps {
   cliFile: CredentialFile | null;
   clock: Clock;
   logger: Logger;
+  /** Default: the built-in profile's (QWEN_WORDING). */
+  wording?: KeeperWording;
 }
 
 type RefreshOutcome = { ok: true; credentials: Credentials } | { ok: false; error: QwenError };
@@ -123,8 +144,11 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    */
   private heldLogs: Array<() => void> | null = null;
 
+  private readonly wording: KeeperWording;
+
   constructor(private readonly deps: TokenKeeperDeps) {
     super();
+    this.wording = deps.wording ?? QWEN_WORDING;
   }
 
   /** Loads credentials (importing the Qwen CLI's when they are newer) and starts the schedule. */
@@ -150,7 +174,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       this.dispatch({ type: 'credentials_loaded', credentials: ownCreds });
       logger.info({ from: ownFile.path, token: fingerprint(ownCreds.access_token), expiry_date: ownCreds.expiry_date }, 'loaded credentials');
     } else {
-      logger.warn({ path: ownFile.path }, `no credentials yet: run \`${cliCommand('login')}\` (or log in with the Qwen CLI)`);
+      logger.warn({ path: ownFile.path }, `no credentials yet: run \`${this.wording.loginCommand()}\`${this.wording.otherWays}`);
       this.schedule();
     }
   }
@@ -190,6 +214,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    */
   async refresh(): Promise<Credentials> {
     if (!this.state.credentials) throw this.unavailableError('no_credentials');
+    if (!this.state.credentials.refresh_token) throw new QwenRefreshTokenInvalidError(this.noRefreshTokenMessage());
     // A refresh that already has its answer is not the one asked for: a forced refresh means a
     // new exchange with the server, after that one's writes.
     while (this.inflight?.answered) await this.inflight.finished;
@@ -268,20 +293,34 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   // ---- internals ----
 
+  /** Why a login without a refresh token cannot be refreshed, and what to do. */
+  private noRefreshTokenMessage(): string {
+    const creds = this.state.credentials;
+    const expiry = creds ? new Date(creds.expiry_date).toISOString() : 'unknown';
+    return (
+      `${this.wording.issuer} issued no refresh token, so this login lasts only as long as its access token (until ${expiry}): ` +
+      `run \`${this.wording.loginCommand()}\` again, and to stay logged in ask for a scope that grants one (such as offline_access)`
+    );
+  }
+
   private unavailableError(reason: 'no_credentials' | 'needs_login' | 'expired'): QwenError {
+    const login = this.wording.loginCommand();
     if (reason === 'no_credentials') {
-      return new QwenTokenNotAvailableError(`not logged in yet: run \`${cliCommand('login')}\` (or log in with the Qwen CLI)`);
+      return new QwenTokenNotAvailableError(`not logged in yet: run \`${login}\`${this.wording.otherWays}`);
     }
     if (reason === 'needs_login') {
+      if (this.state.credentials && !this.state.credentials.refresh_token && !this.state.needsLogin) {
+        return new QwenRefreshTokenInvalidError(this.noRefreshTokenMessage());
+      }
       return new QwenRefreshTokenInvalidError(
-        `the refresh token was rejected by the Qwen server and the access token has expired: run \`${cliCommand('login')}\``,
+        `the refresh token was rejected by ${this.wording.issuer} and the access token has expired: run \`${login}\``,
       );
     }
     const last = this.state.lastError;
     const expiry = this.state.credentials ? new Date(this.state.credentials.expiry_date).toISOString() : 'unknown';
     return new QwenTokenExpiredError(
       `the access token expired at ${expiry} and could not be refreshed${last ? ` (${last.message})` : ''}; ` +
-        `check the network, \`${cliCommand('status')}\`, or run \`${cliCommand('login')}\``,
+        `check the network, \`${this.wording.statusCommand()}\`, or run \`${login}\``,
     );
   }
 
@@ -422,7 +461,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     if (rescued) return { ok: true, credentials: rescued };
     const snap = this.snapshot();
     if (terminal) {
-      logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`${cliCommand('login')}\``);
+      logger.error({ code: error.code, state: snap.state }, `refresh token rejected, stopping auto-refresh: ${error.message}; run \`${this.wording.loginCommand()}\``);
     } else {
       logger.warn(
         { code: error.code, state: snap.state, retry_count: snap.retryCount, next_retry_at: snap.nextRefreshAt },

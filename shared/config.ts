@@ -35,6 +35,10 @@ export interface TokendConfig {
   daemonBin: string | undefined;
   /** Hosts a chat base URL may name (`QWEN_TOKEND_CHAT_HOSTS`); undefined: the built-in list (see url-trust.ts). */
   trustedChatHosts: string[] | undefined;
+  /** The shared config file (profiles, gateway settings); see `configFilePath`. */
+  configPath: string;
+  /** Where the daemon keeps each profile's secrets and tokens: `profiles/` in the state dir. */
+  profilesDir: string;
 }
 
 export const DEFAULTS = {
@@ -117,6 +121,14 @@ export function defaultSocketPath(env: NodeJS.ProcessEnv, platform: NodeJS.Platf
   return join(home, '.one_dragon_alpha', 'run', 'qwen-tokend.sock');
 }
 
+/** The shared config file: `QWEN_TOKEND_CONFIG`, else `$XDG_CONFIG_HOME/qwen-tokend/config.json`, else `~/.config/...`. */
+export function configFilePath(env: NodeJS.ProcessEnv, home: string): string {
+  const explicit = env.QWEN_TOKEND_CONFIG?.trim();
+  if (explicit) return expandHome(explicit, home);
+  const xdg = env.XDG_CONFIG_HOME?.trim();
+  return join(xdg ? expandHome(xdg, home) : join(home, '.config'), 'qwen-tokend', 'config.json');
+}
+
 /** Resolves the configuration from the environment; throws `QwenConfigError` with the variable's name. */
 export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = {}): TokendConfig {
   const platform = options.platform ?? 'linux';
@@ -151,6 +163,8 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
     autostart: readBool(env, 'QWEN_TOKEND_AUTOSTART', true),
     daemonBin: env.QWEN_TOKEND_BIN?.trim() || undefined,
     trustedChatHosts: readTrustedChatHosts(env),
+    configPath: configFilePath(env, home),
+    profilesDir: join(dirname(tokenPath), 'profiles'),
   };
   // The refresh must finish well inside the Qwen CLI's stale-lock age, or the CLI may
   // break our lock mid-refresh and refresh the same token in parallel.

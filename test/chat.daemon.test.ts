@@ -334,10 +334,11 @@ describe('when the refresh token is revoked too', () => {
 });
 
 describe('model names', () => {
-  it('an unknown name is a QwenError that lists the valid names', () => {
+  it('an unknown name for the Qwen OAuth profile is a QwenError that lists the valid names', () => {
     let err: unknown;
     try {
-      new QwenChatModel({ modelName: 'qwen-max', client: {} as TokenClient });
+      // Named `qwen`, the check is at once; for the daemon's default profile it waits for the first call (its kind).
+      new QwenChatModel({ modelName: 'qwen-max', profile: 'qwen', client: {} as TokenClient });
     } catch (e) {
       err = e;
     }

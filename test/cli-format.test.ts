@@ -9,7 +9,9 @@ import { ExitCodes, exitCodeFor, hintFor } from '../client/cli/exit-codes.js';
 import { parseMinValidity } from '../client/cli/token.js';
 import {
   QwenConfigError,
+  QwenCredentialRejectedError,
   QwenDaemonUnavailableError,
+  QwenProfileNotFoundError,
   QwenError,
   QwenOAuthError,
   QwenRefreshTokenInvalidError,
@@ -96,7 +98,9 @@ describe('exit codes', () => {
     expect(exitCodeFor(new QwenOAuthError('x'))).toBe(ExitCodes.error);
     expect(exitCodeFor(new QwenError('x'))).toBe(ExitCodes.error);
     expect(exitCodeFor(new Error('x'))).toBe(ExitCodes.error);
-    expect(Object.values(ExitCodes)).toEqual([0, 1, 2, 3, 4, 5, 130]);
+    expect(exitCodeFor(new QwenProfileNotFoundError('x'))).toBe(ExitCodes.profileNotFound);
+    expect(exitCodeFor(new QwenCredentialRejectedError('x'))).toBe(ExitCodes.credentialRejected);
+    expect(Object.values(ExitCodes)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 130]);
   });
 
   it('gives a hint for the errors a person can act on', () => {

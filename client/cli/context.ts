@@ -2,6 +2,7 @@
  * What every qwen-token command shares: the environment (with `--socket` applied), how to
  * open a TokenClient, and how output and errors are written.
  */
+import { InvalidArgumentError, type Command } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
 import { cliCommand, daemonCommand } from '../../shared/cli-command.js';
 import { errnoCode } from '../../shared/diagnostics.js';
@@ -13,6 +14,30 @@ import { hintFor } from './exit-codes.js';
 /** Options every command accepts (defined on the root command). */
 export interface GlobalOptions {
   socket?: string;
+}
+
+/**
+ * A profile name as the daemon takes it: the rule of shared/profiles.ts, repeated here so that
+ * parsing arguments (and `--help`) loads no zod. test/profiles-client.test.ts keeps them equal.
+ */
+export const PROFILE_NAME_RULE = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+
+/** Commander parser for a profile name. */
+export function parseProfileName(value: string): string {
+  if (!PROFILE_NAME_RULE.test(value)) {
+    throw new InvalidArgumentError('a profile name is 1-63 characters: lower-case letters, digits, "_" and "-", starting with a letter or digit.');
+  }
+  return value;
+}
+
+/** Adds `--profile <name>` to a command. */
+export function profileOption(cmd: Command, what = 'the profile'): Command {
+  return cmd.option('--profile <name>', `${what} (default: $QWEN_TOKEND_PROFILE, else the daemon's default profile)`, parseProfileName);
+}
+
+/** `{ profile }` for a library call when `--profile` was given, else nothing (the client's default). */
+export function profileArg(profile: string | undefined): { profile?: string } {
+  return profile === undefined ? {} : { profile };
 }
 
 /** The environment a command runs with: `--socket` wins over `QWEN_TOKEND_SOCKET`. */

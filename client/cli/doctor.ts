@@ -11,9 +11,10 @@ import { cliCommand } from '../../shared/cli-command.js';
 import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
 import { QwenProtocolError } from '../../shared/errors.js';
 import { fingerprint } from '../../shared/fingerprint.js';
+import type { ProfileInfo } from '../../shared/profiles.js';
 import type { StatusResult } from '../../shared/protocol.js';
 import { serviceInstalled } from '../autostart.js';
-import { commandConfig, commandEnv, daemonNotRunning, openClient, out, outJson, startAdvice, type GlobalOptions } from './context.js';
+import { commandConfig, commandEnv, daemonNotRunning, openClient, out, outJson, PROFILE_NAME_RULE, startAdvice, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration, formatRelative } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
@@ -187,6 +188,141 @@ function checkDaemonDown(config: TokendConfig, err: unknown): Check {
   return check('daemon', title, 'warn', 'not running, and autostart is off (QWEN_TOKEND_AUTOSTART=0)', startAdvice(config));
 }
 
+/** The environment variable naming the client's profile (shared/profiles.ts PROFILE_ENV). */
+const PROFILE_ENV = 'QWEN_TOKEND_PROFILE';
+/** How long doctor waits for a provider's discovery document. */
+const DISCOVERY_TIMEOUT_MS = 5_000;
+
+/** A profile's state and secret, as one finding. */
+function checkProfileState(p: ProfileInfo, now: number): Check {
+  const id = `profile:${p.name}`;
+  const title = `profile ${p.name}`;
+  const where = p.base_url ? `, ${p.base_url}` : '';
+  const lastError = p.last_error ? `; last error: ${p.last_error.message} [${p.last_error.code}] ${formatRelative(p.last_error.at, now)}` : '';
+  if (p.kind === 'api-key') {
+    if (!p.has_secret) return check(id, title, 'fail', `api-key${where}: no key stored`, `\`${cliCommand(`profile add ${p.name} --replace`)}\` stores one`);
+    if (p.last_error) return check(id, title, 'warn', `api-key${where}, key ${p.secret_fingerprint}${lastError}`, `if the key was refused, replace it: \`${cliCommand(`profile add ${p.name} --replace`)}\``);
+    return check(id, title, 'ok', `api-key${where}, static key ${p.secret_fingerprint}`);
+  }
+  const login = `run \`${cliCommand(`login --profile ${p.name}`)}\``;
+  const expiry = p.expiry_date === null ? '' : `, token ${describeExpiry(p.expiry_date, now)}`;
+  switch (p.state) {
+    case 'valid':
+    case 'refreshing':
+    case 'static':
+      return check(id, title, 'ok', `${p.kind}${where}: ${p.state}${expiry}`);
+    case 'retrying':
+      return check(id, title, 'warn', `${p.kind}${where}: retrying${expiry}${lastError}`, `the old token is served while it is valid; see \`${cliCommand(`status --profile ${p.name}`)}\``);
+    case 'no_credentials':
+      return check(id, title, 'warn', `${p.kind}${where}: not logged in yet${lastError}`, login);
+    case 'expired':
+      return check(id, title, 'fail', `${p.kind}${where}: expired and refreshing fails${expiry}${lastError}`, `run \`${cliCommand(`refresh --profile ${p.name}`)}\`; if it keeps failing, ${login}`);
+    case 'needs_login':
+      return check(id, title, 'fail', `${p.kind}${where}: needs login${lastError}`, login);
+  }
+}
+
+/** The files a profile lists: regular, yours, 0600 in a directory closed to others. Only looks. */
+async function checkProfileFiles(p: ProfileInfo): Promise<Check> {
+  const id = `profile:${p.name}:files`;
+  const title = `profile ${p.name} files`;
+  const uid = myUid();
+  let present = 0;
+  for (const path of p.files) {
+    let st: Stats | null;
+    try {
+      st = await lstatOrNull(path);
+    } catch (err) {
+      return check(id, title, 'fail', `cannot inspect ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check the permissions of ${dirname(path)}`);
+    }
+    if (st === null) continue;
+    present++;
+    if (!st.isFile()) return check(id, title, 'fail', `${path} is not a regular file`, `move it away; the daemon writes a new one`);
+    if (uid !== undefined && st.uid !== uid) return check(id, title, 'fail', `${path} belongs to uid ${st.uid}, not to you`, 'chown it to yourself or remove it');
+    if ((st.mode & 0o077) !== 0) return check(id, title, 'fail', `${path} has mode ${modeText(st)}: other users can read the secret`, `chmod 600 ${path}`);
+    const dir = dirname(path);
+    const dirSt = await lstat(dir).catch(() => null);
+    if (dirSt && (dirSt.mode & 0o077) !== 0) return check(id, title, 'fail', `${dir} has mode ${modeText(dirSt)} (expected 0700)`, `chmod 700 ${dir}`);
+  }
+  if (p.has_secret && present === 0 && p.files.length > 0) {
+    return check(id, title, 'warn', `the daemon reports a secret but none of its files is there: ${p.files.join(', ')}`);
+  }
+  return check(id, title, 'ok', present === 0 ? 'no files yet' : `${present} file(s), mode 0600, owned by you`);
+}
+
+/** The discovery documents an issuer may publish: OpenID Connect's, then RFC 8414's. */
+export function discoveryUrls(issuer: string): string[] {
+  const url = new URL(issuer);
+  const path = url.pathname.replace(/\/+$/, '');
+  return [`${url.origin}${path}/.well-known/openid-configuration`, `${url.origin}/.well-known/oauth-authorization-server${path}`];
+}
+
+/** An `oauth-device` profile's issuer answers its discovery document (one GET, or two). */
+async function checkDiscovery(p: ProfileInfo): Promise<Check | null> {
+  const issuer = p.settings.issuer;
+  if (typeof issuer !== 'string') return null;
+  const id = `profile:${p.name}:discovery`;
+  const title = `profile ${p.name} discovery`;
+  const explicitDevice = typeof p.settings.device_authorization_endpoint === 'string';
+  const failures: string[] = [];
+  for (const url of discoveryUrls(issuer)) {
+    let response: Response;
+    try {
+      response = await fetch(url, { headers: { Accept: 'application/json' }, redirect: 'manual', signal: AbortSignal.timeout(DISCOVERY_TIMEOUT_MS) });
+    } catch (err) {
+      const cause = (err as { cause?: unknown }).cause;
+      const name = (err as { name?: unknown }).name;
+      failures.push(`${url}: ${name === 'TimeoutError' ? `no answer within ${DISCOVERY_TIMEOUT_MS / 1000} s` : (errnoCode(cause) ?? (cause instanceof Error ? cause.message : (err as Error).message))}`);
+      continue;
+    }
+    let meta: unknown;
+    try {
+      meta = await response.json();
+    } catch {
+      meta = undefined;
+    }
+    if (!response.ok || typeof meta !== 'object' || meta === null) {
+      failures.push(`${url}: HTTP ${response.status}${response.ok ? ', not JSON' : ''}`);
+      continue;
+    }
+    const device = (meta as { device_authorization_endpoint?: unknown }).device_authorization_endpoint;
+    if (typeof device !== 'string' && !explicitDevice) {
+      return check(id, title, 'fail', `${url} answers, but names no device_authorization_endpoint`, 'give --device-authorization-endpoint, or ask the provider to enable the device flow for this client');
+    }
+    return check(id, title, 'ok', `${url} answers${typeof device === 'string' ? `; device flow at ${device}` : ''}`);
+  }
+  return check(id, title, 'fail', `the issuer's discovery document is not reachable: ${failures.join('; ')}`, 'check the issuer URL and the network');
+}
+
+/** Checks of the profiles other than the built-in one (whose own checks come first), and of QWEN_TOKEND_PROFILE. */
+async function checkProfiles(env: NodeJS.ProcessEnv, s: StatusResult): Promise<Check[]> {
+  const checks: Check[] = [];
+  const profiles = s.profiles ?? [];
+  if (s.config_error) {
+    checks.push(check('profiles-config', 'profiles config', 'fail', `${s.config_path ?? 'the config file'} was not applied: ${s.config_error}; the previous settings stay`, `fix it; the daemon reloads it on change`));
+  }
+  const named = env[PROFILE_ENV];
+  if (named !== undefined && named !== '') {
+    if (!PROFILE_NAME_RULE.test(named)) {
+      checks.push(check('profile-env', PROFILE_ENV, 'fail', `${PROFILE_ENV} is not a profile name`, `set it to one of: ${profiles.map((p) => p.name).join(', ') || 'qwen'}`));
+    } else if (s.profiles !== undefined && !profiles.some((p) => p.name === named)) {
+      checks.push(check('profile-env', PROFILE_ENV, 'fail', `${PROFILE_ENV}=${named}, but there is no such profile`, `\`${cliCommand('profile list')}\` shows them`));
+    } else {
+      checks.push(check('profile-env', PROFILE_ENV, 'ok', `clients use profile ${named}`));
+    }
+  }
+  for (const p of profiles) {
+    if (p.builtin) continue;
+    checks.push(checkProfileState(p, s.now));
+    checks.push(await checkProfileFiles(p));
+    if (p.kind === 'oauth-device') {
+      const discovery = await checkDiscovery(p);
+      if (discovery) checks.push(discovery);
+    }
+  }
+  return checks;
+}
+
 /** Runs every check against the environment `env`; never starts a daemon. */
 export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
   const checks: Check[] = [];
@@ -227,11 +363,15 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
     checks.push(check('daemon', 'daemon', 'skip', 'not checked: the socket path is too long'));
   } else {
     // Autostart off: a doctor that starts a daemon would hide the problem it should report.
-    const client = await openClient(env, { autostart: false, requestTimeoutMs: 5_000 });
+    // Doctor names every profile it asks about: QWEN_TOKEND_PROFILE is checked, not used.
+    const clientEnv = { ...env };
+    delete clientEnv[PROFILE_ENV];
+    const client = await openClient(clientEnv, { autostart: false, requestTimeoutMs: 5_000 });
     try {
       const hello = await client.hello();
       checks.push(check('daemon', 'daemon', 'ok', `qwen-tokend ${hello.version} answers (protocol ${hello.protocol}, pid ${hello.pid})`));
-      status = await client.status();
+      // The checks below are about the built-in Qwen OAuth profile (its files, the Qwen CLI link).
+      status = await client.status({ profile: 'qwen' });
     } catch (err) {
       checks.push(checkDaemonDown(config, err));
     } finally {
@@ -274,6 +414,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
   // The own file's only warning is "missing" (its other findings are failures).
   const loginFinding = checks.some((c) => c.id === 'own-file' && c.status === 'warn');
   checks.push(status ? checkState(status, loginFinding) : check('state', 'token state', 'skip', 'not checked: no daemon answered'));
+  if (status) checks.push(...(await checkProfiles(env, status)));
   return checks;
 }
 

@@ -4,7 +4,9 @@
 import { cliCommand } from '../../shared/cli-command.js';
 import {
   QwenConfigError,
+  QwenCredentialRejectedError,
   QwenDaemonUnavailableError,
+  QwenProfileNotFoundError,
   QwenRefreshTokenInvalidError,
   QwenTokenExpiredError,
   QwenTokenNotAvailableError,
@@ -22,6 +24,10 @@ export const ExitCodes = {
   daemonUnavailable: 4,
   /** The token is past expiry and refreshing it keeps failing. */
   tokenExpired: 5,
+  /** No profile of the name given (`--profile`, `QWEN_TOKEND_PROFILE`, `profile show`...). */
+  profileNotFound: 6,
+  /** The API refused a profile's key: a new key is needed (`profile add NAME --replace`). */
+  credentialRejected: 7,
   /** Interrupted by Ctrl-C (128 + SIGINT). */
   cancelled: 130,
 } as const;
@@ -33,6 +39,8 @@ export function exitCodeFor(err: unknown): ExitCode {
   if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) return ExitCodes.needsLogin;
   if (err instanceof QwenDaemonUnavailableError) return ExitCodes.daemonUnavailable;
   if (err instanceof QwenTokenExpiredError) return ExitCodes.tokenExpired;
+  if (err instanceof QwenProfileNotFoundError) return ExitCodes.profileNotFound;
+  if (err instanceof QwenCredentialRejectedError) return ExitCodes.credentialRejected;
   return ExitCodes.error;
 }
 
@@ -43,8 +51,11 @@ export function exitCodeFor(err: unknown): ExitCode {
  */
 export function hintFor(err: unknown): string | undefined {
   const message = err instanceof Error ? err.message : '';
-  const unlessSaid = (sub: string, hint: string) => (message.includes(`${sub}\``) ? undefined : hint);
+  // Said already: a command in backquotes that runs `sub` (with or without `--profile NAME`).
+  const unlessSaid = (sub: string, hint: string) => (new RegExp(`\`[^\`]*\\b${sub}\\b[^\`]*\``).test(message) ? undefined : hint);
   if (err instanceof QwenRefreshTokenInvalidError || err instanceof QwenTokenNotAvailableError) {
+    // An API-key profile without its key says how to store one; a login would not help.
+    if (/`[^`]*\bprofile add\b[^`]*`/.test(message)) return undefined;
     return unlessSaid('login', `run \`${cliCommand('login')}\``);
   }
   if (err instanceof QwenDaemonUnavailableError) return `run \`${cliCommand('doctor')}\` to see what is wrong`;
@@ -52,6 +63,7 @@ export function hintFor(err: unknown): string | undefined {
     return unlessSaid('status', `see \`${cliCommand('status')}\` for the last refresh error; \`${cliCommand('login')}\` if it persists`);
   }
   if (err instanceof QwenConfigError) return `fix the setting named above; \`${cliCommand('doctor')}\` checks the whole setup`;
+  if (err instanceof QwenProfileNotFoundError) return unlessSaid('profile list', `\`${cliCommand('profile list')}\` shows the profiles there are`);
   return undefined;
 }
 
@@ -63,6 +75,8 @@ export const EXIT_CODES_HELP = `Exit codes:
   3    needs login (no credentials, or the refresh token was rejected)
   4    daemon unreachable
   5    token expired and refreshing it fails
+  6    no profile of that name
+  7    the API refused the profile's key (replace it: profile add NAME --replace)
   130  cancelled (Ctrl-C)`;
 
 /** Thrown by a command that has said everything already and only needs to end with `exitCode`. */

@@ -7,7 +7,7 @@ import type { z } from 'zod';
 import { QwenDaemonUnavailableError, QwenProtocolError } from '../../shared/errors.js';
 import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-protocol.js';
 import type { DaemonConnection } from '../daemon-connection.js';
-import { commandConfig, commandEnv, out, outJson, type GlobalOptions } from './context.js';
+import { commandConfig, commandEnv, out, outJson, parseProfileName, withClient, type GlobalOptions } from './context.js';
 import { formatGatewayRows } from './gateway-format.js';
 
 const CALL_TIMEOUT_MS = 10_000;
@@ -63,6 +63,22 @@ function parsePort(value: string): number {
   return Number(value);
 }
 
+/** The gateway's base URL for one profile: `http://127.0.0.1:8417/v1` → `http://127.0.0.1:8417/p/NAME/v1`. */
+export function profileBaseUrl(baseUrl: string, profile: string): string {
+  const url = new URL(baseUrl);
+  const prefix = url.pathname.replace(/\/v1\/?$/, '').replace(/\/+$/, '');
+  return `${url.origin}${prefix}/p/${profile}/v1`;
+}
+
+/** Fails with QwenProfileNotFoundError (exit 6) unless the daemon has the profile. */
+async function requireProfile(cmd: Command, profile: string): Promise<void> {
+  const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
+  const list = await withClient(env, (client) => client.listProfiles(), { autostart: false });
+  if (list.profiles.some((p) => p.name === profile)) return;
+  const { QwenProfileNotFoundError } = await import('../../shared/errors.js');
+  throw new QwenProfileNotFoundError(`there is no profile "${profile}"; the profiles are: ${list.profiles.map((p) => p.name).join(', ')}`);
+}
+
 /** The `gateway` command group. */
 export function gatewayCommand(): Command {
   const gateway = new Command('gateway').description('the local OpenAI-compatible HTTP gateway (a Unix socket always; loopback TCP when enabled)');
@@ -102,10 +118,13 @@ export function gatewayCommand(): Command {
     .command('env')
     .description('print OPENAI_BASE_URL and OPENAI_API_KEY for a shell: eval "$(qwen-token gateway env)"')
     .option('--plain', 'print NAME=value lines without `export` (for env files)')
-    .action(async (opts: { plain?: boolean }, cmd: Command) => {
+    .option('--profile <name>', "a base URL that serves this profile (/p/NAME/v1) instead of the daemon's default", parseProfileName)
+    .action(async (opts: { plain?: boolean; profile?: string }, cmd: Command) => {
+      if (opts.profile !== undefined) await requireProfile(cmd, opts.profile);
       const env = await callDaemon(cmd, (p) => p.GatewayMethods.env, {}, (p) => p.GatewayEnvResult);
       const prefix = opts.plain ? '' : 'export ';
-      out(`${prefix}OPENAI_BASE_URL=${env.base_url}\n${prefix}OPENAI_API_KEY=${env.api_key}\n`);
+      const baseUrl = opts.profile === undefined ? env.base_url : profileBaseUrl(env.base_url, opts.profile);
+      out(`${prefix}OPENAI_BASE_URL=${baseUrl}\n${prefix}OPENAI_API_KEY=${env.api_key}\n`);
     });
 
   return gateway;

@@ -8,7 +8,7 @@ import { QwenError } from '../../shared/errors.js';
 import type { LoginStartResult } from '../../shared/protocol.js';
 import { isOpenableUrl, printable } from '../../shared/url-trust.js';
 import type { TokenClient } from '../token-client.js';
-import { commandEnv, interactive, note, openClient, out, outJson, type GlobalOptions } from './context.js';
+import { commandEnv, interactive, note, openClient, out, outJson, profileOption, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 import { delay, keepAlive } from './keep-alive.js';
@@ -16,6 +16,8 @@ import { delay, keepAlive } from './keep-alive.js';
 export interface LoginCommandOptions {
   browser: boolean;
   json?: boolean;
+  /** The profile to log in (default: the client's, i.e. `QWEN_TOKEND_PROFILE`, else the daemon's default). */
+  profile?: string;
 }
 
 /** How long to wait for the daemon to confirm a cancelled login before exiting anyway. */
@@ -70,6 +72,8 @@ class LoginView {
   constructor(
     private readonly kit: TerminalKit | null,
     private readonly browser: boolean,
+    /** Named in the instructions unless it is the built-in Qwen profile (or not known). */
+    private readonly profile: string | undefined,
   ) {}
 
   private get json(): boolean {
@@ -99,7 +103,8 @@ class LoginView {
       });
       return;
     }
-    out(`To log in to Qwen, open this URL and confirm the code:\n\n  ${url}\n\n  Code: ${info.user_code}\n\n`);
+    const to = this.profile === undefined || this.profile === 'qwen' ? 'to Qwen' : `(profile ${this.profile})`;
+    out(`To log in ${to}, open this URL and confirm the code:\n\n  ${url}\n\n  Code: ${info.user_code}\n\n`);
     out(`${qrText(kit, url)}\n`);
     // A browser only makes sense for a person at this terminal, and only for a web address:
     // https, or http on this machine (never file:, javascript: or a custom scheme's handler).
@@ -168,7 +173,8 @@ class LoginView {
 
 /** Runs the login through `client`; throws the failure, or `CommandExit` (130) when cancelled. */
 export async function runLogin(client: TokenClient, options: LoginCommandOptions): Promise<void> {
-  const view = new LoginView(options.json ? null : await loadTerminalKit(), options.browser);
+  const profile = options.profile ?? client.profile;
+  const view = new LoginView(options.json ? null : await loadTerminalKit(), options.browser, profile);
   const abort = new AbortController();
   let interrupted!: () => void;
   const interruption = new Promise<'interrupted'>((done) => {
@@ -189,6 +195,7 @@ export async function runLogin(client: TokenClient, options: LoginCommandOptions
   process.on('SIGINT', onSigint);
   try {
     const login = client.login({
+      ...(options.profile === undefined ? {} : { profile: options.profile }),
       signal: abort.signal,
       onCode: (info) => {
         if (abort.signal.aborted) return;
@@ -214,7 +221,7 @@ export async function runLogin(client: TokenClient, options: LoginCommandOptions
       view.failed(result.error);
       throw result.error;
     }
-    const status = await client.status().catch(() => null);
+    const status = await client.status(options.profile === undefined ? {} : { profile: options.profile }).catch(() => null);
     view.completed(result.expiry_date, status?.token_fingerprint);
   } finally {
     process.off('SIGINT', onSigint);
@@ -225,10 +232,11 @@ export async function runLogin(client: TokenClient, options: LoginCommandOptions
 
 /** The `login` command. */
 export function loginCommand(): Command {
-  return new Command('login')
-    .description('log in with the Qwen device flow (run by the daemon): shows a URL, a code and a QR code')
+  const cmd = new Command('login')
+    .description("log in with a profile's device flow (Qwen's by default; run by the daemon): shows a URL, a code and a QR code")
     .option('--no-browser', 'do not try to open the URL in a browser')
-    .option('--json', 'print JSON lines: the code first, then the result')
+    .option('--json', 'print JSON lines: the code first, then the result');
+  return profileOption(cmd, 'the profile to log in')
     .action(async (opts: LoginCommandOptions, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
       const client = await openClient(env);

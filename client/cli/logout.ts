@@ -3,17 +3,18 @@
  * CLI's file when asked).
  */
 import { Command } from 'commander';
-import { commandEnv, out, outJson, withClient, type GlobalOptions } from './context.js';
+import { commandEnv, out, outJson, profileArg, profileOption, withClient, type GlobalOptions } from './context.js';
 
 /** The `logout` command. */
 export function logoutCommand(): Command {
-  return new Command('logout')
-    .description("delete the daemon's credential file (the Qwen CLI's too with --qwen-cli)")
+  const cmd = new Command('logout')
+    .description("delete the daemon's credential file of a profile (the Qwen CLI's too with --qwen-cli)")
     .option('--qwen-cli', "also delete the Qwen CLI's credential file")
-    .option('--json', 'print the removed files as JSON')
-    .action(async (opts: { json?: boolean; qwenCli?: boolean }, cmd: Command) => {
+    .option('--json', 'print the removed files as JSON');
+  return profileOption(cmd, 'whose credentials')
+    .action(async (opts: { json?: boolean; qwenCli?: boolean; profile?: string }, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
-      const removed = await withClient(env, (client) => client.logout({ qwenCli: opts.qwenCli === true }));
+      const removed = await withClient(env, (client) => client.logout({ qwenCli: opts.qwenCli === true, ...profileArg(opts.profile) }));
       if (opts.json) {
         outJson({ removed });
         return;

@@ -10,13 +10,15 @@ import { gatewayCommand } from './gateway.js';
 import { CommandExit, EXIT_CODES_HELP, ExitCodes, exitCodeFor } from './exit-codes.js';
 import { loginCommand } from './login.js';
 import { logoutCommand } from './logout.js';
+import { profileCommand } from './profile.js';
 import { refreshCommand } from './refresh.js';
 import { serviceCommand } from './service.js';
 import { statusCommand } from './status.js';
 import { tokenCommand } from './token.js';
 import { watchCommand } from './watch.js';
 
-const SHORT_EXIT_CODES = 'Exit codes: 0 ok, 1 error, 2 usage, 3 needs login, 4 daemon unreachable, 5 token expired, 130 Ctrl-C.';
+const SHORT_EXIT_CODES =
+  'Exit codes: 0 ok, 1 error, 2 usage, 3 needs login, 4 daemon unreachable, 5 token expired, 6 no such profile, 7 key refused, 130 Ctrl-C.';
 
 /**
  * Gives a command built elsewhere (`new Command(...)`) the root's error handling and output
@@ -36,7 +38,9 @@ export function addSubcommand(parent: Command, cmd: Command): Command {
 /** The root `qwen-token` command with every subcommand. */
 export function createProgram(): Command {
   const program = new Command('qwen-token')
-    .description('Check and drive qwen-tokend, the one owner of the Qwen OAuth token. Only `qwen-token token` prints the token itself.')
+    .description(
+      'Check and drive qwen-tokend, the one owner of your credentials: Qwen OAuth, API keys and OAuth device-flow tokens, one profile each. Only `qwen-token token` prints a token or key.',
+    )
     .version(packageVersion(), '-v, --version', 'print the version')
     .helpOption('-h, --help', 'show help')
     .option('--socket <path>', "the daemon's socket (overrides QWEN_TOKEND_SOCKET)")
@@ -47,7 +51,7 @@ export function createProgram(): Command {
     })
     .showHelpAfterError('(run `qwen-token --help` for usage)')
     .addHelpText('after', `\n${EXIT_CODES_HELP}\n`);
-  for (const cmd of [statusCommand(), tokenCommand(), loginCommand(), refreshCommand(), logoutCommand(), watchCommand(), doctorCommand(), serviceCommand(), gatewayCommand()]) {
+  for (const cmd of [statusCommand(), tokenCommand(), loginCommand(), refreshCommand(), logoutCommand(), watchCommand(), profileCommand(), doctorCommand(), serviceCommand(), gatewayCommand()]) {
     addSubcommand(program, cmd);
   }
   return program;

@@ -3,18 +3,20 @@
  */
 import { Command } from 'commander';
 import { fingerprint } from '../../shared/fingerprint.js';
-import { commandEnv, out, outJson, withClient, type GlobalOptions } from './context.js';
+import { commandEnv, out, outJson, profileArg, profileOption, withClient, type GlobalOptions } from './context.js';
 import { describeExpiry } from './duration.js';
 
 /** The `refresh` command. */
 export function refreshCommand(): Command {
-  return new Command('refresh')
+  const cmd = new Command('refresh')
     .description('refresh the token now (shared with a refresh still waiting for the server)')
-    .option('--json', 'print the result as JSON')
-    .action(async (opts: { json?: boolean }, cmd: Command) => {
+    .option('--json', 'print the result as JSON');
+  return profileOption(cmd, 'whose token')
+    .action(async (opts: { json?: boolean; profile?: string }, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
-      const result = await withClient(env, (client) => client.refresh());
+      const result = await withClient(env, (client) => client.refresh(profileArg(opts.profile)));
       const summary = {
+        ...(result.profile === undefined ? {} : { profile: result.profile }),
         expiry_date: result.expiry_date,
         token_fingerprint: fingerprint(result.access_token),
         token_type: result.token_type,
@@ -22,6 +24,7 @@ export function refreshCommand(): Command {
         ...(result.resource_url === undefined ? {} : { resource_url: result.resource_url }),
       };
       if (opts.json) outJson(summary);
+      else if (result.kind === 'api-key') out(`Profile ${result.profile ?? 'default'} has a static API key (fingerprint ${summary.token_fingerprint}): nothing to refresh.\n`);
       else out(`Refreshed: token ${result.expiry_date === null ? 'without expiry' : describeExpiry(result.expiry_date, Date.now())} (fingerprint ${summary.token_fingerprint}).\n`);
     });
 }

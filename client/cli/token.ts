@@ -2,7 +2,7 @@
  * `qwen-token token`: the access token alone on stdout, for `$(qwen-token token)`.
  */
 import { Command, InvalidArgumentError } from 'commander';
-import { commandEnv, out, withClient, type GlobalOptions } from './context.js';
+import { commandEnv, out, profileArg, profileOption, withClient, type GlobalOptions } from './context.js';
 import { parseDuration } from './duration.js';
 
 /** The protocol's upper bound for `minValidityMs`. */
@@ -18,14 +18,18 @@ export function parseMinValidity(value: string): number {
 
 /** The `token` command. */
 export function tokenCommand(): Command {
-  return new Command('token')
-    .description('print the access token and a newline, nothing else (for $(qwen-token token))')
-    .option('--min-validity <duration>', 'the token must stay valid at least this long; refreshes first if not (e.g. 10m)', parseMinValidity)
-    .action(async (opts: { minValidity?: number }, cmd: Command) => {
-      const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
-      const token = await withClient(env, (client) =>
-        client.getAccessToken(opts.minValidity === undefined ? { noCache: true } : { minValidityMs: opts.minValidity, noCache: true }),
-      );
-      out(`${token}\n`);
-    });
+  const cmd = new Command('token')
+    .description("print the access token (an api-key profile's key) and a newline, nothing else (for $(qwen-token token))")
+    .option('--min-validity <duration>', 'the token must stay valid at least this long; refreshes first if not (e.g. 10m)', parseMinValidity);
+  return profileOption(cmd, 'whose token').action(async (opts: { minValidity?: number; profile?: string }, cmd: Command) => {
+    const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
+    const token = await withClient(env, (client) =>
+      client.getAccessToken({
+        noCache: true,
+        ...(opts.minValidity === undefined ? {} : { minValidityMs: opts.minValidity }),
+        ...profileArg(opts.profile),
+      }),
+    );
+    out(`${token}\n`);
+  });
 }

@@ -6,7 +6,7 @@ import { Command } from 'commander';
 import { fingerprint } from '../../shared/fingerprint.js';
 import { QwenDaemonUnavailableError } from '../../shared/errors.js';
 import type { TokenClient } from '../token-client.js';
-import { commandConfig, commandEnv, daemonNotRunning, note, openClient, out, outJson, startAdvice, type GlobalOptions } from './context.js';
+import { commandConfig, commandEnv, daemonNotRunning, note, openClient, out, outJson, profileArg, profileOption, startAdvice, type GlobalOptions } from './context.js';
 import { describeExpiry, formatRelative } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 import { delay, keepAlive } from './keep-alive.js';
@@ -21,16 +21,25 @@ function clockTime(at: number): string {
   return new Date(at).toTimeString().slice(0, 8);
 }
 
-/** The human line for an event. */
+/** The human line for an event, naming its profile when the daemon did. */
 export function formatWatchEvent(e: WatchEvent): string {
+  const line = eventText(e);
+  if (typeof e.profile !== 'string' || e.event === 'watch.started') return line;
+  // After the time: `12:00:00 [coding-plan] token refreshed: ...`.
+  return `${line.slice(0, 8)} [${e.profile}]${line.slice(8)}`;
+}
+
+function eventText(e: WatchEvent): string {
   const at = e.at;
   switch (e.event) {
     case 'watch.started':
-      return `${clockTime(at)} watching qwen-tokend (pid ${e.pid}): state ${e.state}${
+      return `${clockTime(at)} watching qwen-tokend (pid ${e.pid})${typeof e.profile === 'string' ? `, profile ${e.profile}` : ''}: state ${e.state}${
         typeof e.expiry_date === 'number' ? `, token ${describeExpiry(e.expiry_date, at)}` : ''
       }, fingerprint ${e.token_fingerprint}; Ctrl-C stops`;
     case 'token.refreshed':
-      return `${clockTime(at)} token refreshed: ${describeExpiry(e.expiry_date as number, at)}, fingerprint ${e.token_fingerprint}`;
+      return `${clockTime(at)} token refreshed: ${
+        typeof e.expiry_date === 'number' ? describeExpiry(e.expiry_date, at) : 'no expiry'
+      }, fingerprint ${e.token_fingerprint}`;
     case 'token.refresh_failed':
       return `${clockTime(at)} refresh failed: ${e.message} [${e.code}]; state ${e.state}${
         typeof e.next_retry_at === 'number' ? `, next retry ${formatRelative(e.next_retry_at, at)}` : ''
@@ -41,6 +50,8 @@ export function formatWatchEvent(e: WatchEvent): string {
       return `${clockTime(at)} login completed: token ${describeExpiry(e.expiry_date as number, at)}`;
     case 'login.failed':
       return `${clockTime(at)} login failed: ${e.message} [${e.code}]`;
+    case 'profiles.changed':
+      return `${clockTime(at)} profiles changed: ${(e.profiles as string[]).join(', ')} (default ${e.default_profile})`;
     case 'disconnected':
       return `${clockTime(at)} lost the connection to qwen-tokend; reconnecting...`;
     default:
@@ -48,9 +59,18 @@ export function formatWatchEvent(e: WatchEvent): string {
   }
 }
 
-/** Subscribes through `client` and prints events until Ctrl-C (then throws `CommandExit`). */
-export async function runWatch(client: TokenClient, json: boolean): Promise<void> {
-  const print = (e: WatchEvent) => (json ? outJson(e) : out(`${formatWatchEvent(e)}\n`));
+/**
+ * Subscribes through `client` and prints events until Ctrl-C (then throws `CommandExit`). With a
+ * profile, only that profile's events (and profile-set changes); without, every profile's.
+ */
+export async function runWatch(client: TokenClient, json: boolean, profile?: string): Promise<void> {
+  const write = (e: WatchEvent) => (json ? outJson(e) : out(`${formatWatchEvent(e)}\n`));
+  /** The profile the watch is about, by the name the daemon gives it (known after the first status). */
+  let watched = profile;
+  const print = (e: WatchEvent) => {
+    if (watched !== undefined && typeof e.profile === 'string' && e.profile !== watched) return;
+    write(e);
+  };
   const release = keepAlive();
   let stop!: (how: 'signal' | Error) => void;
   const stopped = new Promise<'signal' | Error>((done) => {
@@ -64,8 +84,17 @@ export async function runWatch(client: TokenClient, json: boolean): Promise<void
   let reconnecting = false;
   const announce = async () => {
     await client.subscribe();
-    const s = await client.status();
-    print({ event: 'watch.started', at: Date.now(), pid: s.pid, state: s.state, expiry_date: s.expiry_date, token_fingerprint: s.token_fingerprint });
+    const s = await client.status(profileArg(profile));
+    if (profile !== undefined || client.profile !== undefined) watched = s.profile ?? watched;
+    print({
+      event: 'watch.started',
+      at: Date.now(),
+      pid: s.pid,
+      ...(s.profile === undefined ? {} : { profile: s.profile }),
+      state: s.state,
+      expiry_date: s.expiry_date,
+      token_fingerprint: s.token_fingerprint,
+    });
   };
   const reconnect = async () => {
     if (reconnecting) return;
@@ -90,12 +119,20 @@ export async function runWatch(client: TokenClient, json: boolean): Promise<void
   };
 
   client.on('token.refreshed', (t) =>
-    print({ event: 'token.refreshed', at: Date.now(), expiry_date: t.expiry_date, token_fingerprint: fingerprint(t.access_token), base_url: t.base_url }),
+    print({
+      event: 'token.refreshed',
+      at: Date.now(),
+      ...(t.profile === undefined ? {} : { profile: t.profile }),
+      expiry_date: t.expiry_date,
+      token_fingerprint: fingerprint(t.access_token),
+      base_url: t.base_url,
+    }),
   );
   client.on('token.refresh_failed', (p) => print({ event: 'token.refresh_failed', at: Date.now(), ...p }));
   client.on('state.changed', (p) => print({ event: 'state.changed', at: Date.now(), ...p }));
   client.on('login.completed', (p) => print({ event: 'login.completed', at: Date.now(), ...p }));
   client.on('login.failed', (p) => print({ event: 'login.failed', at: Date.now(), ...p }));
+  client.on('profiles.changed', (p) => print({ event: 'profiles.changed', at: Date.now(), ...p }));
   client.on('disconnected', () => {
     print({ event: 'disconnected', at: Date.now() });
     void reconnect();
@@ -116,15 +153,16 @@ export async function runWatch(client: TokenClient, json: boolean): Promise<void
 
 /** The `watch` command. */
 export function watchCommand(): Command {
-  return new Command('watch')
-    .description('print token events live (refreshes, failures, state changes, logins) until Ctrl-C')
-    .option('--json', 'print one JSON object per event')
-    .action(async (opts: { json?: boolean }, cmd: Command) => {
+  const cmd = new Command('watch')
+    .description('print token events live (refreshes, failures, state changes, logins) of every profile, or one, until Ctrl-C')
+    .option('--json', 'print one JSON object per event');
+  return profileOption(cmd, 'only the events of this profile')
+    .action(async (opts: { json?: boolean; profile?: string }, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
       // Watching is looking: it never starts a daemon (a token request does).
       const client = await openClient(env, { autostart: false });
       try {
-        await runWatch(client, opts.json === true);
+        await runWatch(client, opts.json === true, opts.profile);
       } catch (err) {
         if (!daemonNotRunning(err)) throw err;
         const config = commandConfig(env);

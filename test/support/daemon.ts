@@ -222,3 +222,86 @@ export function credsFrom(server: QwenTestServer, expiresIn = 21600): Credential
     expiry_date: t.expiry_date,
   };
 }
+
+/** An error answer, as a raw client sees it. */
+export interface RawRpcError {
+  code: number;
+  message: string;
+  data?: { code?: string; oauth_error?: string };
+}
+
+/** A JSON-RPC notification received by a raw client. */
+export interface RawNotification {
+  method: string;
+  params: Record<string, unknown>;
+}
+
+/**
+ * A client that speaks the wire protocol itself (no client library): what a client of any
+ * version, or of another language, sends and receives. `call` resolves with the result or
+ * rejects with the error object; notifications are collected in `notifications`.
+ */
+export class RawRpcClient {
+  readonly notifications: RawNotification[] = [];
+  private nextId = 1;
+  private buffered = '';
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: RawRpcError) => void }>();
+
+  private constructor(readonly socket: import('node:net').Socket) {
+    socket.on('data', (chunk: Buffer) => {
+      this.buffered += chunk.toString('utf8');
+      let nl = this.buffered.indexOf('\n');
+      while (nl !== -1) {
+        const line = this.buffered.slice(0, nl);
+        this.buffered = this.buffered.slice(nl + 1);
+        nl = this.buffered.indexOf('\n');
+        const msg = JSON.parse(line) as { id?: number; result?: unknown; error?: RawRpcError; method?: string; params?: Record<string, unknown> };
+        if (msg.method !== undefined) {
+          this.notifications.push({ method: msg.method, params: msg.params ?? {} });
+          continue;
+        }
+        const waiter = this.pending.get(msg.id as number);
+        if (!waiter) continue;
+        this.pending.delete(msg.id as number);
+        if (msg.error) waiter.reject(msg.error);
+        else waiter.resolve(msg.result);
+      }
+    });
+    socket.on('error', () => undefined);
+  }
+
+  /** Connects to `socketPath`; with `protocol`, sends `hello` first (without: no hello at all, as version 1 clients may). */
+  static async connect(socketPath: string, protocol?: number): Promise<RawRpcClient> {
+    const { createConnection } = await import('node:net');
+    const socket = createConnection(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', () => resolve());
+      socket.once('error', reject);
+    });
+    const client = new RawRpcClient(socket);
+    if (protocol !== undefined) await client.call('hello', { client: 'raw-test', protocol });
+    return client;
+  }
+
+  call<T = Record<string, unknown>>(method: string, params?: Record<string, unknown>): Promise<T> {
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.socket.write(`${JSON.stringify({ jsonrpc: '2.0', id, method, ...(params === undefined ? {} : { params }) })}\n`);
+    });
+  }
+
+  /** The error a call fails with (throws when it succeeds). */
+  async error(method: string, params?: Record<string, unknown>): Promise<RawRpcError> {
+    try {
+      await this.call(method, params);
+    } catch (err) {
+      return err as RawRpcError;
+    }
+    throw new Error(`${method} succeeded; an error was expected`);
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}

@@ -4,7 +4,10 @@
  * It is a real `node:http` server on 127.0.0.1 that speaks the wire format described in
  * `qwen-oauth-facts.md`: RFC 8628 device authorization with PKCE (RFC 7636), the refresh grant
  * (RFC 6749 §6) with optional rotation, Qwen's own error shapes, and `/v1/chat/completions`
- * (JSON and SSE). Every behaviour a test may need to provoke is a knob on `settings` (read at each
+ * (JSON and SSE). It also stands in for an API-key plan (Coding Plan, DashScope): under
+ * `API_KEY_BASE_PATH`, `chat/completions` and `models` check a configured key sent as
+ * `Authorization: Bearer` or `x-api-key`, and `ANTHROPIC_BASE_PATH/v1/messages` answers in the
+ * Anthropic shape. Every behaviour a test may need to provoke is a knob on `settings` (read at each
  * request, so tests may change them at any time) or a one-shot fault (`injectFault`).
  *
  * Runtime imports are `node:` built-ins only (shared types are imported as types), so the module
@@ -29,6 +32,14 @@ export const CHAT_PATH = '/v1/chat/completions';
 export const AUTHORIZE_PATH = '/authorize';
 export const DEVICE_GRANT_TYPE = 'urn:ietf:params:oauth:grant-type:device_code';
 export const CHAT_MODELS = ['coder-model', 'vision-model'] as const;
+/** Where the API-key endpoints live (an OpenAI-compatible base URL is `baseUrl + API_KEY_BASE_PATH`). */
+export const API_KEY_BASE_PATH = '/compatible-mode/v1';
+/** The Anthropic-compatible endpoint's base (`/v1/messages` under it), as DashScope's `/apps/anthropic`. */
+export const ANTHROPIC_BASE_PATH = '/apps/anthropic';
+/** What the API-key endpoints answer to a missing or unknown key (HTTP 401), in DashScope's words. */
+export const INVALID_API_KEY_BODY = {
+  error: { message: 'Incorrect API key provided.', type: 'invalid_request_error', code: 'invalid_api_key' },
+} as const;
 
 /** What Qwen answers to an unknown, retired or revoked refresh token (note: not `invalid_grant`). */
 export const INVALID_REFRESH_TOKEN_BODY = {
@@ -80,9 +91,16 @@ export interface QwenServerSettings {
   approveAfterPolls: number | null;
   /** Delay (ms) between SSE chunks, so a test can abort mid-stream. */
   streamDelayMs: number;
+  /** API keys the API-key endpoints accept (none: every request is refused with 401). */
+  apiKeys: string[];
+  /** How the API-key endpoints take a key: either header, or only one of them. */
+  apiKeyHeader: 'either' | 'bearer' | 'x-api-key';
+  /** The models the API-key endpoints serve and list. */
+  apiModels: string[];
 }
 
-export type Endpoint = 'deviceCode' | 'token' | 'chat';
+/** `apiChat`, `apiModels`, `apiMessages`: the API-key endpoints (see `API_KEY_BASE_PATH`). */
+export type Endpoint = 'deviceCode' | 'token' | 'chat' | 'apiChat' | 'apiModels' | 'apiMessages';
 
 /** Faults that override the normal answer of an endpoint, for the next `times` requests. */
 export type FaultKind =
@@ -135,6 +153,12 @@ export interface QwenServerCounts {
   deviceToken: number;
   refresh: number;
   chat: number;
+  /** Requests to the API-key endpoints (faulted and refused ones included). */
+  apiChat: number;
+  apiModels: number;
+  apiMessages: number;
+  /** API-key requests refused for their key (401). */
+  apiKeyRejected: number;
 }
 
 /** A pair minted directly by `issueTokens`, with `expiry_date` on the server's clock. */
@@ -182,6 +206,8 @@ export interface QwenTestServer {
   lastRequest(endpoint?: Endpoint): RecordedRequest | undefined;
   /** Headers of the latest chat request (for X-DashScope-* assertions). */
   readonly lastChatHeaders: IncomingHttpHeaders | undefined;
+  /** `baseUrl + API_KEY_BASE_PATH`: the OpenAI-compatible base URL of the API-key endpoints. */
+  readonly apiKeyBaseUrl: string;
   /** Every token ever issued (both kinds unless one is named), for grepping logs for leaks. */
   issuedTokens(kind?: 'access' | 'refresh'): string[];
   /** Every device code ever issued (also a secret). */
@@ -231,6 +257,9 @@ export const DEFAULT_SETTINGS: Readonly<QwenServerSettings> = {
   minPollIntervalMs: null,
   approveAfterPolls: null,
   streamDelayMs: 0,
+  apiKeys: [],
+  apiKeyHeader: 'either',
+  apiModels: ['qwen3-coder-plus', 'qwen-plus'],
 };
 
 interface DeviceCodeRecord extends DeviceCodeInfo {
@@ -349,7 +378,7 @@ export async function startQwenServer(options: QwenServerOptions = {}): Promise<
     if (value !== undefined) Object.assign(settings, { [key]: value });
   }
 
-  const counts: QwenServerCounts = { deviceCode: 0, deviceToken: 0, refresh: 0, chat: 0 };
+  const counts: QwenServerCounts = { deviceCode: 0, deviceToken: 0, refresh: 0, chat: 0, apiChat: 0, apiModels: 0, apiMessages: 0, apiKeyRejected: 0 };
   const requests: RecordedRequest[] = [];
   const deviceCodes = new Map<string, DeviceCodeRecord>();
   const accessTokens = new Map<string, AccessTokenRecord>();
@@ -583,13 +612,70 @@ export async function startQwenServer(options: QwenServerOptions = {}): Promise<
       sendJson(res, 401, INVALID_ACCESS_TOKEN_BODY);
       return;
     }
+    complete(res, rec, CHAT_MODELS);
+  };
+
+  /** The key an API-key request carries in the header(s) `settings.apiKeyHeader` allows, if any. */
+  const presentedKey = (req: IncomingMessage): string | undefined => {
+    const which = settings.apiKeyHeader;
+    const bearer = /^Bearer\s+(\S+)$/i.exec(req.headers.authorization ?? '')?.[1];
+    const header = req.headers['x-api-key'];
+    const xApiKey = typeof header === 'string' && header !== '' ? header : undefined;
+    if (which === 'bearer') return bearer;
+    if (which === 'x-api-key') return xApiKey;
+    return xApiKey ?? bearer;
+  };
+
+  /** True when the request carries an accepted key; otherwise answers 401 and counts the refusal. */
+  const checkKey = (req: IncomingMessage, res: ServerResponse, anthropic: boolean): boolean => {
+    const key = presentedKey(req);
+    if (key !== undefined && settings.apiKeys.includes(key)) return true;
+    counts.apiKeyRejected += 1;
+    if (anthropic) sendJson(res, 401, { type: 'error', error: { type: 'authentication_error', message: 'invalid x-api-key' } });
+    else sendJson(res, 401, INVALID_API_KEY_BODY);
+    return false;
+  };
+
+  const handleApiChat = (req: IncomingMessage, res: ServerResponse, rec: RecordedRequest): void => {
+    if (checkKey(req, res, false)) complete(res, rec, settings.apiModels);
+  };
+
+  const handleApiModels = (req: IncomingMessage, res: ServerResponse): void => {
+    if (!checkKey(req, res, false)) return;
+    const created = Math.floor(now() / 1000);
+    sendJson(res, 200, { object: 'list', data: settings.apiModels.map((id) => ({ id, object: 'model', created, owned_by: 'test' })) });
+  };
+
+  const handleApiMessages = (req: IncomingMessage, res: ServerResponse, rec: RecordedRequest): void => {
+    if (!checkKey(req, res, true)) return;
+    const body = rec.json as { model?: unknown; messages?: unknown; max_tokens?: unknown } | undefined;
+    if (!body || typeof body !== 'object' || typeof body.model !== 'string' || !settings.apiModels.includes(body.model) || !Array.isArray(body.messages)) {
+      sendJson(res, 400, { type: 'error', error: { type: 'invalid_request_error', message: `model must be one of ${settings.apiModels.join(', ')}; messages must be an array` } });
+      return;
+    }
+    const lastUser = [...body.messages].reverse().find((m: unknown) => (m as { role?: unknown } | null)?.role === 'user') as { content?: unknown } | undefined;
+    const reply = `echo: ${textOfContent(lastUser?.content)}`;
+    completionSeq += 1;
+    sendJson(res, 200, {
+      id: `msg_${completionSeq}`,
+      type: 'message',
+      role: 'assistant',
+      model: body.model,
+      content: [{ type: 'text', text: reply }],
+      stop_reason: 'end_turn',
+      usage: { input_tokens: body.messages.length, output_tokens: wordCount(reply) },
+    });
+  };
+
+  /** Answers a chat completion (JSON or SSE) for a request already authenticated; the model must be one of `models`. */
+  const complete = (res: ServerResponse, rec: RecordedRequest, models: readonly string[]): void => {
     const body = rec.json as { model?: unknown; messages?: unknown; stream?: unknown } | undefined;
     if (!body || typeof body !== 'object' || Array.isArray(body)) {
       openAiError(res, 400, 'request body must be a JSON object', 'invalid_request_error');
       return;
     }
-    if (typeof body.model !== 'string' || !(CHAT_MODELS as readonly string[]).includes(body.model)) {
-      openAiError(res, 400, `model must be one of ${CHAT_MODELS.join(', ')}`, 'model_not_found');
+    if (typeof body.model !== 'string' || !models.includes(body.model)) {
+      openAiError(res, 400, `model must be one of ${models.join(', ')}`, 'model_not_found');
       return;
     }
     if (!Array.isArray(body.messages)) {
@@ -686,6 +772,9 @@ export async function startQwenServer(options: QwenServerOptions = {}): Promise<
     if (req.method === 'POST' && path === DEVICE_CODE_PATH) return 'deviceCode';
     if (req.method === 'POST' && path === TOKEN_PATH) return 'token';
     if (req.method === 'POST' && path === CHAT_PATH) return 'chat';
+    if (req.method === 'POST' && path === `${API_KEY_BASE_PATH}/chat/completions`) return 'apiChat';
+    if (req.method === 'GET' && path === `${API_KEY_BASE_PATH}/models`) return 'apiModels';
+    if (req.method === 'POST' && path === `${ANTHROPIC_BASE_PATH}/v1/messages`) return 'apiMessages';
     if ((req.method === 'GET' || req.method === 'POST') && path === AUTHORIZE_PATH) return 'authorize';
     return 'other';
   };
@@ -721,12 +810,18 @@ export async function startQwenServer(options: QwenServerOptions = {}): Promise<
 
     if (target === 'deviceCode') counts.deviceCode += 1;
     else if (target === 'chat') counts.chat += 1;
+    else if (target === 'apiChat') counts.apiChat += 1;
+    else if (target === 'apiModels') counts.apiModels += 1;
+    else if (target === 'apiMessages') counts.apiMessages += 1;
     else if (rec.form?.grant_type === DEVICE_GRANT_TYPE) counts.deviceToken += 1;
     else if (rec.form?.grant_type === 'refresh_token') counts.refresh += 1;
 
     const handle = (): void => {
       if (target === 'deviceCode') handleDeviceCode(req, res, rec);
       else if (target === 'token') handleToken(req, res, rec);
+      else if (target === 'apiChat') handleApiChat(req, res, rec);
+      else if (target === 'apiModels') handleApiModels(req, res);
+      else if (target === 'apiMessages') handleApiMessages(req, res, rec);
       else handleChat(req, res, rec);
     };
     const fault = takeFault(target);
@@ -796,6 +891,9 @@ export async function startQwenServer(options: QwenServerOptions = {}): Promise<
     },
     get lastChatHeaders() {
       return api.lastRequest('chat')?.headers;
+    },
+    get apiKeyBaseUrl() {
+      return `${baseUrl}${API_KEY_BASE_PATH}`;
     },
     issuedTokens(kind) {
       const access = kind === 'refresh' ? [] : [...accessTokens.keys()];
