@@ -343,6 +343,34 @@ describe('profiles over the socket', () => {
     expect(refreshesOf(fx.server, rejected.refresh_token)).toBe(1);
     expect(fx.server.requests.filter((r) => r.form?.grant_type === 'refresh_token' && !r.form.refresh_token)).toHaveLength(0);
   });
+
+  it('oauth-device: a login whose provider issues no refresh token is kept, and says so', async () => {
+    fx = await createFixture({ server: { deviceInterval: 0.2 } });
+    await fx.start();
+    const c = await connect(fx);
+    await c.call('profiles.add', { name: 'oneshot', settings: deviceSettings(fx.server) });
+    await c.call('subscribe', { profile: 'oneshot' });
+    await c.call('login.start', { profile: 'oneshot' });
+    const access = apiKey('access-token-without-refresh');
+    fx.server.injectFault({
+      kind: 'respond',
+      endpoint: 'token',
+      times: 1,
+      status: 200,
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ access_token: access, token_type: 'Bearer', expires_in: 3600 }),
+    });
+    await until(() => c.notifications.some((n) => n.method === 'login.completed'), 'login.completed');
+    expect((await c.call<TokenAnswer>('getAccessToken', { profile: 'oneshot' })).access_token).toBe(access);
+    expect((await c.call<{ state: string }>('status', { profile: 'oneshot' })).state).toBe('valid');
+    const saved = JSON.parse(await readFile(join(profilesDir(fx), 'oneshot.token.json'), 'utf8')) as Credentials;
+    expect(saved.refresh_token).toBe('');
+    expect(fx.logs().some((l) => l.profile === 'oneshot' && /no refresh token/.test(l.msg) && /offline_access/.test(l.msg))).toBe(true);
+    // A forced refresh says why it cannot, and asks the provider nothing.
+    const err = await c.error('refresh', { profile: 'oneshot' });
+    expect(err.message).toContain('no refresh token');
+    expect(fx.server.counts.refresh).toBe(0);
+  });
 });
 
 /** An OAuth provider that takes requests and never answers them. */
