@@ -258,8 +258,9 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
     } catch (err) {
       read = { config: null, error: errorText(err) };
     }
-    if (read.config) await this.apply(read.config);
-    this.reportConfig(read.error, read.config === null);
+    const problems = read.config ? await this.apply(read.config) : [];
+    const error = [read.error, ...problems].filter((p) => p !== null).join('; ');
+    this.reportConfig(error === '' ? null : error, read.config === null);
   }
 
   private reportConfig(error: string | null, kept: boolean): void {
@@ -274,9 +275,10 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
     }
   }
 
-  /** Makes the running profiles those of `wanted`. */
-  private async apply(wanted: ProfilesConfig): Promise<void> {
+  /** Makes the running profiles those of `wanted`; returns why any of them could not run. */
+  private async apply(wanted: ProfilesConfig): Promise<string[]> {
     const { logger } = this.options;
+    const problems: string[] = [];
     let changed = false;
     for (const name of [...this.entries.keys()]) {
       if (name === DEFAULT_PROFILE || wanted.profiles.has(name)) continue;
@@ -299,10 +301,16 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
           if (removed.length) logger.info({ profile: name, removed }, 'the profile now names another provider or client; removed its tokens');
         }
       }
-      const runtime = this.create(name, settings);
+      changed = true;
+      let runtime: ProfileRuntime;
+      try {
+        runtime = this.create(name, settings);
+      } catch (err) {
+        problems.push(`profile "${name}" cannot be used: ${errorText(err)}`);
+        continue;
+      }
       this.attach(name, runtime, key);
       started.push(runtime);
-      changed = true;
     }
     // Each profile loads its own files; none waits for another's network.
     await Promise.all(
@@ -315,7 +323,7 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       const entry = this.entries.get(runtime.name);
       if (entry?.runtime === runtime) entry.announced = runtime.status().state;
     }
-    const order = [DEFAULT_PROFILE, ...wanted.profiles.keys()];
+    const order = [DEFAULT_PROFILE, ...[...wanted.profiles.keys()].filter((name) => this.entries.has(name))];
     if (order.join('\0') !== this.order.join('\0')) changed = true;
     this.order = order;
     if (wanted.defaultProfile !== this.defaultName) {
@@ -328,6 +336,7 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       if (ready) this.emit('token_refreshed', runtime.name, ready);
     }
     if (changed) this.emit('profiles_changed');
+    return problems;
   }
 
   private create(name: string, settings: ProfileSettings): ProfileRuntime {

@@ -195,5 +195,12 @@ describe('the registry', () => {
     expect(registry.defaultProfile).toBe('plan');
     expect(registry.resolve(undefined).servableNow(0)?.base_url).toBe('https://coding.dashscope.aliyuncs.com/v1');
     expect(() => registry!.resolve('nope')).toThrow(/profile list/);
+
+    // A profile whose client cannot be made is reported; the others run.
+    await writeFile(config.configPath, JSON.stringify({ profiles: { plan: presetSettings('coding-plan', 'cn'), corp: device } }));
+    await registry.reloadConfig();
+    expect(registry.configProblem).toContain('profile "corp" cannot be used: no oauth-device profile here');
+    expect(registry.names()).toEqual(['qwen', 'plan']);
+    expect(registry.resolve('plan').servableNow(0)?.access_token).toBe('sk-sp-registry-test-key');
   });
 });

@@ -343,6 +343,34 @@ describe('profiles over the socket', () => {
     expect(refreshesOf(fx.server, rejected.refresh_token)).toBe(1);
     expect(fx.server.requests.filter((r) => r.form?.grant_type === 'refresh_token' && !r.form.refresh_token)).toHaveLength(0);
   });
+
+  it('oauth-device: a login whose provider issues no refresh token is kept, and says so', async () => {
+    fx = await createFixture({ server: { deviceInterval: 0.2 } });
+    await fx.start();
+    const c = await connect(fx);
+    await c.call('profiles.add', { name: 'oneshot', settings: deviceSettings(fx.server) });
+    await c.call('subscribe', { profile: 'oneshot' });
+    await c.call('login.start', { profile: 'oneshot' });
+    const access = apiKey('access-token-without-refresh');
+    fx.server.injectFault({
+      kind: 'respond',
+      endpoint: 'token',
+      times: 1,
+      status: 200,
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ access_token: access, token_type: 'Bearer', expires_in: 3600 }),
+    });
+    await until(() => c.notifications.some((n) => n.method === 'login.completed'), 'login.completed');
+    expect((await c.call<TokenAnswer>('getAccessToken', { profile: 'oneshot' })).access_token).toBe(access);
+    expect((await c.call<{ state: string }>('status', { profile: 'oneshot' })).state).toBe('valid');
+    const saved = JSON.parse(await readFile(join(profilesDir(fx), 'oneshot.token.json'), 'utf8')) as Credentials;
+    expect(saved.refresh_token).toBe('');
+    expect(fx.logs().some((l) => l.profile === 'oneshot' && /no refresh token/.test(l.msg) && /offline_access/.test(l.msg))).toBe(true);
+    // A forced refresh says why it cannot, and asks the provider nothing.
+    const err = await c.error('refresh', { profile: 'oneshot' });
+    expect(err.message).toContain('no refresh token');
+    expect(fx.server.counts.refresh).toBe(0);
+  });
 });
 
 /** An OAuth provider that takes requests and never answers them. */
@@ -437,19 +465,20 @@ describe('isolation', () => {
     profiles.fails = deviceSettings(failing, { refresh_lead_seconds: 58 });
     await writeToken(fx, 'fails', failingCreds);
     expect(Object.keys(profiles)).toHaveLength(20);
-    await writeConfig(fx, JSON.stringify({ profiles }));
 
     await fx.start();
     const c = await connect(fx);
     const pushes = await connect(fx);
     await pushes.call('subscribe', {});
-    // A client waits on the hanging provider...
+    // Added as a hand edit, once a subscriber listens: every refresh happens after it subscribed.
+    await writeConfig(fx, JSON.stringify({ profiles }));
+    // A client waits on the hanging provider (its expired token is being refreshed since it loaded)...
+    await until(() => hanging.received() >= 1, 'the hanging provider to get its refresh', 10_000);
     let hungSettled = false;
     void c.call('getAccessToken', { profile: 'hangs' }).then(
       () => (hungSettled = true),
       () => (hungSettled = true),
     );
-    await until(() => hanging.received() >= 1, 'the hanging provider to get its refresh');
 
     // ...while every healthy profile is refreshed once and its new token handed out.
     await until(() => [...seeded.values()].every((s) => refreshesOf(healthy, s.refresh_token) === 1), 'eight refreshes', 10_000);
@@ -467,9 +496,11 @@ describe('isolation', () => {
     expect(hanging.received()).toBe(1);
 
     // Each refreshed token was pushed once, naming its profile; none was refreshed twice.
-    await until(() => pushes.notifications.filter((n) => n.method === 'token.refreshed').length >= 8, 'the pushes');
-    const pushed = pushes.notifications.filter((n) => n.method === 'token.refreshed').map((n) => n.params.profile);
-    expect(pushed.sort()).toEqual([...seeded.keys()].sort());
+    const seededTokens = new Set([...seeded.values()].map((s) => s.access_token));
+    const refreshedPushes = () =>
+      pushes.notifications.filter((n) => n.method === 'token.refreshed' && String(n.params.profile).startsWith('oauth-') && !seededTokens.has(String(n.params.access_token)));
+    await until(() => refreshedPushes().length >= 8, 'the pushes');
+    expect(refreshedPushes().map((n) => n.params.profile).sort()).toEqual([...seeded.keys()].sort());
     for (const [name, before] of seeded) expect(refreshesOf(healthy, before.refresh_token), name).toBe(1);
     expect(healthy.counts.refresh).toBe(8);
     expect(healthy.reuseCount).toBe(0);
