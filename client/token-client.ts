@@ -24,6 +24,7 @@ import {
   ProfilesChangedParams,
   ProfilesListResult,
   ProfilesRemoveResult,
+  ProfilesSetDefaultResult,
   PROTOCOL_VERSION,
   RefreshFailedParams,
   StateChangedParams,
@@ -337,6 +338,13 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     await this.requireProfiles(Methods.profilesRemove);
     this.forget(name);
     return expect(ProfilesRemoveResult, await this.request(Methods.profilesRemove, { name }), Methods.profilesRemove);
+  }
+
+  /** Makes `name` the default profile (`qwen`: the built-in one again) (protocol 2). */
+  async setDefaultProfile(name: string): Promise<z.infer<typeof ProfilesSetDefaultResult>> {
+    await this.requireProfiles(Methods.profilesSetDefault);
+    this.forget(undefined);
+    return expect(ProfilesSetDefaultResult, await this.request(Methods.profilesSetDefault, { name }), Methods.profilesSetDefault);
   }
 
   /** Subscribes to pushed events (the connection subscribes anyway; this makes sure it is open). */

@@ -20,6 +20,7 @@ import {
   ProfileParams,
   ProfilesAddParams,
   ProfilesRemoveParams,
+  ProfilesSetDefaultParams,
   SubscribeParams,
   EmptyParams,
   type ProfilesListResult,
@@ -172,6 +173,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
       [Methods.profilesList]: rpcMethod(EmptyParams, list),
       [Methods.profilesAdd]: rpcMethod(ProfilesAddParams, (params) => registry.add(params)),
       [Methods.profilesRemove]: rpcMethod(ProfilesRemoveParams, ({ name }) => registry.remove(name)),
+      [Methods.profilesSetDefault]: rpcMethod(ProfilesSetDefaultParams, ({ name }) => registry.setDefault(name)),
       ...gatewayMethods(gateway),
     };
     server = new IpcServer({

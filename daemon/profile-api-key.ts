@@ -43,7 +43,7 @@ export class ApiKeyProfile extends EventEmitter<ProfileRuntimeEvents> implements
 
   /** The command that replaces the key, as a person runs it here. */
   replaceCommand(): string {
-    return cliCommand(`profile add ${this.name} --replace ...`);
+    return cliCommand(`profile add ${this.name} --replace`);
   }
 
   async start(): Promise<void> {

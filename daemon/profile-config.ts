@@ -47,7 +47,7 @@ export function secretFields(value: unknown, path = ''): string[] {
 /** Where a profile's secret is kept, and how to put it there, for messages. */
 export function secretAdvice(name: string, profilesDir: string): string {
   return (
-    `secrets never go in the config file: run \`qwen-token profile add ${name} --replace ...\`, which reads the key or ` +
+    `secrets never go in the config file: run \`qwen-token profile add ${name} --replace\`, which reads the key or ` +
     `client secret from standard input and stores it in ${profilesDir}/${name}.secret.json (0600)`
   );
 }

@@ -193,6 +193,30 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
     });
   }
 
+  /**
+   * Makes `name` the default profile: written to the config file (`qwen`, the built-in default,
+   * by removing `default_profile`), then applied like any edit.
+   */
+  setDefault(name: string): Promise<{ default_profile: string; previous: string }> {
+    return this.serialized(async () => {
+      const { config } = this.options;
+      if (name !== DEFAULT_PROFILE && !this.entries.has(name)) {
+        throw new QwenProfileNotFoundError(`no profile named "${name}": see \`${cliCommand('profile list')}\``);
+      }
+      const previous = this.defaultName;
+      await updateConfigFile(config.configPath, (current) => {
+        const next: Record<string, unknown> = { ...current };
+        if (name === DEFAULT_PROFILE) delete next.default_profile;
+        else next.default_profile = name;
+        const check = readProfilesConfig(next, config.configPath, config.profilesDir);
+        if (check.config === null) throw new QwenConfigError(`${check.error}; fix the config file first`);
+        return next;
+      });
+      await this.applyFromFile();
+      return { default_profile: this.defaultName, previous };
+    });
+  }
+
   /** Removes a profile: from the config file, stopped, its files deleted. */
   remove(name: string): Promise<{ removed: boolean; files: string[] }> {
     return this.serialized(async () => {

@@ -44,6 +44,7 @@ export const Methods = {
   profilesList: 'profiles.list',
   profilesAdd: 'profiles.add',
   profilesRemove: 'profiles.remove',
+  profilesSetDefault: 'profiles.setDefault',
 } as const;
 export type MethodName = (typeof Methods)[keyof typeof Methods];
 
@@ -112,6 +113,8 @@ export const ProfilesAddParams = z
   })
   .strict();
 export const ProfilesRemoveParams = z.object({ name: ProfileNameSchema }).strict();
+/** `profiles.setDefault`: the profile used when a call names none (`qwen`: the built-in one again). */
+export const ProfilesSetDefaultParams = z.object({ name: ProfileNameSchema }).strict();
 
 // ---- results ----
 export const HelloResult = z.object({
@@ -201,6 +204,7 @@ export const ProfilesListResult = z.object({
 export type ProfilesListResult = z.infer<typeof ProfilesListResult>;
 export const ProfilesAddResult = z.object({ profile: ProfileInfoSchema, replaced: z.boolean() });
 export const ProfilesRemoveResult = z.object({ removed: z.boolean(), files: z.array(z.string()) });
+export const ProfilesSetDefaultResult = z.object({ default_profile: z.string(), previous: z.string() });
 
 // ---- notifications ----
 export const TokenRefreshedParams = TokenResult;

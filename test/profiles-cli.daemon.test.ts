@@ -6,7 +6,7 @@
  * login advice, the default profile, `gateway env --profile`, and a daemon the CLI autostarts.
  */
 import { createServer, type Server } from 'node:http';
-import { chmod, readdir, stat } from 'node:fs/promises';
+import { chmod, readFile, readdir, stat } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ExitCodes } from '../client/cli/exit-codes.js';
@@ -236,10 +236,16 @@ describe('profile commands against the daemon', () => {
     expect((await cli(['token'])).stdout === `${KEY}\n`).toBe(true);
     expect((await cli(['token'], { env: { QWEN_TOKEND_PROFILE: 'qwen' } })).stdout).toMatch(/^qat_/);
     expect((await profiles()).default_profile).toBe('ds');
+    // The built-in profile can be made the default again: default_profile leaves the config file.
     const builtin = await cli(['profile', 'default', 'qwen']);
-    expect(builtin.code).toBe(ExitCodes.error);
-    expect(builtin.stderr).toContain('default_profile');
+    expect(builtin.code).toBe(0);
+    expect(builtin.stdout).toBe('qwen is now the default profile.\n');
+    expect((await profiles()).default_profile).toBe('qwen');
+    expect((await cli(['token'])).stdout).toMatch(/^qat_/);
+    expect(JSON.parse(await readFile(resolveConfig(fx.env).configPath, 'utf8')).default_profile).toBeUndefined();
+    expect((await cli(['profile', 'default', 'nope'])).code).toBe(ExitCodes.profileNotFound);
     // Removing the default profile makes the built-in one the default again.
+    expect((await cli(['profile', 'default', 'ds'])).code).toBe(0);
     expect((await cli(['profile', 'remove', 'ds'])).code).toBe(0);
     expect((await profiles()).default_profile).toBe('qwen');
   });

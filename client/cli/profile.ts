@@ -367,19 +367,9 @@ Examples:
     .action(async (name: string, _opts: unknown, cmd: Command) => {
       const env = commandEnv(cmd.optsWithGlobals<GlobalOptions>());
       const message = await withClient(env, async (client) => {
-        const { info, configPath } = await findProfile(client, name);
+        const { info } = await findProfile(client, name);
         if (info.default) return `${name} is the default profile already.\n`;
-        const { QwenError, QwenProtocolError } = await import('../../shared/errors.js');
-        if (info.builtin) {
-          throw new QwenError(
-            `the daemon has no call that makes the built-in profile the default again: delete the "default_profile" line of ${configPath} (the daemon reloads it on change)`,
-          );
-        }
-        const { ProfileSettingsSchema } = await import('../../shared/profiles.js');
-        const settings = ProfileSettingsSchema.safeParse(info.settings);
-        if (!settings.success) throw new QwenProtocolError(`qwen-tokend reported settings for profile "${name}" that it would not take back; is the daemon older than this CLI? Restart it.`);
-        // The same settings and no secret: the daemon keeps the profile's secret and tokens.
-        await client.addProfile({ name, settings: settings.data, replace: true, makeDefault: true });
+        await client.setDefaultProfile(name);
         return `${name} is now the default profile.\n`;
       });
       out(message);
