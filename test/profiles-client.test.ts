@@ -669,7 +669,8 @@ describe('qwen-token profile against the stand-in daemon', () => {
     const r = await runCli(['profile', 'default', 'cp']);
     expect(r.code).toBe(0);
     expect(daemon.defaultProfile).toBe('cp');
-    expect(daemon.calls('profiles.add')[0]!.params).toEqual({ name: 'cp', settings: { kind: 'api-key', base_url: server.apiKeyBaseUrl }, replace: true, makeDefault: true });
+    expect(daemon.calls('profiles.setDefault')[0]!.params).toEqual({ name: 'cp' });
+    expect(daemon.calls('profiles.add')).toEqual([]);
     expect(daemon.profiles.get('cp')?.secret === KEY).toBe(true);
     const builtin = await runCli(['profile', 'remove', 'qwen']);
     expect(builtin.code).toBe(ExitCodes.error);

@@ -154,8 +154,12 @@ describe('qwen-tokend daemon', () => {
     await fx.waitForLog((l) => /refresh failed, will retry/.test(l.msg) && /timed out/.test(l.msg), 5000);
     expect(await client.getAccessToken({ noCache: true })).toBe(seeded.access_token);
     await fx.waitForLog((l) => l.msg === 'token refreshed', 8000);
+    // One failure per fault at least (a loaded machine may time out one more normal answer).
     const failures = fx.logs().filter((l) => /refresh failed, will retry/.test(l.msg));
-    expect(failures.length).toBe(3);
+    expect(failures.length).toBeGreaterThanOrEqual(3);
+    for (const what of [/HTTP 503/, /timed out/, /reset|ECONNRESET|socket hang up|closed/i]) {
+      expect(failures.some((l) => what.test(l.msg))).toBe(true);
+    }
     const status = await client.status();
     expect(status.state).toBe('valid');
     expect(status.retry_count).toBe(0);

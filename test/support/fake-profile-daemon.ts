@@ -258,6 +258,14 @@ export class FakeProfileDaemon {
         this.profiles.delete(target);
         return ok({ removed: true, files: [join(this.dir, `${target}.json`)] });
       }
+      case 'profiles.setDefault': {
+        const target = String(req.params.name);
+        if (!this.profiles.has(target)) return fail('QWEN_PROFILE_NOT_FOUND', `no profile named "${target}"`);
+        const previous = this.defaultProfile;
+        this.defaultProfile = target;
+        this.push('profiles.changed', { profiles: [...this.profiles.keys()], default_profile: this.defaultProfile });
+        return ok({ default_profile: target, previous });
+      }
       default:
         return fail('', `method not found: ${req.method}`, -32601);
     }
