@@ -1,14 +1,16 @@
 /**
  * Shared pieces of the chaos scenarios: the secret ledger (every text a person or program
- * could see, checked against every secret the local server issued), figure reporting,
- * polling, Qwen-CLI-style atomic writes and small /proc and filesystem probes.
+ * could see, checked against every secret the local server issued or accepted), figure
+ * reporting, polling, Qwen-CLI-style atomic writes and small /proc and filesystem probes.
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
 import { readdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { inspect } from 'node:util';
 import { serializeCredentials, type Credentials } from '../../shared/credentials.js';
+import { allArgv } from '../support/cli-run.js';
 import { CLI_BIN, type DaemonFixture } from '../support/daemon.js';
 import type { QwenTestServer } from '../support/qwen-server.js';
 
@@ -24,26 +26,46 @@ export interface Leak {
   kind: string;
 }
 
+/** The endpoints of the local server that take an API key. */
+const API_KEY_ENDPOINTS = new Set(['apiChat', 'apiModels', 'apiMessages']);
+
 /**
- * Collects secrets (tokens, device codes, PKCE verifiers) and texts (logs, error messages,
- * CLI output) across a whole chaos run, and finds any secret inside any text.
+ * Collects secrets (tokens, device codes, PKCE verifiers, API keys, client secrets) and texts
+ * (logs, error messages, CLI output, command lines) across a whole chaos run, and finds any
+ * secret inside any text.
  */
 export class SecretLedger {
   private readonly secrets = new Map<string, string>();
   private readonly texts: Array<{ where: string; text: string }> = [];
   private scannedChars = 0;
 
-  /** Every token, device code and code verifier `server` has seen or issued so far. */
+  /**
+   * Every token, device code, code verifier, API key and client secret `server` has seen,
+   * issued or accepts so far (a key it refused counts: it was someone's key).
+   */
   addServer(server: QwenTestServer): void {
     for (const t of server.issuedTokens('access')) this.secrets.set(t, 'access token');
     for (const t of server.issuedTokens('refresh')) this.secrets.set(t, 'refresh token');
     for (const c of server.issuedDeviceCodes()) this.secrets.set(c, 'device code');
+    for (const k of server.settings.apiKeys) this.addSecret(k, 'API key');
     for (const r of server.requests) {
       const verifier = r.form?.code_verifier;
       if (verifier && verifier.length >= KEY_LENGTH) this.secrets.set(verifier, 'code verifier');
       const presented = r.form?.refresh_token;
       if (presented && presented.length >= KEY_LENGTH) this.secrets.set(presented, 'refresh token');
+      const clientSecret = r.form?.client_secret;
+      if (clientSecret) this.addSecret(clientSecret, 'client secret');
+      if (API_KEY_ENDPOINTS.has(r.endpoint)) {
+        const bearer = /^Bearer\s+(\S+)$/i.exec(r.headers.authorization ?? '')?.[1];
+        const header = r.headers['x-api-key'];
+        for (const key of [bearer, typeof header === 'string' ? header : undefined]) if (key) this.addSecret(key, 'API key');
+      }
     }
+  }
+
+  /** One secret the test holds itself (a key it typed in, a client secret, the gateway key). */
+  addSecret(secret: string, kind: string): void {
+    if (secret.length >= KEY_LENGTH && !this.secrets.has(secret)) this.secrets.set(secret, kind);
   }
 
   addText(where: string, text: string): void {
@@ -77,17 +99,24 @@ export class SecretLedger {
   /** Scans every text collected so far for every secret; returns the leaks (empty: none). */
   scan(): Leak[] {
     const byKey = new Map<string, string[]>();
+    // A secret with other characters (base64's + / =, as in Basic credentials) is looked for whole.
+    const whole: string[] = [];
     for (const secret of this.secrets.keys()) {
       const core = secret.replace(SERVER_PREFIX, '');
       if (core.length < KEY_LENGTH) continue;
       const key = core.slice(0, KEY_LENGTH);
+      if (!/^[A-Za-z0-9_-]+$/.test(key)) {
+        whole.push(secret);
+        continue;
+      }
       byKey.set(key, [...(byKey.get(key) ?? []), secret]);
     }
     const leaks: Leak[] = [];
     this.scannedChars = 0;
     for (const { where, text } of this.texts) {
       this.scannedChars += text.length;
-      // Secrets are base64url: only runs of those characters can hold one.
+      for (const secret of whole) if (text.includes(secret)) leaks.push({ where, kind: this.secrets.get(secret) ?? 'secret' });
+      // The others are base64url: only runs of those characters can hold one.
       for (const run of text.matchAll(/[A-Za-z0-9_-]{24,}/g)) {
         const s = run[0];
         for (let i = 0; i + KEY_LENGTH <= s.length; i++) {
@@ -191,14 +220,111 @@ export interface CliRun {
   stderr: string;
 }
 
-/** Runs `qwen-token <args>` (the compiled CLI) with the fixture's environment. */
-export function runCli(env: NodeJS.ProcessEnv, args: string[], timeoutMs = 15_000): Promise<CliRun> {
+/**
+ * Runs `qwen-token <args>` (the compiled CLI) with the fixture's environment; `input`, when
+ * given, is written to its standard input, which is then closed (a key, a client secret).
+ */
+export function runCli(env: NodeJS.ProcessEnv, args: string[], timeoutMs = 15_000, input?: string): Promise<CliRun> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI_BIN, ...args], { env, timeout: timeoutMs }, (err, stdout, stderr) => {
+    const child = execFile(process.execPath, [CLI_BIN, ...args], { env, timeout: timeoutMs }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null) : 0;
       resolve({ code, stdout: String(stdout), stderr: String(stderr) });
     });
+    if (input !== undefined) {
+      child.stdin?.on('error', () => undefined);
+      child.stdin?.end(input);
+    }
   });
+}
+
+/** How long after a process appears its command line is read again (exec follows fork at once). */
+const YOUNG_MS = 1_000;
+
+/**
+ * The command line of every process on the machine (what `ps` shows) from `start()` to
+ * `stop()`: the CLI's, and those of the processes it starts, an autostarted daemon included.
+ * A full sweep (cli-run.ts's scanner) at both ends; in between, every few milliseconds, the
+ * command line of each process younger than a second, so a short-lived one is caught without
+ * reading every process's every few milliseconds. Linux `/proc` only; elsewhere it sees nothing.
+ */
+export class ArgvWatch {
+  /** Each distinct command line seen, with the pids that had it. */
+  private readonly seen = new Map<string, Set<number>>();
+  /** When each live pid was first listed. */
+  private readonly firstSeen = new Map<number, number>();
+  private running = false;
+  private loop: Promise<void> | null = null;
+  /** Sweeps of `/proc` so far. */
+  sweeps = 0;
+
+  async start(): Promise<this> {
+    const now = Date.now();
+    for (const [pid, argv] of await allArgv()) {
+      this.record(pid, argv);
+      this.firstSeen.set(pid, now - YOUNG_MS);
+    }
+    this.running = true;
+    this.loop = (async () => {
+      while (this.running) {
+        this.sweep();
+        await sleep(5);
+      }
+    })();
+    return this;
+  }
+
+  /** Stops, then one full sweep, so a process alive now is in. */
+  async stop(): Promise<void> {
+    this.running = false;
+    await this.loop;
+    for (const [pid, argv] of await allArgv()) this.record(pid, argv);
+  }
+
+  /** Every distinct command line seen. */
+  lines(): string[] {
+    return [...this.seen.keys()];
+  }
+
+  /** The command lines process `pid` was seen with. */
+  of(pid: number): string[] {
+    return [...this.seen].filter(([, pids]) => pids.has(pid)).map(([argv]) => argv);
+  }
+
+  /** Synchronous on purpose: a few small reads, far cheaper than a promise per process. */
+  private sweep(): void {
+    let entries: string[];
+    try {
+      entries = readdirSync('/proc');
+    } catch {
+      return;
+    }
+    const now = Date.now();
+    const live = new Set<number>();
+    for (const entry of entries) {
+      if (!/^\d+$/.test(entry)) continue;
+      const pid = Number(entry);
+      live.add(pid);
+      const first = this.firstSeen.get(pid) ?? now;
+      this.firstSeen.set(pid, first);
+      if (now - first > YOUNG_MS) continue;
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      } catch {
+        continue;
+      }
+      if (text) this.record(pid, text.split('\0').join(' '));
+    }
+    // A pid that went away is new when it comes back.
+    for (const pid of this.firstSeen.keys()) if (!live.has(pid)) this.firstSeen.delete(pid);
+    this.sweeps += 1;
+  }
+
+  private record(pid: number, argv: string): void {
+    const pids = this.seen.get(argv) ?? new Set<number>();
+    pids.add(pid);
+    this.seen.set(argv, pids);
+  }
 }
 
 // ---- daemon health -----------------------------------------------------------------------------
