@@ -279,7 +279,7 @@ async function main() {
   }
 
   // 1,000 concurrent SSE streams through each target; direct is the baseline of client and upstream.
-  const sse = Object.fromEntries(names.map((k) => [k, { delays: [], finished: 0, started: 0, cpuMs: 0, rssPeakKb: 0 }]));
+  const sse = Object.fromEntries(names.map((k) => [k, { delays: [], open: [], finished: 0, started: 0, cpuMs: 0, rssPeakKb: 0 }]));
   for (let round = 0; round < SSE_ROUNDS; round++) {
     for (const name of rotated(round)) {
       const target = targets[name];
@@ -292,6 +292,9 @@ async function main() {
       });
       if (sampler) clearInterval(sampler);
       sse[name].delays.push(...result.delays);
+      // The events written once every stream was open: what 1,000 concurrent streams cost, without
+      // the storm of 1,000 connections and requests arriving at once in front of them.
+      for (let i = 0; i < result.delays.length; i++) if (result.stamps[i] > result.allOpenAt) sse[name].open.push(result.delays[i]);
       sse[name].finished += result.finished;
       sse[name].started += STREAMS;
       sse[name].cpuMs += result.cpuMs;
@@ -303,6 +306,7 @@ async function main() {
   for (const name of names) {
     const s = summarize(latency[name]);
     const e = summarize(sse[name].delays);
+    const o = summarize(sse[name].open);
     rows[name] = {
       p50_us: s.p50,
       p99_us: s.p99,
@@ -310,10 +314,15 @@ async function main() {
       rps: (rate[name].n / rate[name].ms) * 1000,
       cpu_us_per_request: (rate[name].cpuMs * 1000) / rate[name].n,
       errors: rate[name].errors,
-      sse: { p50_ms: e.p50, p99_ms: e.p99, events: e.n, finished: sse[name].finished, started: sse[name].started, cpu_us_per_event: (sse[name].cpuMs * 1000) / Math.max(1, e.n), rss_peak_kb: sse[name].rssPeakKb || null },
+      sse: { p50_ms: e.p50, p99_ms: e.p99, events: e.n, open_p50_ms: o.p50, open_p99_ms: o.p99, open_events: o.n, finished: sse[name].finished, started: sse[name].started, cpu_us_per_event: (sse[name].cpuMs * 1000) / Math.max(1, e.n), rss_peak_kb: sse[name].rssPeakKb || null },
     };
   }
-  const added = (name) => ({ p50_us: rows[name].p50_us - rows.direct.p50_us, p99_us: rows[name].p99_us - rows.direct.p99_us, sse_p99_ms: rows[name].sse.p99_ms - rows.direct.sse.p99_ms });
+  const added = (name) => ({
+    p50_us: rows[name].p50_us - rows.direct.p50_us,
+    p99_us: rows[name].p99_us - rows.direct.p99_us,
+    sse_p99_ms: rows[name].sse.p99_ms - rows.direct.sse.p99_ms,
+    sse_open_p99_ms: rows[name].sse.open_p99_ms - rows.direct.sse.open_p99_ms,
+  });
   for (const name of names) rows[name].added = added(name);
 
   const ms = (us) => `${(us / 1000).toFixed(3)} ms`;
@@ -329,11 +338,11 @@ async function main() {
   }
   if (SSE_ROUNDS > 0) {
     lines.push(
-      `| ${STREAMS} SSE streams × ${EVENTS} events, ${SSE_ROUNDS} rounds | event delay p50 | p99 | streams finished | proxy CPU per event | RSS peak |`,
-      '| --- | --- | --- | --- | --- | --- |',
+      `| ${STREAMS} SSE streams × ${EVENTS} events, ${SSE_ROUNDS} rounds | event delay p50 | p99 | once all open: p50 | p99 | streams finished | proxy CPU per event | RSS peak |`,
+      '| --- | --- | --- | --- | --- | --- | --- | --- |',
       ...names.map((n) => {
         const e = rows[n].sse;
-        return `| ${n} | ${e.p50_ms.toFixed(2)} ms | ${e.p99_ms.toFixed(2)} ms | ${e.finished}/${e.started} | ${proxyCpu(n, e.cpu_us_per_event)} | ${e.rss_peak_kb ? `${(e.rss_peak_kb / 1024).toFixed(1)} MB` : '-'} |`;
+        return `| ${n} | ${e.p50_ms.toFixed(2)} ms | ${e.p99_ms.toFixed(2)} ms | ${e.open_p50_ms.toFixed(2)} ms | ${e.open_p99_ms.toFixed(2)} ms (${e.open_events} events) | ${e.finished}/${e.started} | ${proxyCpu(n, e.cpu_us_per_event)} | ${e.rss_peak_kb ? `${(e.rss_peak_kb / 1024).toFixed(1)} MB` : '-'} |`;
       }),
       '',
     );
@@ -353,7 +362,8 @@ async function main() {
     }
     if (SSE_ROUNDS > 0) {
       lines.push(
-        `| ${g}: SSE event delay p99 − direct's | ${e.p99_ms.toFixed(2)} − ${rows.direct.sse.p99_ms.toFixed(2)} = ${a.sse_p99_ms.toFixed(2)} ms (${e.finished}/${e.started} streams) | ≤ 5 ms | ${a.sse_p99_ms <= 5 && e.finished === e.started ? 'yes' : 'no'} |`,
+        `| ${g}: SSE event delay p99 − direct's, every event | ${e.p99_ms.toFixed(2)} − ${rows.direct.sse.p99_ms.toFixed(2)} = ${a.sse_p99_ms.toFixed(2)} ms (${e.finished}/${e.started} streams; ${reference}: ${ref.sse_p99_ms.toFixed(2)} ms) | ≤ 5 ms | ${a.sse_p99_ms <= 5 && e.finished === e.started ? 'yes' : 'no'} |`,
+        `| ${g}: SSE event delay p99 − direct's, once all streams are open | ${e.open_p99_ms.toFixed(2)} − ${rows.direct.sse.open_p99_ms.toFixed(2)} = ${a.sse_open_p99_ms.toFixed(2)} ms (${reference}: ${ref.sse_open_p99_ms.toFixed(2)} ms) | ≤ 5 ms | ${a.sse_open_p99_ms <= 5 && e.finished === e.started ? 'yes' : 'no'} |`,
         `| ${g}: daemon RSS peak during the streams | ${(e.rss_peak_kb / 1024).toFixed(1)} MB | ≤ 200 MB | ${e.rss_peak_kb <= 200 * 1024 ? 'yes' : 'no'} |`,
       );
     }

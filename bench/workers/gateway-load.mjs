@@ -4,7 +4,8 @@
  * - `latency`: `connections` closed loops of POSTs for `durationMs`; sends back every
  *   request's latency (µs) and the count.
  * - `sse`: opens `streams` streamed completions at once; sends back each event's delay
- *   (receive time − the upstream's stamp, ms) and how many streams finished.
+ *   (receive time − the upstream's stamp, ms), each event's stamp, the time the last stream's
+ *   answer head arrived (every stream open from then on) and how many streams finished.
  */
 import { Agent, request } from 'node:http';
 
@@ -47,13 +48,14 @@ async function latency({ url, headers, connections, durationMs }) {
   return { samples, errors, elapsedMs };
 }
 
-function stream(agent, url, headers, body, delays) {
+function stream(agent, url, headers, body, delays, stamps, opened) {
   return new Promise((resolve) => {
     const req = request(url, { method: 'POST', agent, headers: { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
       if (res.statusCode !== 200) {
         res.resume();
         return resolve(false);
       }
+      opened.push(now());
       let buffered = '';
       res.setEncoding('utf8');
       res.on('data', (text) => {
@@ -64,7 +66,10 @@ function stream(agent, url, headers, body, delays) {
           const event = buffered.slice(0, end);
           buffered = buffered.slice(end + 2);
           const m = /"t":([0-9.]+)/.exec(event);
-          if (m) delays.push(at - Number(m[1]));
+          if (m) {
+            delays.push(at - Number(m[1]));
+            stamps.push(Number(m[1]));
+          }
           end = buffered.indexOf('\n\n');
         }
       });
@@ -80,8 +85,11 @@ async function sse({ url, headers, streams, events, intervalMs }) {
   const agent = new Agent({ keepAlive: false, maxSockets: Infinity });
   const body = JSON.stringify({ model: 'bench-model', stream: true, events, intervalMs, messages: [{ role: 'user', content: 'hi' }] });
   const delays = [];
-  const results = await Promise.all(Array.from({ length: streams }, () => stream(agent, url, headers, body, delays)));
-  return { delays, finished: results.filter(Boolean).length };
+  const stamps = [];
+  const opened = [];
+  const results = await Promise.all(Array.from({ length: streams }, () => stream(agent, url, headers, body, delays, stamps, opened)));
+  const allOpenAt = opened.reduce((a, b) => Math.max(a, b), 0);
+  return { delays, stamps, allOpenAt, finished: results.filter(Boolean).length };
 }
 
 process.on('message', async (task) => {
