@@ -83,7 +83,8 @@ export class UpstreamPool {
   private readonly sweeper: NodeJS.Timeout;
   private closed = false;
 
-  constructor() {
+  /** `ca`: certificates to trust instead of the system's (tests with a local TLS upstream). */
+  constructor(private readonly options: { ca?: string | Buffer } = {}) {
     this.sweeper = setInterval(() => this.sweep(), SWEEP_MS);
     this.sweeper.unref();
   }
@@ -132,6 +133,7 @@ export class UpstreamPool {
         ...(isIP(host) ? {} : { servername: host }),
         ALPNProtocols: ['http/1.1'],
         session: this.sessions.get(origin),
+        ...(this.options.ca ? { ca: this.options.ca } : {}),
       });
       tls.on('session', (session: Buffer) => this.sessions.set(origin, session));
       socket = tls;
