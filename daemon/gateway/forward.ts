@@ -21,6 +21,9 @@ const HOP_BY_HOP = new Set([
   'http2-settings',
 ]);
 
+/** A Connection header naming no other header (the common case), which needs no parsing. */
+const PLAIN_CONNECTION = /^\s*(?:keep-alive|close)\s*$/i;
+
 /** Headers that carry the client's own credentials (or the gateway key); never sent upstream. */
 const CLIENT_CREDENTIALS = new Set(['authorization', 'x-api-key', 'api-key', 'cookie']);
 
@@ -36,7 +39,7 @@ export function upstreamRequestFields(rawHeaders: string[], credential: Record<s
   let out: string[] = [];
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = rawHeaders[i]!.toLowerCase();
-    if (name === 'connection') named = connectionTokens(named, rawHeaders[i + 1]!);
+    if (name === 'connection' && !PLAIN_CONNECTION.test(rawHeaders[i + 1]!)) named = connectionTokens(named, rawHeaders[i + 1]!);
     if (HOP_BY_HOP.has(name) || CLIENT_CREDENTIALS.has(name) || injected.includes(name)) continue;
     out.push(name, rawHeaders[i + 1]!);
   }
@@ -56,7 +59,9 @@ export function upstreamRequestFields(rawHeaders: string[], credential: Record<s
  */
 export function clientResponseFields(fields: string[], withLength: boolean): string[] {
   let named: Set<string> | null = null;
-  for (let i = 0; i < fields.length; i += 2) if (fields[i] === 'connection') named = connectionTokens(named, fields[i + 1]!);
+  for (let i = 0; i < fields.length; i += 2) {
+    if (fields[i] === 'connection' && !PLAIN_CONNECTION.test(fields[i + 1]!)) named = connectionTokens(named, fields[i + 1]!);
+  }
   const out: string[] = [];
   for (let i = 0; i < fields.length; i += 2) {
     const name = fields[i]!;

@@ -55,6 +55,8 @@ interface Exchange {
   bytesOut: number;
   /** The answer being relayed, whose body bytes count as bytes out. */
   relayed: { readonly bodyBytes: number } | null;
+  /** Cuts the upstream exchange when the client goes away first. */
+  cancel: Cancellation | null;
   error: string | null;
   stream: boolean;
 }
@@ -83,6 +85,7 @@ export class Gateway {
    * status, counts, error codes) and never holds a header, query, body, token or key.
    */
   private readonly accessLog: Logger;
+  private readonly known = (name: string): boolean => this.options.profiles.get(name) !== undefined;
 
   constructor(private readonly options: GatewayOptions) {
     const { limits } = options.env;
@@ -294,6 +297,7 @@ export class Gateway {
       bytesIn: 0,
       bytesOut: 0,
       relayed: null,
+      cancel: null,
       error: null,
       stream: false,
     };
@@ -313,8 +317,7 @@ export class Gateway {
       return fail('unauthorized', 'a gateway key is required: send `Authorization: Bearer <key>` (see `qwen-token gateway env`)');
     }
     const { profiles } = this.options;
-    const known = (name: string) => profiles.get(name) !== undefined;
-    const route = routeRequest(ex.method, target, profiles.defaultProfile(), known);
+    const route = routeRequest(ex.method, target, profiles.defaultProfile(), this.known);
     if (route.kind === 'error') return fail(route.code, route.message);
     if (route.kind === 'models') {
       ex.profile = route.profile ?? null;
@@ -371,7 +374,7 @@ export class Gateway {
       }
       const model = parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as { model?: unknown }).model : undefined;
       if (typeof model === 'string') {
-        const chosen = profileFromModel(model, (name) => profiles.get(name) !== undefined);
+        const chosen = profileFromModel(model, this.known);
         if (chosen) {
           if (route.explicit && chosen.profile !== route.profile) {
             return fail('profile_conflict', `the path names profile "${route.profile}" but the model names profile "${chosen.profile}"`);
@@ -387,9 +390,7 @@ export class Gateway {
     if (!profile) return fail('unknown_profile', `no profile named "${profileName}"`);
 
     const cancel = new Cancellation();
-    res.once('close', () => {
-      if (!res.writableFinished) cancel.cancel();
-    });
+    ex.cancel = cancel;
 
     const replayable = body !== null;
     let retried = false;
@@ -444,7 +445,7 @@ export class Gateway {
           continue;
         }
       }
-      await this.relay(upstream, res, ex, peeked);
+      this.relay(upstream, res, ex, peeked);
       return;
     }
   }
@@ -469,39 +470,30 @@ export class Gateway {
     pipeline(req, counter, dest).catch((err: Error) => dest.destroy(err));
   }
 
-  /** Sends the upstream's answer on: status and headers as they are, the body streamed as it comes. */
-  private async relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, peeked: Buffer | null): Promise<void> {
+  /**
+   * Sends the upstream's answer on: status and headers as they are, the body streamed as it
+   * comes. The exchange ends when the response closes (`finish`), which also cuts the upstream
+   * when the client went away first.
+   */
+  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, peeked: Buffer | null): void {
     const status = upstream.status;
     if (status >= 500) this.count('upstream_5xx');
     else if (status >= 400) this.count('upstream_4xx');
     ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
     if (ex.stream) this.streams += 1;
-    try {
-      if (res.destroyed) {
-        upstream.discard();
-        return;
-      }
-      res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length'));
-      if (peeked) {
-        ex.bytesOut += peeked.length;
-        res.end(peeked);
-        return;
-      }
-      await new Promise<void>((done) => {
-        ex.relayed = upstream;
-        res.once('close', () => {
-          if (!res.writableFinished) {
-            ex.error ??= 'client_aborted';
-            upstream.discard();
-          }
-          done();
-        });
-        const framed = this.framedRelay(upstream, res);
-        upstream.relay(this.bodySink(upstream, res, ex, framed), framed);
-      });
-    } finally {
-      if (ex.stream) this.streams -= 1;
+    if (res.destroyed) {
+      upstream.discard();
+      return;
     }
+    res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length'));
+    if (peeked) {
+      ex.bytesOut += peeked.length;
+      res.end(peeked);
+      return;
+    }
+    ex.relayed = upstream;
+    const framed = this.framedRelay(upstream, res);
+    upstream.relay(this.bodySink(upstream, res, ex, framed), framed);
   }
 
   /**
@@ -619,10 +611,14 @@ export class Gateway {
   private finish(ex: Exchange, res: ServerResponse): void {
     this.active -= 1;
     this.served += 1;
-    if (!res.writableFinished && ex.error === null) {
-      ex.error = 'client_aborted';
-      this.count('client_aborted');
-    } else if (ex.error === 'client_aborted') this.count('client_aborted');
+    if (ex.stream) this.streams -= 1;
+    if (!res.writableFinished) {
+      if (ex.error === null) {
+        ex.error = 'client_aborted';
+        this.count('client_aborted');
+      }
+      ex.cancel?.cancel();
+    }
     this.accessLog.info(
       {
         listener: ex.listener,
