@@ -33,6 +33,8 @@ const { values: opts } = parseArgs({
     'interval-ms': { type: 'string', default: '100' },
     'sse-rounds': { type: 'string', default: '2' },
     baseline: { type: 'string' },
+    // For an old-build/new-build comparison alone: `--only gateway,baseline` (direct always runs).
+    only: { type: 'string' },
     'no-sse': { type: 'boolean', default: false },
     'no-rate': { type: 'boolean', default: false },
   },
@@ -209,7 +211,9 @@ async function startDaemon(bin, root, upstream) {
   });
   // BENCH_DAEMON_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the daemon(s).
   const daemonArgs = (process.env.BENCH_DAEMON_ARGS ?? '').split(/\s+/).filter(Boolean);
-  const proc = spawn(process.execPath, [...daemonArgs, bin], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+  // With the node flags an autostarted daemon runs with.
+  const { DAEMON_NODE_FLAGS } = await import(join(REPO_ROOT, 'dist', 'client', 'autostart.js'));
+  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...daemonArgs, bin], { env, stdio: ['ignore', 'ignore', 'inherit'] });
   await waitListening(port);
   const key = (await readFile(join(stateDir, 'gateway.key'), 'utf8')).trim();
   return { proc, port, key };
@@ -261,7 +265,8 @@ async function main() {
   const load = { start: loadavg()[0] };
   console.log(`gateway bench: ${RATE_ROUNDS} rounds × ${DURATION_MS / 1000} s per target, ${SSE_ROUNDS} SSE rounds; load average ${load.start.toFixed(2)} on ${cpus().length} cores${nginx.note ? `; ${nginx.note}` : ''}`);
 
-  const names = Object.keys(targets);
+  const only = opts.only?.split(',');
+  const names = Object.keys(targets).filter((n) => !only || n === 'direct' || only.includes(n));
   const rotated = (round) => [...names.slice(round % names.length), ...names.slice(0, round % names.length)];
   const latency = Object.fromEntries(names.map((k) => [k, []]));
   const rate = Object.fromEntries(names.map((k) => [k, { n: 0, ms: 0, errors: 0, cpuMs: 0 }]));
@@ -347,8 +352,8 @@ async function main() {
       '',
     );
   }
-  const gatewayNames = Object.keys(gateways);
-  const ref = rows[reference].added;
+  const gatewayNames = Object.keys(gateways).filter((n) => names.includes(n));
+  const ref = rows[reference]?.added ?? { p50_us: NaN, p99_us: NaN, sse_p99_ms: NaN, sse_open_p99_ms: NaN };
   lines.push('| check | measured | target | met |', '| --- | --- | --- | --- |');
   for (const g of gatewayNames) {
     const a = rows[g].added;
@@ -357,7 +362,7 @@ async function main() {
       lines.push(
         `| ${g} added p50 vs ${reference} | ${ms(a.p50_us)} vs ${ms(ref.p50_us)} (${(a.p50_us / ref.p50_us).toFixed(2)}×) | ≤ 2× | ${a.p50_us <= 2 * ref.p50_us ? 'yes' : 'no'} |`,
         `| ${g} added p99 vs ${reference} | ${ms(a.p99_us)} vs ${ms(ref.p99_us)} (${(a.p99_us / ref.p99_us).toFixed(2)}×) | ≤ 3× | ${a.p99_us <= 3 * ref.p99_us ? 'yes' : 'no'} |`,
-        `| ${g} requests/s vs ${reference} | ${Math.round(rows[g].rps)} vs ${Math.round(rows[reference].rps)} (${(rows[g].rps / rows[reference].rps).toFixed(2)}×) | ≥ 0.4× | ${rows[g].rps >= 0.4 * rows[reference].rps ? 'yes' : 'no'} |`,
+        `| ${g} requests/s vs ${reference} | ${Math.round(rows[g].rps)} vs ${Math.round(rows[reference]?.rps)} (${(rows[g].rps / rows[reference]?.rps).toFixed(2)}×) | ≥ 0.4× | ${rows[g].rps >= 0.4 * rows[reference]?.rps ? 'yes' : 'no'} |`,
       );
     }
     if (SSE_ROUNDS > 0) {
