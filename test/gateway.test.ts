@@ -371,6 +371,9 @@ describe('gateway relaying answers byte for byte', () => {
       socket.write(`HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
       await pause();
       socket.write(body.slice(10));
+    } else if (path === '/v1/head') {
+      // An answer to HEAD: a length, and no body after it.
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 123\r\n\r\n');
     } else if (path === '/v1/broken') {
       socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nf\r\ndata: {"n":1}\n\n\r\n20\r\ndata: cut');
       await pause();
@@ -426,6 +429,16 @@ describe('gateway relaying answers byte for byte', () => {
       expect(answer.body).toBe('{"id":"one","object":"chat.completion"}');
       expect(answer.headers['content-length']).toBe('39');
     }
+    expect(connections - before).toBeLessThanOrEqual(1);
+  });
+
+  it('an answer to HEAD keeps its Content-Length and has no body; the connection serves the next request', async () => {
+    const before = connections;
+    const head = await httpCall({ socketPath: gw.socketPath }, 'HEAD', '/v1/head');
+    expect(head).toMatchObject({ status: 200, body: '' });
+    expect(head.headers['content-length']).toBe('123');
+    const next = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/length', { headers: json, body: chatBody('m') });
+    expect(next.body).toBe('{"id":"one","object":"chat.completion"}');
     expect(connections - before).toBeLessThanOrEqual(1);
   });
 

@@ -485,7 +485,9 @@ export class Gateway {
       upstream.discard();
       return;
     }
-    res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length'));
+    // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
+    // where it tells the length the body would have had.
+    res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
     if (peeked) {
       ex.bytesOut += peeked.length;
       res.end(peeked);

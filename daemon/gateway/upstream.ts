@@ -117,7 +117,6 @@ export class UpstreamPool {
         conn.socket.destroy();
         continue;
       }
-      conn.reused = true;
       return conn;
     }
     return this.connect(url, origin);
@@ -176,7 +175,6 @@ export class UpstreamPool {
 /** One socket to an origin; its listeners stay for its life and serve whichever exchange holds it. */
 class Connection {
   exchange: UpstreamResponse | null = null;
-  reused = false;
   idleUntil = 0;
 
   constructor(
