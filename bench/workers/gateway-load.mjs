@@ -9,7 +9,9 @@
  */
 import { Agent, request } from 'node:http';
 
-const now = () => performance.timeOrigin + performance.now();
+// The system-wide monotonic clock (ms): the same in every process, so a stamp written by the
+// upstream and read here need no correction (performance.timeOrigin differs by milliseconds).
+const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 function post(agent, url, headers, body) {
   return new Promise((resolve, reject) => {
