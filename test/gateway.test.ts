@@ -348,6 +348,8 @@ describe('gateway relaying answers byte for byte', () => {
   let connections = 0;
   const events = ['data: {"n":1}\n\n', 'data: {"n":2}\n\n', `data: ${'x'.repeat(300)}\n\n`, 'data: [DONE]\n\n'];
   const pause = () => new Promise((r) => setTimeout(r, 15));
+  const BIG_MB = 64;
+  let bigWritten = 0;
 
   async function answer(socket: import('node:net').Socket, path: string): Promise<void> {
     if (path === '/v1/split') {
@@ -371,6 +373,19 @@ describe('gateway relaying answers byte for byte', () => {
       socket.write(`HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
       await pause();
       socket.write(body.slice(10));
+    } else if (path === '/v1/big') {
+      // As fast as the gateway takes it: how much it took is the test's measure of back-pressure.
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n');
+      const piece = Buffer.alloc(1 << 20, 'z');
+      for (let i = 0; i < BIG_MB; i++) {
+        if (socket.destroyed) return;
+        socket.write('100000\r\n');
+        socket.write(piece);
+        const more = socket.write('\r\n');
+        bigWritten += piece.length;
+        if (!more) await new Promise((r) => socket.once('drain', r));
+      }
+      socket.write('0\r\n\r\n');
     } else if (path === '/v1/head') {
       // An answer to HEAD: a length, and no body after it.
       socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 123\r\n\r\n');
@@ -430,6 +445,27 @@ describe('gateway relaying answers byte for byte', () => {
       expect(answer.headers['content-length']).toBe('39');
     }
     expect(connections - before).toBeLessThanOrEqual(1);
+  });
+
+  it('a client that does not read holds the upstream back instead of filling memory; the body then arrives whole', async () => {
+    const { res } = await new Promise<{ res: import('node:http').IncomingMessage }>((resolve, reject) => {
+      const req = request({ socketPath: gw.socketPath, method: 'POST', path: '/v1/big', headers: json, agent: false }, (r) => {
+        r.pause();
+        resolve({ res: r });
+      });
+      req.on('error', reject);
+      req.end(chatBody('m'));
+    });
+    await new Promise((r) => setTimeout(r, 500));
+    // Socket buffers on both sides hold a few MB; without back-pressure the gateway reads it all.
+    expect(bigWritten).toBeLessThan((BIG_MB / 2) * (1 << 20));
+    let received = 0;
+    let intact = true;
+    for await (const chunk of res) {
+      received += (chunk as Buffer).length;
+      if (intact && (chunk as Buffer).some((b) => b !== 0x7a)) intact = false;
+    }
+    expect({ received, intact }).toEqual({ received: BIG_MB * (1 << 20), intact: true });
   });
 
   it('an answer to HEAD keeps its Content-Length and has no body; the connection serves the next request', async () => {

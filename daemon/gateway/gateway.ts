@@ -479,12 +479,13 @@ export class Gateway {
     const status = upstream.status;
     if (status >= 500) this.count('upstream_5xx');
     else if (status >= 400) this.count('upstream_4xx');
-    ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
-    if (ex.stream) this.streams += 1;
     if (res.destroyed) {
+      // The client left while the answer was looked at; `finish` has run already.
       upstream.discard();
       return;
     }
+    ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
+    if (ex.stream) this.streams += 1;
     // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
     // where it tells the length the body would have had.
     res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
@@ -514,8 +515,6 @@ export class Gateway {
    * (the last chunk) is written by `res.end()`.
    */
   private bodySink(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, framed: boolean): BodySink {
-    const socket = res.socket!;
-    let started = false;
     // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
     const broken = () => {
       if (res.writableFinished) return;
@@ -536,6 +535,8 @@ export class Gateway {
         broken,
       };
     }
+    const socket = res.socket!;
+    let started = false;
     return {
       write: (bytes) => {
         if (res.destroyed) return true;

@@ -226,7 +226,8 @@ export class UpstreamResponse {
   private early: Buffer[] | null = null;
   private earlyEnd = false;
   private failed = false;
-  private framed = false;
+  /** The sink asked for a pause (its `write` returned false) and has not asked to resume. */
+  private paused = false;
   private plainBytes = 0;
 
   constructor(
@@ -278,17 +279,17 @@ export class UpstreamResponse {
   relay(sink: BodySink, framed: boolean): void {
     this.sink = sink;
     if (this.failed) return sink.broken();
-    this.framed = framed && this.framing === 'chunked';
-    if (this.framing === 'chunked') this.scanner = new ChunkedScanner(this.framed, (bytes) => this.push(bytes));
+    if (this.framing === 'chunked') this.scanner = new ChunkedScanner(framed, (bytes) => this.push(bytes));
     const early = this.early;
     this.early = null;
     if (early) for (const bytes of early) this.onBody(bytes);
     if (this.earlyEnd) this.finish();
-    if (this.phase === Phase.Body && !this.failed) this.conn.socket.resume();
+    if (this.phase === Phase.Body && !this.paused) this.conn.socket.resume();
   }
 
   /** Asks for more after a sink's `write` returned false. */
   resume(): void {
+    this.paused = false;
     if (this.phase === Phase.Body) this.conn.socket.resume();
   }
 
@@ -433,7 +434,10 @@ export class UpstreamResponse {
   }
 
   private push(bytes: Buffer): void {
-    if (!this.sink!.write(bytes) && this.phase === Phase.Body) this.conn.socket.pause();
+    if (!this.sink!.write(bytes) && this.phase === Phase.Body) {
+      this.paused = true;
+      this.conn.socket.pause();
+    }
   }
 
   /** The body is complete: the sink ends, the connection goes back to the pool when it may. */
