@@ -3,7 +3,7 @@
  * filtering, limits from the environment, and the gateway key.
  */
 import { describe, expect, it } from 'vitest';
-import { clientResponseHeaders, looksLikeExpiredToken, upstreamRequestHeaders } from '../daemon/gateway/forward.js';
+import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from '../daemon/gateway/forward.js';
 import { keyMatches, newGatewayKey } from '../daemon/gateway/key.js';
 import { configFilePath, GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
 import { profileFromModel, routeRequest, upstreamUrl } from '../daemon/gateway/routing.js';
@@ -59,41 +59,48 @@ describe('upstreamUrl', () => {
 
 describe('header filtering', () => {
   it('drops hop-by-hop headers, those named by Connection and client credentials; adds the credential', () => {
-    const out = upstreamRequestHeaders(
-      {
-        host: 'gateway',
-        connection: 'keep-alive, x-private',
-        'x-private': '1',
-        'keep-alive': 'timeout=5',
-        'transfer-encoding': 'chunked',
-        te: 'trailers',
-        upgrade: 'h2c',
-        'proxy-authorization': 'Basic abc',
-        authorization: 'Bearer client',
-        'x-api-key': 'client',
-        'api-key': 'client',
-        cookie: 'session=1',
-        expect: '100-continue',
-        'x-dashscope-authtype': 'client-set',
-        'content-type': 'application/json',
-        'user-agent': 'tool/1',
-      },
+    const out = upstreamRequestFields(
+      [
+        'Host', 'gateway',
+        'Connection', 'keep-alive, X-Private',
+        'X-Private', '1',
+        'Keep-Alive', 'timeout=5',
+        'Transfer-Encoding', 'chunked',
+        'Content-Length', '12',
+        'TE', 'trailers',
+        'Upgrade', 'h2c',
+        'Proxy-Authorization', 'Basic abc',
+        'Authorization', 'Bearer client',
+        'X-Api-Key', 'client',
+        'api-key', 'client',
+        'Cookie', 'session=1',
+        'Expect', '100-continue',
+        'X-DashScope-AuthType', 'client-set',
+        'Content-Type', 'application/json',
+        'User-Agent', 'tool/1',
+        'Accept', 'a/b',
+        'Accept', 'c/d',
+      ],
       { Authorization: 'Bearer profile', 'X-DashScope-AuthType': 'qwen-oauth' },
-      12,
     );
-    expect(out).toEqual({
-      'content-type': 'application/json',
-      'user-agent': 'tool/1',
-      authorization: 'Bearer profile',
-      'x-dashscope-authtype': 'qwen-oauth',
-      'content-length': 12,
-    });
+    expect(out).toEqual([
+      'content-type', 'application/json',
+      'user-agent', 'tool/1',
+      'accept', 'a/b',
+      'accept', 'c/d',
+      'authorization', 'Bearer profile',
+      'x-dashscope-authtype', 'qwen-oauth',
+    ]);
   });
 
-  it('passes response headers except hop-by-hop ones', () => {
-    expect(
-      clientResponseHeaders({ 'content-type': 'text/event-stream', connection: 'close', 'transfer-encoding': 'chunked', 'x-request-id': 'r1', 'content-length': '5' }),
-    ).toEqual({ 'content-type': 'text/event-stream', 'x-request-id': 'r1', 'content-length': '5' });
+  it('refuses a credential holding a line break rather than sending it as a second header', () => {
+    expect(() => upstreamRequestFields([], { authorization: 'Bearer a\r\nx-evil: 1' })).toThrow(/line break/);
+  });
+
+  it('passes response headers except hop-by-hop ones and those named by Connection; the length only when the body keeps its framing', () => {
+    const fields = ['content-type', 'text/event-stream', 'connection', 'close, x-hop', 'x-hop', '1', 'transfer-encoding', 'chunked', 'x-request-id', 'r1', 'set-cookie', 'a=1', 'set-cookie', 'b=2', 'content-length', '5'];
+    expect(clientResponseFields(fields, true)).toEqual(['content-type', 'text/event-stream', 'x-request-id', 'r1', 'set-cookie', 'a=1', 'set-cookie', 'b=2', 'content-length', '5']);
+    expect(clientResponseFields(fields, false)).toEqual(['content-type', 'text/event-stream', 'x-request-id', 'r1', 'set-cookie', 'a=1', 'set-cookie', 'b=2']);
   });
 
   it("recognises Qwen's expired-token answer", () => {

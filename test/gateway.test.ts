@@ -340,6 +340,160 @@ describe('gateway streaming', () => {
   });
 });
 
+describe('gateway relaying answers byte for byte', () => {
+  // An upstream that writes its answers by hand, cut into reads where a parser could trip:
+  // inside a chunk-size line, between a size and its data, in the last chunk and its trailers.
+  let gw: GatewayHarness;
+  let upstream: import('node:net').Server;
+  let connections = 0;
+  const events = ['data: {"n":1}\n\n', 'data: {"n":2}\n\n', `data: ${'x'.repeat(300)}\n\n`, 'data: [DONE]\n\n'];
+  const pause = () => new Promise((r) => setTimeout(r, 15));
+  const BIG_MB = 64;
+  let bigWritten = 0;
+
+  async function answer(socket: import('node:net').Socket, path: string): Promise<void> {
+    if (path === '/v1/split') {
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n');
+      for (const event of events) {
+        const size = Buffer.byteLength(event).toString(16);
+        socket.write(size.slice(0, 1));
+        await pause();
+        socket.write(`${size.slice(1)};ext=1\r\n`);
+        await pause();
+        socket.write(`${event}\r\n`);
+        await pause();
+      }
+      socket.write('0\r');
+      await pause();
+      socket.write('\nx-trailer: t\r\n');
+      await pause();
+      socket.write('\r\n');
+    } else if (path === '/v1/length') {
+      const body = '{"id":"one","object":"chat.completion"}';
+      socket.write(`HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
+      await pause();
+      socket.write(body.slice(10));
+    } else if (path === '/v1/big') {
+      // As fast as the gateway takes it: how much it took is the test's measure of back-pressure.
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n');
+      const piece = Buffer.alloc(1 << 20, 'z');
+      for (let i = 0; i < BIG_MB; i++) {
+        if (socket.destroyed) return;
+        socket.write('100000\r\n');
+        socket.write(piece);
+        const more = socket.write('\r\n');
+        bigWritten += piece.length;
+        if (!more) await new Promise((r) => socket.once('drain', r));
+      }
+      socket.write('0\r\n\r\n');
+    } else if (path === '/v1/head') {
+      // An answer to HEAD: a length, and no body after it.
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 123\r\n\r\n');
+    } else if (path === '/v1/broken') {
+      socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nf\r\ndata: {"n":1}\n\n\r\n20\r\ndata: cut');
+      await pause();
+      socket.destroy();
+    }
+  }
+
+  beforeAll(async () => {
+    const { createServer } = await import('node:net');
+    upstream = createServer((socket) => {
+      connections += 1;
+      let buffered = '';
+      socket.on('data', (d: Buffer) => {
+        buffered += d.toString('latin1');
+        const end = buffered.indexOf('\r\n\r\n');
+        if (end === -1) return;
+        const length = Number(/content-length: (\d+)/i.exec(buffered.slice(0, end))?.[1] ?? 0);
+        if (buffered.length < end + 4 + length) return;
+        const path = buffered.split(' ')[1]!;
+        buffered = buffered.slice(end + 4 + length);
+        void answer(socket, path);
+      });
+      socket.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => upstream.listen(0, '127.0.0.1', r));
+    const port = (upstream.address() as import('node:net').AddressInfo).port;
+    gw = await startGateway(profileSet([oauthProfile('raw', () => `http://127.0.0.1:${port}/v1`).profile]));
+  });
+  afterAll(async () => {
+    await gw.close();
+    upstream.close();
+  });
+
+  it('a chunked answer cut anywhere reaches an HTTP/1.1 client whole and in order, trailers dropped', async () => {
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/split', { headers: json, body: chatBody('m') });
+    expect(answer.status).toBe(200);
+    expect(answer.body).toBe(events.join(''));
+    expect(answer.headers['transfer-encoding']).toBe('chunked');
+    expect(answer.headers['x-trailer']).toBeUndefined();
+  });
+
+  it('an HTTP/1.0 client gets the same body unframed, ended by the close', async () => {
+    const raw = await rawCall(gw.socketPath, ['GET /v1/split HTTP/1.0\r\nHost: x\r\n\r\n']);
+    expect(raw.startsWith('HTTP/1.1 200')).toBe(true);
+    expect(raw.toLowerCase()).not.toContain('transfer-encoding');
+    expect(raw.slice(raw.indexOf('\r\n\r\n') + 4)).toBe(events.join(''));
+  });
+
+  it('a Content-Length answer split across reads arrives whole, and the upstream connection is used again', async () => {
+    const before = connections;
+    for (let i = 0; i < 3; i++) {
+      const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/length', { headers: json, body: chatBody('m') });
+      expect(answer.body).toBe('{"id":"one","object":"chat.completion"}');
+      expect(answer.headers['content-length']).toBe('39');
+    }
+    expect(connections - before).toBeLessThanOrEqual(1);
+  });
+
+  it('a client that does not read holds the upstream back instead of filling memory; the body then arrives whole', async () => {
+    const { res } = await new Promise<{ res: import('node:http').IncomingMessage }>((resolve, reject) => {
+      const req = request({ socketPath: gw.socketPath, method: 'POST', path: '/v1/big', headers: json, agent: false }, (r) => {
+        r.pause();
+        resolve({ res: r });
+      });
+      req.on('error', reject);
+      req.end(chatBody('m'));
+    });
+    await new Promise((r) => setTimeout(r, 500));
+    // Socket buffers on both sides hold a few MB; without back-pressure the gateway reads it all.
+    expect(bigWritten).toBeLessThan((BIG_MB / 2) * (1 << 20));
+    let received = 0;
+    let intact = true;
+    for await (const chunk of res) {
+      received += (chunk as Buffer).length;
+      if (intact && (chunk as Buffer).some((b) => b !== 0x7a)) intact = false;
+    }
+    expect({ received, intact }).toEqual({ received: BIG_MB * (1 << 20), intact: true });
+  });
+
+  it('an answer to HEAD keeps its Content-Length and has no body; the connection serves the next request', async () => {
+    const before = connections;
+    const head = await httpCall({ socketPath: gw.socketPath }, 'HEAD', '/v1/head');
+    expect(head).toMatchObject({ status: 200, body: '' });
+    expect(head.headers['content-length']).toBe('123');
+    const next = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/length', { headers: json, body: chatBody('m') });
+    expect(next.body).toBe('{"id":"one","object":"chat.completion"}');
+    expect(connections - before).toBeLessThanOrEqual(1);
+  });
+
+  it('an answer the upstream breaks off is broken off for the client too, and counted', async () => {
+    const result = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/broken', { headers: json, body: chatBody('m') }).then(
+      () => 'completed',
+      (err: Error) => err.message,
+    );
+    expect(result).not.toBe('completed');
+    const deadline = Date.now() + 5_000;
+    const logged = () => gw.logs.find((l) => l.msg === 'gateway request' && l.path === '/v1/broken');
+    while (!logged() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    expect(gw.gateway.status().errors.upstream_broken).toBe(1);
+    const line = logged();
+    // Bytes out: the data relayed before the cut, the first event and the start of the second.
+    expect(line).toMatchObject({ path: '/v1/broken', error: 'upstream_broken', bytes_out: 24 });
+  });
+});
+
 describe('gateway against hostile HTTP', () => {
   let gw: GatewayHarness;
   let qwen!: ReturnType<typeof oauthProfile>;

@@ -4,11 +4,14 @@
  * - `latency`: `connections` closed loops of POSTs for `durationMs`; sends back every
  *   request's latency (µs) and the count.
  * - `sse`: opens `streams` streamed completions at once; sends back each event's delay
- *   (receive time − the upstream's stamp, ms) and how many streams finished.
+ *   (receive time − the upstream's stamp, ms), each event's stamp, the time the last stream's
+ *   answer head arrived (every stream open from then on) and how many streams finished.
  */
 import { Agent, request } from 'node:http';
 
-const now = () => performance.timeOrigin + performance.now();
+// The system-wide monotonic clock (ms): the same in every process, so a stamp written by the
+// upstream and read here need no correction (performance.timeOrigin differs by milliseconds).
+const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 function post(agent, url, headers, body) {
   return new Promise((resolve, reject) => {
@@ -47,13 +50,14 @@ async function latency({ url, headers, connections, durationMs }) {
   return { samples, errors, elapsedMs };
 }
 
-function stream(agent, url, headers, body, delays) {
+function stream(agent, url, headers, body, delays, stamps, opened) {
   return new Promise((resolve) => {
     const req = request(url, { method: 'POST', agent, headers: { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
       if (res.statusCode !== 200) {
         res.resume();
         return resolve(false);
       }
+      opened.push(now());
       let buffered = '';
       res.setEncoding('utf8');
       res.on('data', (text) => {
@@ -64,7 +68,10 @@ function stream(agent, url, headers, body, delays) {
           const event = buffered.slice(0, end);
           buffered = buffered.slice(end + 2);
           const m = /"t":([0-9.]+)/.exec(event);
-          if (m) delays.push(at - Number(m[1]));
+          if (m) {
+            delays.push(at - Number(m[1]));
+            stamps.push(Number(m[1]));
+          }
           end = buffered.indexOf('\n\n');
         }
       });
@@ -80,8 +87,11 @@ async function sse({ url, headers, streams, events, intervalMs }) {
   const agent = new Agent({ keepAlive: false, maxSockets: Infinity });
   const body = JSON.stringify({ model: 'bench-model', stream: true, events, intervalMs, messages: [{ role: 'user', content: 'hi' }] });
   const delays = [];
-  const results = await Promise.all(Array.from({ length: streams }, () => stream(agent, url, headers, body, delays)));
-  return { delays, finished: results.filter(Boolean).length };
+  const stamps = [];
+  const opened = [];
+  const results = await Promise.all(Array.from({ length: streams }, () => stream(agent, url, headers, body, delays, stamps, opened)));
+  const allOpenAt = opened.reduce((a, b) => Math.max(a, b), 0);
+  return { delays, stamps, allOpenAt, finished: results.filter(Boolean).length };
 }
 
 process.on('message', async (task) => {

@@ -1,12 +1,14 @@
 /**
  * The gateway bench's upstream: an OpenAI-shaped server in its own process. A plain
  * completion answers a small JSON body; `"stream": true` sends `events` SSE events
- * `intervalMs` apart, each stamped with the wall-clock time it was written (epoch ms with
- * fractions, comparable across processes), then `[DONE]`. Sends `{port}` to its parent.
+ * `intervalMs` apart, each stamped with the time it was written (the system's monotonic clock in
+ * ms, comparable across processes), then `[DONE]`. Sends `{port}` to its parent.
  */
 import { createServer } from 'node:http';
 
-const now = () => performance.timeOrigin + performance.now();
+// The system-wide monotonic clock (ms): the same in every process, so the client's reading of a
+// stamp needs no correction (performance.timeOrigin differs between processes by milliseconds).
+const now = () => Number(process.hrtime.bigint()) / 1e6;
 const reply = JSON.stringify({
   id: 'chatcmpl-bench',
   object: 'chat.completion',

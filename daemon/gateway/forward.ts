@@ -1,12 +1,10 @@
 /**
- * One forwarded request: headers filtered, credential injected, body and answer streamed
- * both ways with back-pressure, one forced refresh and retry for OAuth profiles whose
- * credential the upstream rejected, and upstream failures classified for the gateway.
+ * What a forwarded request carries each way: the client's header fields minus hop-by-hop ones
+ * and its own credentials, plus the profile's credential; the upstream's answer fields minus
+ * hop-by-hop ones. Fields are flat `[name, value, ...]` lists, as they are read and written.
  */
-import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
-import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 
-/** Hop-by-hop headers (RFC 9110 §7.6.1) and those node sets itself; never forwarded. */
+/** Hop-by-hop headers (RFC 9110 §7.6.1) and those the framing sets itself; never forwarded. */
 const HOP_BY_HOP = new Set([
   'connection',
   'keep-alive',
@@ -23,132 +21,70 @@ const HOP_BY_HOP = new Set([
   'http2-settings',
 ]);
 
+/** A Connection header naming no other header (the common case), which needs no parsing. */
+const PLAIN_CONNECTION = /^\s*(?:keep-alive|close)\s*$/i;
+
 /** Headers that carry the client's own credentials (or the gateway key); never sent upstream. */
 const CLIENT_CREDENTIALS = new Set(['authorization', 'x-api-key', 'api-key', 'cookie']);
 
-/** The request headers sent upstream: the client's, minus hop-by-hop and credentials, plus `credential`. */
-export function upstreamRequestHeaders(
-  incoming: IncomingHttpHeaders,
-  credential: Record<string, string>,
-  contentLength: number | null,
-): OutgoingHttpHeaders {
-  const named = connectionTokens(incoming.connection);
-  const injected = new Set(Object.keys(credential).map((k) => k.toLowerCase()));
-  const out: OutgoingHttpHeaders = {};
-  for (const [name, value] of Object.entries(incoming)) {
-    if (value === undefined || HOP_BY_HOP.has(name) || CLIENT_CREDENTIALS.has(name) || named.has(name) || injected.has(name)) continue;
-    out[name] = value;
+/**
+ * The request fields sent upstream, names lower-case: the client's (`rawHeaders`, as node
+ * reads them), minus hop-by-hop fields, fields its Connection names and credentials, plus
+ * `credential`. Framing (Host, Content-Length, Transfer-Encoding) is added by the sender.
+ */
+export function upstreamRequestFields(rawHeaders: string[], credential: Record<string, string>): string[] {
+  const keys = Object.keys(credential);
+  const injected = keys.map((k) => k.toLowerCase());
+  let named: Set<string> | null = null;
+  let out: string[] = [];
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!.toLowerCase();
+    if (name === 'connection' && !PLAIN_CONNECTION.test(rawHeaders[i + 1]!)) named = connectionTokens(named, rawHeaders[i + 1]!);
+    if (HOP_BY_HOP.has(name) || CLIENT_CREDENTIALS.has(name) || injected.includes(name)) continue;
+    out.push(name, rawHeaders[i + 1]!);
   }
-  for (const [name, value] of Object.entries(credential)) out[name.toLowerCase()] = value;
-  if (contentLength !== null) out['content-length'] = contentLength;
-  return out;
-}
-
-/** The response headers sent to the client: the upstream's, minus hop-by-hop ones. */
-export function clientResponseHeaders(incoming: IncomingHttpHeaders): OutgoingHttpHeaders {
-  const named = connectionTokens(incoming.connection);
-  const out: OutgoingHttpHeaders = {};
-  for (const [name, value] of Object.entries(incoming)) {
-    if (value === undefined || named.has(name)) continue;
-    if (HOP_BY_HOP.has(name) && name !== 'content-length') continue;
-    out[name] = value;
+  if (named) out = withoutNamed(out, named);
+  for (let i = 0; i < injected.length; i++) {
+    const value = credential[keys[i]!]!;
+    // A credential comes from the daemon, but a line break in one would start a new header.
+    if (/[\r\n\0]/.test(value)) throw new Error(`the credential header ${injected[i]} holds a line break`);
+    out.push(injected[i]!, value);
   }
   return out;
-}
-
-function connectionTokens(value: string | string[] | undefined): Set<string> {
-  if (value === undefined) return new Set();
-  const text = Array.isArray(value) ? value.join(',') : value;
-  return new Set(text.split(',').map((t) => t.trim().toLowerCase()).filter(Boolean));
-}
-
-/** Why an upstream exchange failed, as the gateway reports it. */
-export class UpstreamFailure extends Error {
-  constructor(
-    readonly kind: 'unreachable' | 'timeout' | 'aborted',
-    message: string,
-  ) {
-    super(message);
-  }
 }
 
 /**
- * Lets the gateway cut an exchange when its client goes away. A plain hook rather than an
- * AbortSignal: the signal's event machinery cost every request more than the rest of the
- * forwarding did (see bench/gateway.md).
+ * The answer fields sent to the client: the upstream's, minus hop-by-hop fields and those its
+ * Connection names. `Content-Length` is kept when `withLength` (the body is relayed as it was framed).
  */
-export class Cancellation {
-  cancelled = false;
-  private hook: (() => void) | null = null;
-
-  cancel(): void {
-    if (this.cancelled) return;
-    this.cancelled = true;
-    this.hook?.();
+export function clientResponseFields(fields: string[], withLength: boolean): string[] {
+  let named: Set<string> | null = null;
+  for (let i = 0; i < fields.length; i += 2) {
+    if (fields[i] === 'connection' && !PLAIN_CONNECTION.test(fields[i + 1]!)) named = connectionTokens(named, fields[i + 1]!);
   }
-
-  /** Runs `fn` on cancel, at once when already cancelled. One hook: the exchange in flight. */
-  onCancel(fn: () => void): void {
-    this.hook = fn;
-    if (this.cancelled) fn();
+  const out: string[] = [];
+  for (let i = 0; i < fields.length; i += 2) {
+    const name = fields[i]!;
+    if (HOP_BY_HOP.has(name) && !(withLength && name === 'content-length')) continue;
+    out.push(name, fields[i + 1]!);
   }
+  return named ? withoutNamed(out, named) : out;
 }
 
-export interface UpstreamAgents {
-  http: HttpAgent;
-  https: HttpsAgent;
+/** `fields` without those named in `named` (a Connection header's tokens). */
+function withoutNamed(fields: string[], named: Set<string>): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < fields.length; i += 2) if (!named.has(fields[i]!)) out.push(fields[i]!, fields[i + 1]!);
+  return out;
 }
 
-/** Keep-alive agents without a socket cap: concurrency is limited where requests come in. */
-export function createUpstreamAgents(): UpstreamAgents {
-  return {
-    http: new HttpAgent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256 }),
-    https: new HttpsAgent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256 }),
-  };
-}
-
-export interface UpstreamCall {
-  url: URL;
-  method: string;
-  headers: OutgoingHttpHeaders;
-  /** A whole body, or a writer that streams it into the request (and ends it). */
-  body: Buffer | ((upstream: NodeJS.WritableStream & { destroy(err?: Error): void }) => void);
-  timeoutMs: number;
-  cancel: Cancellation;
-  agents: UpstreamAgents;
-}
-
-/** Sends one request; resolves with the response head, rejects with an `UpstreamFailure`. */
-export function callUpstream(call: UpstreamCall): Promise<IncomingMessage> {
-  return new Promise((resolve, reject) => {
-    const isHttps = call.url.protocol === 'https:';
-    const send = isHttps ? httpsRequest : httpRequest;
-    let settled = false;
-    const req = send(call.url, {
-      method: call.method,
-      headers: call.headers,
-      agent: isHttps ? call.agents.https : call.agents.http,
-    });
-    call.cancel.onCancel(() => req.destroy());
-    // Silence between bytes, before the answer or within it, longer than this is a timeout.
-    req.setTimeout(call.timeoutMs, () => {
-      req.destroy(new UpstreamFailure('timeout', `the upstream sent nothing for ${call.timeoutMs} ms`));
-    });
-    req.on('error', (err: Error) => {
-      if (settled) return;
-      settled = true;
-      if (err instanceof UpstreamFailure) return reject(err);
-      if (call.cancel.cancelled) return reject(new UpstreamFailure('aborted', 'the client went away'));
-      const code = (err as NodeJS.ErrnoException).code;
-      reject(new UpstreamFailure('unreachable', `the upstream ${call.url.host} could not be reached (${code ?? err.message})`));
-    });
-    req.on('response', (res) => {
-      settled = true;
-      resolve(res);
-    });
-    if (Buffer.isBuffer(call.body)) req.end(call.body);
-    else call.body(req);
-  });
+function connectionTokens(into: Set<string> | null, value: string): Set<string> {
+  const set = into ?? new Set<string>();
+  for (const token of value.split(',')) {
+    const t = token.trim().toLowerCase();
+    if (t) set.add(t);
+  }
+  return set;
 }
 
 /** Qwen's answer to an expired or revoked access token, whatever the status it comes with. */

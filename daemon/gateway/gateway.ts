@@ -16,21 +16,13 @@ import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-proto
 import { prepareSocketDirectory, removeStaleSocket } from '../socket-file.js';
 import type { Logger } from '../logger.js';
 import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
-import {
-  Cancellation,
-  callUpstream,
-  clientResponseHeaders,
-  createUpstreamAgents,
-  looksLikeExpiredToken,
-  UpstreamFailure,
-  upstreamRequestHeaders,
-  type UpstreamAgents,
-} from './forward.js';
+import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from './forward.js';
 import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
 import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
 import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
 import { DEFAULT_GATEWAY_PORT, readGatewaySettings, updateGatewaySettings } from './settings.js';
+import { Cancellation, UpstreamFailure, UpstreamPool, type BodySink, type RequestBodySink, type UpstreamResponse } from './upstream.js';
 
 /** The only address the TCP listener ever binds. */
 export const LOOPBACK = '127.0.0.1';
@@ -61,6 +53,10 @@ interface Exchange {
   started: number;
   bytesIn: number;
   bytesOut: number;
+  /** The answer being relayed, whose body bytes count as bytes out. */
+  relayed: { readonly bodyBytes: number } | null;
+  /** Cuts the upstream exchange when the client goes away first. */
+  cancel: Cancellation | null;
   error: string | null;
   stream: boolean;
 }
@@ -77,16 +73,24 @@ export class Gateway {
   private configuredPort: number | null = null;
   private key: string | null = null;
   private keyHash: Buffer | null = null;
-  private readonly agents: UpstreamAgents = createUpstreamAgents();
+  private readonly upstreams = new UpstreamPool();
   private served = 0;
   private active = 0;
   private streams = 0;
   private readonly errors: Record<string, number> = {};
   private closed = false;
+  /**
+   * The access log: the daemon's logger without its redaction pass, which cost more than the
+   * rest of the line. Safe because the line is built here from fixed fields (method, path,
+   * status, counts, error codes) and never holds a header, query, body, token or key.
+   */
+  private readonly accessLog: Logger;
+  private readonly known = (name: string): boolean => this.options.profiles.get(name) !== undefined;
 
   constructor(private readonly options: GatewayOptions) {
     const { limits } = options.env;
     if (limits.replayBytes > limits.maxBodyBytes) options.env = { ...options.env, limits: { ...limits, replayBytes: limits.maxBodyBytes } };
+    this.accessLog = options.logger.child({}, { redact: [] });
     this.unixServer = this.createHttpServer('unix');
   }
 
@@ -191,8 +195,7 @@ export class Gateway {
     await this.closeTcp(true);
     await closeServer(this.unixServer, true);
     await unlink(this.options.env.socketPath).catch(() => undefined);
-    this.agents.http.destroy();
-    this.agents.https.destroy();
+    this.upstreams.close();
   }
 
   private async saveTcp(enabled: boolean, port: number): Promise<void> {
@@ -293,6 +296,8 @@ export class Gateway {
       started: performance.now(),
       bytesIn: 0,
       bytesOut: 0,
+      relayed: null,
+      cancel: null,
       error: null,
       stream: false,
     };
@@ -312,8 +317,7 @@ export class Gateway {
       return fail('unauthorized', 'a gateway key is required: send `Authorization: Bearer <key>` (see `qwen-token gateway env`)');
     }
     const { profiles } = this.options;
-    const known = (name: string) => profiles.get(name) !== undefined;
-    const route = routeRequest(ex.method, target, profiles.defaultProfile(), known);
+    const route = routeRequest(ex.method, target, profiles.defaultProfile(), this.known);
     if (route.kind === 'error') return fail(route.code, route.message);
     if (route.kind === 'models') {
       ex.profile = route.profile ?? null;
@@ -370,7 +374,7 @@ export class Gateway {
       }
       const model = parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as { model?: unknown }).model : undefined;
       if (typeof model === 'string') {
-        const chosen = profileFromModel(model, (name) => profiles.get(name) !== undefined);
+        const chosen = profileFromModel(model, this.known);
         if (chosen) {
           if (route.explicit && chosen.profile !== route.profile) {
             return fail('profile_conflict', `the path names profile "${route.profile}" but the model names profile "${chosen.profile}"`);
@@ -386,33 +390,31 @@ export class Gateway {
     if (!profile) return fail('unknown_profile', `no profile named "${profileName}"`);
 
     const cancel = new Cancellation();
-    res.once('close', () => {
-      if (!res.writableFinished) cancel.cancel();
-    });
+    ex.cancel = cancel;
 
     const replayable = body !== null;
     let retried = false;
     let credential: Record<string, string> | undefined;
     for (;;) {
       let url: URL;
+      let fields: string[];
       try {
         credential = await profile.credentialHeaders(retried ? { forceRefresh: true, ...(credential ? { rejected: credential } : {}) } : {});
         url = upstreamUrl(await profile.baseUrl(), route.rest);
+        fields = upstreamRequestFields(req.rawHeaders, credential);
       } catch (err) {
         return this.credentialFailure(err, profile, fail);
       }
       if (cancel.cancelled) return;
-      const headers = upstreamRequestHeaders(req.headers, credential, body !== null ? (hasBody ? body.length : null) : declared);
-      let upstream: IncomingMessage;
+      let upstream: UpstreamResponse;
       try {
-        upstream = await callUpstream({
+        upstream = await this.upstreams.send({
           url,
           method: ex.method,
-          headers,
-          body: body ?? ((dest) => this.streamBody(req, prefix, dest, ex)),
+          fields,
+          body: body !== null ? (hasBody ? body : null) : { length: declared, write: (sink: RequestBodySink) => this.streamBody(req, prefix, sink, ex) },
           timeoutMs: limits.upstreamTimeoutMs,
           cancel,
-          agents: this.agents,
         });
       } catch (err) {
         if (err instanceof UpstreamFailure) {
@@ -425,31 +427,31 @@ export class Gateway {
       if (body === null) ex.bytesIn = ex.bytesIn || declared || 0;
       else ex.bytesIn = body.length;
 
-      const status = upstream.statusCode ?? 502;
+      const status = upstream.status;
       const mayRetry = profile.retryOnAuthFailure && replayable && !retried;
       if (mayRetry && (status === 401 || status === 403)) {
-        upstream.resume();
+        upstream.discard();
         retried = true;
         this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
         continue;
       }
       let peeked: Buffer | null = null;
-      const length = Number(upstream.headers['content-length'] ?? Infinity);
-      if (mayRetry && status >= 400 && status < 500 && !upstream.headers['content-encoding'] && length <= EXPIRED_BODY_PEEK_BYTES) {
-        peeked = await readUpstreamUpTo(upstream, EXPIRED_BODY_PEEK_BYTES);
+      const length = upstream.framing === 'length' ? Number(upstream.field('content-length')) : Infinity;
+      if (mayRetry && status >= 400 && status < 500 && !upstream.field('content-encoding') && length <= EXPIRED_BODY_PEEK_BYTES) {
+        peeked = await upstream.readAll(EXPIRED_BODY_PEEK_BYTES);
         if (peeked && looksLikeExpiredToken(peeked.toString('utf8'))) {
           retried = true;
           this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
           continue;
         }
       }
-      await this.relay(upstream, res, ex, peeked);
+      this.relay(upstream, res, ex, peeked);
       return;
     }
   }
 
   /** Streams a body too large to keep: what was read so far, then the rest, counted against the limit. */
-  private streamBody(req: IncomingMessage, prefix: Buffer[], dest: NodeJS.WritableStream & { destroy(err?: Error): void }, ex: Exchange): void {
+  private streamBody(req: IncomingMessage, prefix: Buffer[], dest: RequestBodySink, ex: Exchange): void {
     const max = this.options.env.limits.maxBodyBytes;
     let seen = 0;
     const counter = new Transform({
@@ -468,56 +470,92 @@ export class Gateway {
     pipeline(req, counter, dest).catch((err: Error) => dest.destroy(err));
   }
 
-  /** Sends the upstream's answer on: status and headers as they are, the body streamed as it comes. */
-  private async relay(upstream: IncomingMessage, res: ServerResponse, ex: Exchange, peeked: Buffer | null): Promise<void> {
-    const status = upstream.statusCode ?? 502;
+  /**
+   * Sends the upstream's answer on: status and headers as they are, the body streamed as it
+   * comes. The exchange ends when the response closes (`finish`), which also cuts the upstream
+   * when the client went away first.
+   */
+  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, peeked: Buffer | null): void {
+    const status = upstream.status;
     if (status >= 500) this.count('upstream_5xx');
     else if (status >= 400) this.count('upstream_4xx');
-    const contentType = String(upstream.headers['content-type'] ?? '');
-    ex.stream = contentType.startsWith('text/event-stream');
-    if (ex.stream) this.streams += 1;
-    try {
-      if (res.destroyed) {
-        upstream.destroy();
-        return;
-      }
-      res.writeHead(status, clientResponseHeaders(upstream.headers));
-      if (peeked) {
-        ex.bytesOut += peeked.length;
-        res.end(peeked);
-        return;
-      }
-      // Each read is written as it arrives (an SSE event is never held back), and a slow
-      // client pauses the upstream (pipe's back-pressure) instead of filling memory.
-      await new Promise<void>((done) => {
-        upstream.on('data', (chunk: Buffer) => {
-          ex.bytesOut += chunk.length;
-        });
-        // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
-        const broken = () => {
-          if (res.writableFinished) return;
-          if (ex.error === null) {
-            ex.error = 'upstream_broken';
-            this.count('upstream_broken');
-          }
-          res.destroy();
-        };
-        upstream.once('error', broken);
-        upstream.once('close', () => {
-          if (!upstream.complete) broken();
-        });
-        res.once('close', () => {
-          if (!res.writableFinished) {
-            ex.error ??= 'client_aborted';
-            upstream.destroy();
-          }
-          done();
-        });
-        upstream.pipe(res);
-      });
-    } finally {
-      if (ex.stream) this.streams -= 1;
+    if (res.destroyed) {
+      // The client left while the answer was looked at; `finish` has run already.
+      upstream.discard();
+      return;
     }
+    ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
+    if (ex.stream) this.streams += 1;
+    // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
+    // where it tells the length the body would have had.
+    res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
+    if (peeked) {
+      ex.bytesOut += peeked.length;
+      res.end(peeked);
+      return;
+    }
+    ex.relayed = upstream;
+    const framed = this.framedRelay(upstream, res);
+    upstream.relay(this.bodySink(upstream, res, ex, framed), framed);
+  }
+
+  /**
+   * True when a chunked answer can go to the client with its chunk framing as it came: the
+   * client is sent a chunked body too (node chose chunked framing at `writeHead`: HTTP/1.1,
+   * no length) and its connection is this response's alone (no earlier response queued on it).
+   */
+  private framedRelay(upstream: UpstreamResponse, res: ServerResponse): boolean {
+    return upstream.framing === 'chunked' && res.socket !== null && (res as ServerResponse & { chunkedEncoding?: boolean }).chunkedEncoding === true;
+  }
+
+  /**
+   * Where the answer's body goes. Each read is written as it arrives (an SSE event is never held
+   * back), and a slow client pauses the upstream instead of filling memory. A chunked answer to
+   * a chunked client is written to its connection as it came, chunk framing and all; the end
+   * (the last chunk) is written by `res.end()`.
+   */
+  private bodySink(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, framed: boolean): BodySink {
+    // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
+    const broken = () => {
+      if (res.writableFinished) return;
+      if (ex.error === null) {
+        ex.error = 'upstream_broken';
+        this.count('upstream_broken');
+      }
+      res.destroy();
+    };
+    if (!framed) {
+      return {
+        write: (bytes) => {
+          if (res.write(bytes)) return true;
+          res.once('drain', () => upstream.resume());
+          return false;
+        },
+        end: () => res.end(),
+        broken,
+      };
+    }
+    const socket = res.socket!;
+    let started = false;
+    return {
+      write: (bytes) => {
+        if (res.destroyed) return true;
+        let ok: boolean;
+        if (!started) {
+          // The head and the first bytes leave in one write.
+          started = true;
+          socket.cork();
+          res.flushHeaders();
+          ok = socket.write(bytes);
+          socket.uncork();
+        } else ok = socket.write(bytes);
+        if (ok) return true;
+        socket.once('drain', () => upstream.resume());
+        return false;
+      },
+      end: () => res.end(),
+      broken,
+    };
   }
 
   private credentialFailure(err: unknown, profile: GatewayProfile, fail: (code: GatewayErrorCode, message: string) => void): void {
@@ -552,18 +590,16 @@ export class Gateway {
     const cancel = new Cancellation();
     const timer = setTimeout(() => cancel.cancel(), MODELS_TIMEOUT_MS);
     try {
-      const headers = upstreamRequestHeaders({ accept: 'application/json' }, await profile.credentialHeaders(), null);
-      const upstream = await callUpstream({
+      const upstream = await this.upstreams.send({
         url: upstreamUrl(await profile.baseUrl(), '/models'),
         method: 'GET',
-        headers,
-        body: Buffer.alloc(0),
+        fields: upstreamRequestFields(['accept', 'application/json'], await profile.credentialHeaders()),
+        body: null,
         timeoutMs: MODELS_TIMEOUT_MS,
         cancel,
-        agents: this.agents,
       });
-      const text = await readUpstreamUpTo(upstream, MODELS_BODY_LIMIT);
-      if (upstream.statusCode !== 200 || !text) throw new Error(`the upstream answered ${upstream.statusCode} to GET /models`);
+      const text = await upstream.readAll(MODELS_BODY_LIMIT);
+      if (upstream.status !== 200 || !text) throw new Error(`the upstream answered ${upstream.status} to GET /models`);
       return ModelListSchema.parse(JSON.parse(text.toString('utf8'))).data.map((m) => m.id);
     } finally {
       clearTimeout(timer);
@@ -578,11 +614,15 @@ export class Gateway {
   private finish(ex: Exchange, res: ServerResponse): void {
     this.active -= 1;
     this.served += 1;
-    if (!res.writableFinished && ex.error === null) {
-      ex.error = 'client_aborted';
-      this.count('client_aborted');
-    } else if (ex.error === 'client_aborted') this.count('client_aborted');
-    this.options.logger.info(
+    if (ex.stream) this.streams -= 1;
+    if (!res.writableFinished) {
+      if (ex.error === null) {
+        ex.error = 'client_aborted';
+        this.count('client_aborted');
+      }
+      ex.cancel?.cancel();
+    }
+    this.accessLog.info(
       {
         listener: ex.listener,
         method: ex.method,
@@ -591,7 +631,7 @@ export class Gateway {
         status: res.statusCode,
         duration_ms: Math.round((performance.now() - ex.started) * 10) / 10,
         bytes_in: ex.bytesIn,
-        bytes_out: ex.bytesOut,
+        bytes_out: ex.bytesOut + (ex.relayed?.bodyBytes ?? 0),
         ...(ex.error ? { error: ex.error } : {}),
       },
       'gateway request',
@@ -642,25 +682,6 @@ function readUpTo(req: IncomingMessage, limit: number): Promise<{ whole: true; b
     req.on('close', onClose);
     req.on('error', onClose);
   });
-}
-
-/** Reads an upstream answer whole when it is at most `limit` bytes; null (answer destroyed) when larger. */
-async function readUpstreamUpTo(upstream: IncomingMessage, limit: number): Promise<Buffer | null> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  try {
-    for await (const chunk of upstream) {
-      size += (chunk as Buffer).length;
-      if (size > limit) {
-        upstream.destroy();
-        return null;
-      }
-      chunks.push(chunk as Buffer);
-    }
-  } catch {
-    return null;
-  }
-  return Buffer.concat(chunks, size);
 }
 
 function listen(server: Server, options: { path: string } | { host: string; port: number; exclusive: boolean }): Promise<void> {
