@@ -106,8 +106,8 @@ function expect<T extends z.ZodType>(schema: T, value: unknown, method: string):
 }
 
 /**
- * Tokens already checked, by the value the connection handed over: the answers to a burst of
- * calls arrive as one value many times over, and so does a push to every connection of this
+ * Tokens already checked, by the value the connection handed over: the answers to many calls
+ * made at once arrive as one value many times over, and so does a push to every connection of this
  * process (see DaemonConnection), so it is checked once.
  */
 const checkedTokens = new WeakMap<object, TokenResult>();
@@ -416,7 +416,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
 
   /**
    * Asks the daemon for a token valid for `minValidityMs` more, checks and remembers it, and
-   * gives `pick(token)`. No async function of its own: a burst of calls on an expired token makes
+   * gives `pick(token)`. No async function of its own: many calls at once on an expired token makes
    * a thousand of these at once, and each async frame in the chain costs every call a promise
    * and a resumption, going out and again coming back.
    */
@@ -486,7 +486,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
 
   /**
    * `request(method, params)` with its result mapped by `map`. On an open connection the request
-   * leaves before this returns (the first of a burst reaches the daemon while the rest are still
+   * leaves before this returns (the first of many calls reaches the daemon while the rest are still
    * being made), and the answer goes straight to `map`; a failure takes the reconnecting path.
    */
   private requestThen<T>(method: string, params: object, profile: string | undefined, map: (value: unknown) => T): Promise<T> {
@@ -530,7 +530,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       connection = await this.openSocket();
     } catch (err) {
       if ((err as NodeJS.ErrnoException)?.code === 'EAGAIN') {
-        // A daemon is there but its accept queue is full (a burst of clients, or it is
+        // A daemon is there but its accept queue is full (many clients at once, or it is
         // paused): as transient as a restart, so wait for it rather than fail or start another.
         connection = await this.waitForSocket();
       } else {

@@ -3,7 +3,7 @@ import { closeSync, constants as fsConstants, fchmodSync, fstatSync, openSync, r
 import { chmod, link, lstat, mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
-import { errnoCode, processAlive } from '../shared/diagnostics.js';
+import { errnoCode, errorText, processAlive } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 import { parseCredentialsText, serializeCredentials, trustedChatBaseUrl, type Credentials } from '../shared/credentials.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
@@ -91,8 +91,8 @@ const REASONS: Record<string, string> = {
 /** A short human reason for a filesystem error, with its errno code. */
 export function describeFsError(err: unknown): string {
   const code = errnoCode(err);
-  if (code !== undefined && /^E[A-Z0-9]+$/.test(code)) return `${REASONS[code] ?? (err as Error).message} (${code})`;
-  return err instanceof Error ? err.message : String(err);
+  if (code !== undefined && /^E[A-Z0-9]+$/.test(code)) return `${REASONS[code] ?? errorText(err)} (${code})`;
+  return errorText(err);
 }
 
 /** Small files (locks, pid files) are read only this far: they hold a UUID or a line of JSON. */
@@ -246,8 +246,8 @@ export class CredentialFile {
     // Synchronous I/O, on purpose. The file is a few hundred bytes on a local disk, read at
     // start-up, after a change event and right before each refresh, where every caller waiting
     // for a token waits on it too. Done asynchronously, open, stat, read and close are four
-    // thread-pool round trips, each waiting for a turn of the event loop: 1.1 ms per read on an
-    // idle daemon and several ms under a burst of requests, against 15-20 µs done here.
+    // thread-pool round trips, each waiting for a turn of the event loop, far slower than the
+    // read itself when many requests are queued (see bench/README.md#b4).
     let fd: number;
     try {
       // Non-blocking open: a FIFO put where the file should be is refused below, instead of

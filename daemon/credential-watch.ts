@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import { dirname, resolve, sep } from 'node:path';
 import { watch, type FSWatcher } from 'chokidar';
 import type { Logger } from './logger.js';
+import { errorText } from '../shared/diagnostics.js';
 
 /** After the last event for a file, read it once more this much later. */
 const TRAILING_CHECK_MS = 150;
@@ -94,7 +95,7 @@ export class CredentialWatcher {
     watcher.on('add', fire);
     watcher.on('change', fire);
     watcher.on('addDir', appeared);
-    watcher.on('error', (err) => this.logger.warn({ err: (err as Error).message }, 'file watcher error'));
+    watcher.on('error', (err) => this.logger.warn({ err: errorText(err) }, 'file watcher error'));
     this.watcher = watcher;
     await new Promise<void>((done) => watcher.once('ready', () => done()));
   }

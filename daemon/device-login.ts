@@ -10,6 +10,7 @@ import { QwenError, QwenOAuthError } from '../shared/errors.js';
 import type { LoginStartResult } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
 import { credentialsFromGrant, NETWORK_ADVICE, type QwenOAuthClient } from './oauth.js';
+import { errorText } from '../shared/diagnostics.js';
 
 export interface DeviceLoginEvents {
   completed: [Credentials];
@@ -93,7 +94,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
    */
   private startFailure(err: unknown): QwenError {
     const where = this.options.serverUrl ? ` at ${displayUrl(this.options.serverUrl)}` : '';
-    const cause = err instanceof Error ? err.message : String(err);
+    const cause = errorText(err);
     if (!(err instanceof QwenOAuthError)) {
       return err instanceof QwenError ? err : new QwenOAuthError(`login failed: could not start the device flow${where}: ${cause}`);
     }
@@ -144,7 +145,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
         }
         this.emit('completed', credentials);
       } catch (err) {
-        const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${(err as Error).message}`);
+        const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${errorText(err)}`);
         this.recordFailure(error, error.message.startsWith('login failed') ? error.message : `login failed: ${error.message}`);
         this.emit('failed', error);
       } finally {

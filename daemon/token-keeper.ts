@@ -35,6 +35,7 @@ import type { Logger } from './logger.js';
 import { credentialsFromGrant, type QwenOAuthClient } from './oauth.js';
 import { cliCommand } from '../shared/cli-command.js';
 import { withQwenCliLock } from './qwen-cli-lock.js';
+import { errorText } from '../shared/diagnostics.js';
 
 /** How long shutdown waits for an in-flight refresh before abandoning it (within the 2 s exit budget). */
 const STOP_GRACE_MS = 1_000;
@@ -119,7 +120,7 @@ export interface KeeperSnapshot {
 
 function toQwenError(err: unknown): QwenError {
   if (err instanceof QwenError) return err;
-  const message = err instanceof Error ? err.message : String(err);
+  const message = errorText(err);
   return new QwenOAuthError(`refresh failed: ${message}`, { retryable: true, cause: err });
 }
 
@@ -187,7 +188,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   /**
    * A token valid for more than `minValidityMs`, refreshing first when needed. Callers waiting
-   * on the same refresh with the same minimum share one promise: a burst of a thousand calls
+   * on the same refresh with the same minimum share one promise: a thousand calls at once
    * is answered from one settlement, not a thousand chains resumed one step at a time.
    */
   getAccessToken(minValidityMs = 0): Promise<Credentials> {
@@ -421,7 +422,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       try {
         this.emit('token_refreshed', credentials);
       } catch (err) {
-        logger.error({ err: err instanceof Error ? err.message : String(err) }, 'a token_refreshed listener failed');
+        logger.error({ err: errorText(err) }, 'a token_refreshed listener failed');
       }
     };
     try {
@@ -430,7 +431,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       this.releaseLogs();
       // Only releasing the Qwen CLI's lock can fail once the credentials were published.
       if (!published) return this.refreshFailed(err, used);
-      logger.warn({ err: err instanceof Error ? err.message : String(err) }, 'the refresh succeeded, but cleaning up after it failed');
+      logger.warn({ err: errorText(err) }, 'the refresh succeeded, but cleaning up after it failed');
     }
     this.releaseLogs();
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
@@ -451,7 +452,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     // Another process may hold a newer refresh token: look once before giving up.
     const rescued = terminal
       ? await this.rescueFromFiles(used).catch((rescueErr: unknown) => {
-          logger.warn({ err: rescueErr instanceof Error ? rescueErr.message : String(rescueErr) }, 'could not look for a newer refresh token on disk');
+          logger.warn({ err: errorText(rescueErr) }, 'could not look for a newer refresh token on disk');
           return null;
         })
       : null;
@@ -586,7 +587,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       read = await file.read({ settling: !settled });
     } catch (err) {
       // Unreadable or refused (another user's file, a FIFO): nothing to adopt, and said why.
-      this.deps.logger.warn({ path: file.path, err: (err as Error).message }, `not adopting a change of ${file.path}: ${(err as Error).message}`);
+      this.deps.logger.warn({ path: file.path, err: errorText(err) }, `not adopting a change of ${file.path}: ${errorText(err)}`);
       return;
     }
     if (read.status === 'corrupt' && !settled) {
@@ -637,7 +638,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       try {
         await cliFile.write(credentials);
       } catch (err) {
-        this.logAfterSave(() => logger.error({ path: cliFile.path, err: (err as Error).message }, "could not update the Qwen CLI's credential file"));
+        this.logAfterSave(() => logger.error({ path: cliFile.path, err: errorText(err) }, "could not update the Qwen CLI's credential file"));
       }
     }
     try {
@@ -646,7 +647,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       this.unsaved = null;
     } catch (err) {
       this.unsaved = credentials;
-      logger.error({ path: ownFile.path, err: (err as Error).message }, 'could not save credentials; keeping them in memory and retrying');
+      logger.error({ path: ownFile.path, err: errorText(err) }, 'could not save credentials; keeping them in memory and retrying');
     }
   }
 }

@@ -5,7 +5,7 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
 import { cliCommand, daemonCommand } from '../../shared/cli-command.js';
-import { errnoCode } from '../../shared/diagnostics.js';
+import { errnoCode, errorText } from '../../shared/diagnostics.js';
 import { QwenDaemonUnavailableError, QwenError } from '../../shared/errors.js';
 import { serviceInstalled } from '../autostart.js';
 import type { TokenClient } from '../token-client.js';
@@ -134,7 +134,7 @@ function oneLine(text: string): string {
 
 /** Prints `qwen-token: <message>` (and a hint line) to stderr; never a stack trace. */
 export function reportError(err: unknown): void {
-  const message = err instanceof Error ? err.message : String(err);
+  const message = errorText(err);
   note(`qwen-token: ${oneLine(message) || (err instanceof QwenError ? err.code : 'unexpected error')}`);
   const hint = hintFor(err);
   if (hint) note(`hint: ${hint}`);

@@ -6,7 +6,7 @@ import type { Stats } from 'node:fs';
 import { lstat, readFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { Command } from 'commander';
-import { errnoCode } from '../../shared/diagnostics.js';
+import { errnoCode, errorText } from '../../shared/diagnostics.js';
 import { cliCommand } from '../../shared/cli-command.js';
 import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
 import { QwenProtocolError } from '../../shared/errors.js';
@@ -90,7 +90,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
   try {
     st = await lstatOrNull(path);
   } catch (err) {
-    return bad(`cannot inspect ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check the permissions of ${dirname(path)}`);
+    return bad(`cannot inspect ${path}: ${errnoCode(err) ?? errorText(err)}`, `check the permissions of ${dirname(path)}`);
   }
   if (st === null) return check(o.id, o.title, o.missing.status, `${path} ${o.missing.detail}`, o.missing.hint);
   if (!st.isFile()) return bad(`${path} is not a regular file`, `remove it and run \`${cliCommand('login')}\``);
@@ -104,7 +104,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
   try {
     text = await readFile(path, 'utf8');
   } catch (err) {
-    return bad(`cannot read ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check its owner and mode`);
+    return bad(`cannot read ${path}: ${errnoCode(err) ?? errorText(err)}`, `check its owner and mode`);
   }
   // Loaded on use: it pulls in zod.
   const { parseCredentialsText } = await import('../../shared/credentials.js');
@@ -117,7 +117,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
       `${path}: valid, mode ${modeText(st)}; token ${fingerprint(creds.access_token)} ${describeExpiry(creds.expiry_date, now)}`,
     );
   } catch (err) {
-    return bad((err as Error).message, `run \`${cliCommand('login')}\` to replace it`);
+    return bad(errorText(err), `run \`${cliCommand('login')}\` to replace it`);
   }
 }
 
@@ -180,7 +180,7 @@ function checkDaemonDown(config: TokendConfig, err: unknown): Check {
   if (err instanceof QwenProtocolError) {
     return check('daemon', title, 'fail', err.message, 'restart qwen-tokend after upgrading, so daemon and client speak the same protocol');
   }
-  if (!daemonNotRunning(err)) return check('daemon', title, 'fail', (err as Error).message, startAdvice(config));
+  if (!daemonNotRunning(err)) return check('daemon', title, 'fail', errorText(err), startAdvice(config));
   if (serviceInstalled(config.home)) return check('daemon', title, 'fail', 'not running, though the service is installed', startAdvice(config));
   if (config.autostart) {
     return check('daemon', title, 'ok', 'not running; it starts on the first token request (autostart)');
@@ -233,7 +233,7 @@ async function checkProfileFiles(p: ProfileInfo): Promise<Check> {
     try {
       st = await lstatOrNull(path);
     } catch (err) {
-      return check(id, title, 'fail', `cannot inspect ${path}: ${errnoCode(err) ?? (err as Error).message}`, `check the permissions of ${dirname(path)}`);
+      return check(id, title, 'fail', `cannot inspect ${path}: ${errnoCode(err) ?? errorText(err)}`, `check the permissions of ${dirname(path)}`);
     }
     if (st === null) continue;
     present++;
@@ -272,7 +272,7 @@ async function checkDiscovery(p: ProfileInfo): Promise<Check | null> {
     } catch (err) {
       const cause = (err as { cause?: unknown }).cause;
       const name = (err as { name?: unknown }).name;
-      failures.push(`${url}: ${name === 'TimeoutError' ? `no answer within ${DISCOVERY_TIMEOUT_MS / 1000} s` : (errnoCode(cause) ?? (cause instanceof Error ? cause.message : (err as Error).message))}`);
+      failures.push(`${url}: ${name === 'TimeoutError' ? `no answer within ${DISCOVERY_TIMEOUT_MS / 1000} s` : (errnoCode(cause) ?? (cause instanceof Error ? cause.message : errorText(err)))}`);
       continue;
     }
     let meta: unknown;
@@ -330,7 +330,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
   try {
     config = commandConfig(env);
   } catch (err) {
-    checks.push(check('config', 'configuration', 'fail', (err as Error).message, 'set the variable named above to a valid value, or unset it for the default'));
+    checks.push(check('config', 'configuration', 'fail', errorText(err), 'set the variable named above to a valid value, or unset it for the default'));
     return checks;
   }
   checks.push(check('config', 'configuration', 'ok', `resolves; socket ${config.socketPath}, token file ${config.tokenPath}`));
@@ -343,7 +343,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv): Promise<Check[]> {
     checks.push(check('socket-path', 'socket path length', 'ok', `${Buffer.byteLength(config.socketPath)} bytes (limit ${limit})`));
   } catch (err) {
     socketPathOk = false;
-    checks.push(check('socket-path', 'socket path length', 'fail', (err as Error).message, 'set QWEN_TOKEND_SOCKET or XDG_RUNTIME_DIR to a shorter path'));
+    checks.push(check('socket-path', 'socket path length', 'fail', errorText(err), 'set QWEN_TOKEND_SOCKET or XDG_RUNTIME_DIR to a shorter path'));
   }
 
   const dir = dirname(config.socketPath);

@@ -9,6 +9,7 @@ import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-proto
 import type { DaemonConnection } from '../daemon-connection.js';
 import { commandConfig, commandEnv, out, outJson, parseProfileName, withClient, type GlobalOptions } from './context.js';
 import { formatGatewayRows } from './gateway-format.js';
+import { errorText } from '../../shared/diagnostics.js';
 
 const CALL_TIMEOUT_MS = 10_000;
 
@@ -41,7 +42,7 @@ async function callWith<S extends z.ZodType>(
   try {
     connection = await Connection.open({ socketPath: config.socketPath }, CALL_TIMEOUT_MS);
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+    const code = (err as NodeJS.ErrnoException).code ?? errorText(err);
     throw new QwenDaemonUnavailableError(`qwen-tokend is not reachable at ${config.socketPath} (${code}); start it with \`qwen-tokend\` or \`qwen-token service install\``);
   }
   try {

@@ -12,6 +12,7 @@ import { commandEnv, interactive, note, openClient, out, outJson, profileOption,
 import { describeExpiry, formatDuration } from './duration.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 import { delay, keepAlive } from './keep-alive.js';
+import { errorText } from '../../shared/diagnostics.js';
 
 export interface LoginCommandOptions {
   browser: boolean;
@@ -58,7 +59,7 @@ async function openBrowser(url: string): Promise<void> {
     const child = await open(url);
     child.on('error', () => undefined);
   } catch (err) {
-    note(`(could not open a browser: ${(err as Error).message}; open the URL yourself)`);
+    note(`(could not open a browser: ${errorText(err)}; open the URL yourself)`);
   }
 }
 
@@ -144,7 +145,7 @@ class LoginView {
       outJson({
         event: 'login.failed',
         code: error instanceof QwenError ? error.code : 'QWEN_ERROR',
-        message: error instanceof Error ? error.message : String(error),
+        message: errorText(error),
       });
       return;
     }

@@ -12,6 +12,7 @@ import { commandEnv, note, out, outJson, parseProfileName, withClient, type Glob
 import { describeExpiry, formatRelative } from './duration.js';
 import { ExitCodes } from './exit-codes.js';
 import { formatProfileLines } from './status.js';
+import { errorText } from '../../shared/diagnostics.js';
 
 /** The built-in profile (shared/profiles.ts DEFAULT_PROFILE; repeated so that `--help` loads no zod). */
 const BUILTIN = 'qwen';
@@ -169,7 +170,7 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
       try {
         base = { ...profiles.presetSettings(opts.preset, opts.region) };
       } catch (err) {
-        usage(cmd, (err as Error).message);
+        usage(cmd, errorText(err));
       }
     } else if (kindAsked === undefined) {
       base = { ...existing!.settings, kind };
