@@ -9,6 +9,7 @@ import { createServer as createNetServer } from 'node:net';
 import { dirname } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { gatewayKeyPath } from '../daemon/gateway/key.js';
+import { fingerprint } from '../shared/fingerprint.js';
 import { ProfileNeedsLoginError, type GatewayProfile } from '../daemon/gateway/profiles.js';
 import { httpCall, profileSet, rawCall, startGateway, type GatewayHarness } from './support/gateway-harness.js';
 import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
@@ -284,6 +285,96 @@ describe('gateway credential failures and retries', () => {
     const status = gw.gateway.status();
     expect(status.errors.upstream_unreachable).toBe(1);
     expect(status.errors.upstream_timeout).toBe(1);
+  });
+});
+
+describe('gateway error answers that quote the credential', () => {
+  // An upstream that rejects every request quoting the credential it was sent, as real APIs do
+  // ("Incorrect API key provided: sk-…"), framed and encoded as the path asks.
+  let gw: GatewayHarness;
+  let upstream: import('node:http').Server;
+  let bearer!: ReturnType<typeof keyProfile>;
+  let xkey!: ReturnType<typeof keyProfile>;
+  let oauth!: ReturnType<typeof oauthProfile>;
+  let base = '';
+
+  beforeAll(async () => {
+    bearer = keyProfile('bearer');
+    xkey = keyProfile('xkey', 'x-api-key');
+    oauth = oauthProfile('oauth', () => base);
+    const { createServer } = await import('node:http');
+    const { gzipSync } = await import('node:zlib');
+    upstream = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        const sent = (req.headers['x-api-key'] as string | undefined) ?? req.headers.authorization!.replace(/^Bearer /, '');
+        const path = req.url!;
+        const status = path.includes('/forbidden') ? 403 : 401;
+        if (path.includes('/text')) {
+          res.writeHead(status, { 'content-type': 'text/plain', 'x-request-id': 'r-1' });
+          // Chunked, the key cut across two writes.
+          res.write(`Incorrect API key provided: ${sent.slice(0, 5)}`);
+          setTimeout(() => res.end(`${sent.slice(5)}. Also: ${sent}\n`), 10);
+          return;
+        }
+        const body = JSON.stringify({ error: { message: `Incorrect API key provided: ${sent}. You can find your API key at https://example.test.`, type: 'invalid_request_error', code: 'invalid_api_key' } });
+        if (path.includes('/gzip')) {
+          const packed = gzipSync(body);
+          res.writeHead(status, { 'content-type': 'application/json', 'content-encoding': 'gzip', 'content-length': packed.length });
+          res.end(packed);
+          return;
+        }
+        res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-request-id': 'r-2' });
+        res.end(body);
+      });
+    });
+    await new Promise<void>((r) => upstream.listen(0, '127.0.0.1', r));
+    const port = (upstream.address() as import('node:net').AddressInfo).port;
+    base = `http://127.0.0.1:${port}/v1`;
+    for (const p of [bearer, xkey]) p.profile.baseUrl = async () => base;
+    gw = await startGateway(profileSet([bearer.profile, xkey.profile, oauth.profile]));
+  });
+  afterAll(async () => {
+    await gw.close();
+    upstream.close();
+  });
+
+  const expected = (key: string) => `[redacted key ${fingerprint(key)}]`;
+
+  it('a JSON 401 with Content-Length: the key is replaced by its fingerprint, status, headers and length fixed', async () => {
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/bearer/v1/chat/completions', { headers: json, body: chatBody('m') });
+    expect(answer.status).toBe(401);
+    expect(answer.body).not.toContain(bearer.state.key);
+    const error = JSON.parse(answer.body) as { error: { message: string; code: string } };
+    expect(error.error.message).toBe(`Incorrect API key provided: ${expected(bearer.state.key)}. You can find your API key at https://example.test.`);
+    expect(error.error.code).toBe('invalid_api_key');
+    expect(answer.headers['x-request-id']).toBe('r-2');
+    expect(answer.headers['content-length']).toBe(String(Buffer.byteLength(answer.body)));
+  });
+
+  it('a chunked text/plain 401 with the key split across reads, sent as x-api-key: every occurrence replaced', async () => {
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/xkey/v1/text', { headers: json, body: chatBody('m') });
+    expect(answer.status).toBe(401);
+    expect(answer.body).toBe(`Incorrect API key provided: ${expected(xkey.state.key)}. Also: ${expected(xkey.state.key)}\n`);
+    expect(answer.headers['content-type']).toBe('text/plain');
+    expect(answer.headers['content-length']).toBe(String(Buffer.byteLength(answer.body)));
+    expect(answer.headers['transfer-encoding']).toBeUndefined();
+  });
+
+  it('a gzip-encoded 401 is decoded and redacted, and sent without its Content-Encoding', async () => {
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/bearer/v1/gzip', { headers: { ...json, 'accept-encoding': 'gzip' }, body: chatBody('m') });
+    expect(answer.status).toBe(401);
+    expect(answer.headers['content-encoding']).toBeUndefined();
+    expect(answer.body).toContain(`provided: ${expected(bearer.state.key)}.`);
+    expect(answer.body).not.toContain(bearer.state.key);
+  });
+
+  it('OAuth: the final 403 after the retry quotes the refreshed token, which is replaced too', async () => {
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/oauth/v1/forbidden', { headers: json, body: chatBody('m') });
+    expect(answer.status).toBe(403);
+    expect(oauth.state.refreshes).toBe(1);
+    expect(answer.body).toContain(expected(oauth.state.token));
+    expect(answer.body).not.toContain(oauth.state.token);
   });
 });
 

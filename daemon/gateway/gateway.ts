@@ -19,6 +19,7 @@ import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js'
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from './forward.js';
 import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue, type RedactedBody } from './redact.js';
 import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
 import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
 import { DEFAULT_GATEWAY_PORT, readGatewaySettings, updateGatewaySettings } from './settings.js';
@@ -27,8 +28,6 @@ import { Cancellation, UpstreamFailure, UpstreamPool, type BodySink, type Reques
 /** The only address the TCP listener ever binds. */
 export const LOOPBACK = '127.0.0.1';
 
-/** An error answer from the upstream larger than this is passed through without looking for Qwen's "expired" text. */
-const EXPIRED_BODY_PEEK_BYTES = 64 * 1024;
 /** How long `GET /v1/models` waits for one profile's upstream list. */
 const MODELS_TIMEOUT_MS = 10_000;
 const MODELS_BODY_LIMIT = 4 * 1024 * 1024;
@@ -435,17 +434,24 @@ export class Gateway {
         this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
         continue;
       }
-      let peeked: Buffer | null = null;
-      const length = upstream.framing === 'length' ? Number(upstream.field('content-length')) : Infinity;
-      if (mayRetry && status >= 400 && status < 500 && !upstream.field('content-encoding') && length <= EXPIRED_BODY_PEEK_BYTES) {
-        peeked = await upstream.readAll(EXPIRED_BODY_PEEK_BYTES);
-        if (peeked && looksLikeExpiredToken(peeked.toString('utf8'))) {
+      if (status >= 400 && upstream.framing !== 'none') {
+        // Error bodies are read (up to a cap) before they go on: they may quote the credential.
+        const read = await readCapped(upstream, ERROR_BODY_CAP);
+        if (read === null) {
+          if (cancel.cancelled) return;
+          return fail('upstream_unreachable', `the upstream ${url.host} broke off its ${status} answer`);
+        }
+        const secrets = credentialSecrets(credential);
+        const redacted = redactErrorBody(read.bytes, upstream.field('content-encoding'), read.cut, secrets);
+        if (mayRetry && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
           retried = true;
           this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
           continue;
         }
+        this.relayError(upstream, res, ex, redacted, secrets);
+        return;
       }
-      this.relay(upstream, res, ex, peeked);
+      this.relay(upstream, res, ex);
       return;
     }
   }
@@ -475,28 +481,48 @@ export class Gateway {
    * comes. The exchange ends when the response closes (`finish`), which also cuts the upstream
    * when the client went away first.
    */
-  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, peeked: Buffer | null): void {
-    const status = upstream.status;
-    if (status >= 500) this.count('upstream_5xx');
-    else if (status >= 400) this.count('upstream_4xx');
-    if (res.destroyed) {
-      // The client left while the answer was looked at; `finish` has run already.
-      upstream.discard();
-      return;
-    }
+  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange): void {
+    if (!this.answering(upstream, res)) return;
     ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
     if (ex.stream) this.streams += 1;
     // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
     // where it tells the length the body would have had.
-    res.writeHead(status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
-    if (peeked) {
-      ex.bytesOut += peeked.length;
-      res.end(peeked);
-      return;
-    }
+    res.writeHead(upstream.status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
     ex.relayed = upstream;
     const framed = this.framedRelay(upstream, res);
     upstream.relay(this.bodySink(upstream, res, ex, framed), framed);
+  }
+
+  /**
+   * Sends an upstream error answer on with every credential the gateway sent replaced by its
+   * fingerprint, in its body and its header values; status and other headers as they came,
+   * the body decoded when it was compressed, and its length set to what is sent.
+   */
+  private relayError(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, { body, decoded }: RedactedBody, secrets: string[]): void {
+    if (!this.answering(upstream, res)) return;
+    const fields = clientResponseFields(upstream.fields, false);
+    const out: string[] = [];
+    for (let i = 0; i < fields.length; i += 2) {
+      if (decoded && fields[i] === 'content-encoding') continue;
+      out.push(fields[i]!, redactHeaderValue(fields[i + 1]!, secrets));
+    }
+    out.push('content-length', String(body.length));
+    res.writeHead(upstream.status, out);
+    ex.bytesOut += body.length;
+    res.end(body);
+  }
+
+  /** Counts an upstream error status; false when the client left while the answer was looked at. */
+  private answering(upstream: UpstreamResponse, res: ServerResponse): boolean {
+    const status = upstream.status;
+    if (status >= 500) this.count('upstream_5xx');
+    else if (status >= 400) this.count('upstream_4xx');
+    if (res.destroyed) {
+      // `finish` has run already.
+      upstream.discard();
+      return false;
+    }
+    return true;
   }
 
   /**
@@ -681,6 +707,41 @@ function readUpTo(req: IncomingMessage, limit: number): Promise<{ whole: true; b
     req.on('end', onEnd);
     req.on('close', onClose);
     req.on('error', onClose);
+  });
+}
+
+/**
+ * Reads an answer's body up to `cap` bytes: whole, or its first `cap` bytes (`cut`) with the
+ * rest dropped and the connection closed. Null when the upstream broke it off.
+ */
+function readCapped(upstream: UpstreamResponse, cap: number): Promise<{ bytes: Buffer; cut: boolean } | null> {
+  return new Promise((done) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    upstream.relay(
+      {
+        write: (bytes) => {
+          if (over) return false;
+          if (size + bytes.length > cap) {
+            chunks.push(bytes.subarray(0, cap - size));
+            size = cap;
+            over = true;
+            done({ bytes: Buffer.concat(chunks, size), cut: true });
+            upstream.discard();
+            return false;
+          }
+          chunks.push(bytes);
+          size += bytes.length;
+          return true;
+        },
+        end: () => done({ bytes: Buffer.concat(chunks, size), cut: false }),
+        broken: () => {
+          if (!over) done(null);
+        },
+      },
+      false,
+    );
   });
 }
 

@@ -1,0 +1,40 @@
+/**
+ * The redaction of upstream error bodies on its own: the cases the gateway tests cannot reach
+ * cheaply (a body over the cap with a key across the cut, encodings the gateway cannot read).
+ */
+import { brotliCompressSync, deflateRawSync } from 'node:zlib';
+import { describe, expect, it } from 'vitest';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue } from '../daemon/gateway/redact.js';
+import { fingerprint } from '../shared/fingerprint.js';
+
+const key = 'sk-0123456789abcdefghijklmnopqrstuv';
+const marker = `[redacted key ${fingerprint(key)}]`;
+
+describe('error body redaction', () => {
+  it('takes the secret values of credential headers only, without "Bearer "', () => {
+    expect(credentialSecrets({ authorization: `Bearer ${key}`, 'x-dashscope-cachecontrol': 'enable', 'x-api-key': 'other-key-123' })).toEqual([key, 'other-key-123']);
+  });
+
+  it('a body cut at the cap keeps no first characters of a key that straddles the cut', () => {
+    const raw = Buffer.from('x'.repeat(ERROR_BODY_CAP - 10) + key.slice(0, 10));
+    const { body } = redactErrorBody(raw, undefined, true, [key]);
+    const text = body.toString('utf8');
+    expect(text).not.toContain(key.slice(0, 10));
+    expect(text.endsWith(`\n[the gateway cut this error body at ${ERROR_BODY_CAP} bytes]`)).toBe(true);
+  });
+
+  it('decodes br and raw deflate; withholds a body in an encoding it cannot read', () => {
+    const text = `bad key ${key}`;
+    for (const [enc, packed] of [['br', brotliCompressSync(text)], ['deflate', deflateRawSync(text)]] as const) {
+      const out = redactErrorBody(packed, enc, false, [key]);
+      expect(out).toEqual({ body: Buffer.from(`bad key ${marker}`), decoded: true });
+    }
+    const unknown = redactErrorBody(Buffer.from(text), 'zstd', false, [key]).body.toString();
+    expect(unknown).not.toContain(key);
+    expect(unknown).toContain('"zstd"');
+  });
+
+  it('header values get an ASCII marker', () => {
+    expect(redactHeaderValue(`Bearer error="invalid_token", token=${key}`, [key])).toBe(`Bearer error="invalid_token", token=[redacted key ${fingerprint(key).replace('…', '...')}]`);
+  });
+});
