@@ -10,7 +10,8 @@
  * daemon's RSS; at the millions named, a heap snapshot (which runs a full GC first) gives the
  * live heap: its total size, its object count and the constructors holding the most. Equal live
  * heaps with a larger RSS mean heap sizing; a live heap that grows with the requests is a leak.
- * Writes bench/results/heap-study.json. Run it with the Node to study first on PATH; extra
+ * A snapshot's own memory stays in RSS: compare RSS only up to the first snapshot, or run with
+ * `--snapshots 0` for RSS alone. Writes bench/results/heap-study.json. Run it with the Node to study first on PATH; extra
  * daemon flags come from BENCH_DAEMON_ARGS, as for the bench.
  */
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';

@@ -30,13 +30,28 @@ export function serviceInstalled(home: string, platform: NodeJS.Platform = proce
 export const INHERITED_FROM_SERVICE_MANAGER = ['NOTIFY_SOCKET', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES'] as const;
 
 /**
- * Node options the daemon runs with. The young generation is held at the 16 MB semi-spaces that
- * Node 20 and 22 use: Node 24's V8 lets it grow to 64 MB under a burst of garbage (hostile or
- * merely busy clients), which raised the daemon's peak RSS by ~40 MB for no gain in a process
- * whose live heap stays near 25 MB. A command-line flag: V8 sizes the heap at start-up, so
- * v8.setFlagsFromString() in the daemon would be too late.
+ * How the daemon is started wherever it is started (autostart, the systemd unit and launchd
+ * agent, `npm start`, the bench): settings Node and the C library read only at start-up, so the
+ * daemon cannot set them itself. What each one is for, and what it saves: bench/README.md#b6a.
+ *
+ * - `--max-semi-space-size=16`: the young generation stops at the same size on every Node
+ *   version (Node 24's V8 would let a burst of garbage grow it further).
+ * - `--expose-gc`: lets a daemon left alone after start-up return its start-up heap
+ *   (daemon/main.ts).
  */
-export const DAEMON_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=16'];
+export const DAEMON_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=16', '--expose-gc'];
+
+/**
+ * glibc's trim threshold, fixed at glibc's default: left alone, glibc raises it once a large
+ * block is freed, and the memory V8 freed after compiling at start-up stays with the daemon.
+ * Other C libraries ignore the variable.
+ */
+export const DAEMON_GLIBC_TUNABLES = 'glibc.malloc.trim_threshold=131072';
+
+/** `env` for a daemon: with DAEMON_GLIBC_TUNABLES, unless `env` sets glibc tunables itself. */
+export function daemonEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return env.GLIBC_TUNABLES === undefined ? { ...env, GLIBC_TUNABLES: DAEMON_GLIBC_TUNABLES } : { ...env };
+}
 
 /** Exit code with which a second daemon says another one already runs (not a failure here). */
 const ALREADY_RUNNING = 3;
@@ -55,7 +70,7 @@ export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exi
   if (!existsSync(bin)) {
     throw new QwenDaemonUnavailableError(`cannot autostart qwen-tokend: ${bin} does not exist (set QWEN_TOKEND_BIN or run \`npm run build\`)`);
   }
-  const childEnv = { ...env };
+  const childEnv = daemonEnv(env);
   // Meant for the caller (run by a service manager), not for a daemon it starts: with these the
   // daemon would tell the caller's service manager it is ready, or take sockets meant for it.
   for (const name of INHERITED_FROM_SERVICE_MANAGER) delete childEnv[name];

@@ -7,16 +7,24 @@
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig, type TokendConfig } from '../shared/config.js';
 import { errorText } from '../shared/diagnostics.js';
-import { QwenConfigError, QwenError } from '../shared/errors.js';
+import { QwenConfigError, QwenCredentialsFileError, QwenError } from '../shared/errors.js';
 import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
+import type { IpcServer } from './ipc-server.js';
 import { InstanceLockedError } from './instance-lock.js';
 import { DaemonAlreadyRunningError } from './socket-file.js';
 import { openDaemonLogger } from './logger.js';
 import { notifyReady } from './readiness.js';
 
-/** Exit codes; the service units tell the service manager not to restart on 3 and 78. */
+/**
+ * Exit codes; the service units tell the service manager not to restart on 3 and 78. 78 is
+ * sysexits' EX_CONFIG: the settings or files as they are cannot be used (a bad value, an unsafe
+ * directory, a credential file another user owns), so starting again would fail again.
+ */
 export const DaemonExitCodes = { ok: 0, failure: 1, alreadyRunning: 3, config: 78 } as const;
+
+/** How long a daemon left alone after start-up waits before it returns its start-up heap. */
+const SETTLE_MS = 500;
 
 const HELP = `qwen-tokend ${packageVersion()}: owns the Qwen OAuth token for every process of this user.
 
@@ -28,6 +36,9 @@ QWEN_TOKEN_PATH, QWEN_HOME, QWEN_TOKEND_SOCKET, QWEN_OAUTH_BASE_URL, QWEN_OAUTH_
 QWEN_TOKEND_REFRESH_LEAD_MS, QWEN_TOKEND_RETRY_MS, QWEN_TOKEND_HTTP_TIMEOUT_MS,
 QWEN_TOKEND_QWEN_CLI_SYNC, QWEN_TOKEND_LOG_LEVEL, QWEN_TOKEND_LOG_FILE,
 QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS, QWEN_TOKEND_CHAT_HOSTS (see docs/security.md).
+
+Exit codes: 0 stopped, 1 failure, 3 another daemon already runs, 78 the configuration
+or files cannot be used as they are (the message says what to change).
 `;
 
 async function main(argv: string[]): Promise<number> {
@@ -91,7 +102,7 @@ async function main(argv: string[]): Promise<number> {
     logger.fatal({ code: err instanceof QwenError ? err.code : undefined }, `cannot start: ${message}`);
     process.stderr.write(`qwen-tokend: ${message}\n`);
     if (err instanceof InstanceLockedError || err instanceof DaemonAlreadyRunningError) return DaemonExitCodes.alreadyRunning;
-    if (err instanceof QwenConfigError) return DaemonExitCodes.config;
+    if (err instanceof QwenConfigError || err instanceof QwenCredentialsFileError) return DaemonExitCodes.config;
     return DaemonExitCodes.failure;
   }
 
@@ -109,7 +120,24 @@ async function main(argv: string[]): Promise<number> {
 
   logger.info({ socket: config.socketPath, version: packageVersion(), pid: process.pid }, 'ready');
   notifyReady(logger);
+  returnStartupHeapWhenQuiet(daemon.server);
   return new Promise<number>(() => undefined);
+}
+
+/**
+ * V8 keeps the heap it grew while the daemon loaded (a larger young generation, emptied pages)
+ * until its memory reducer runs, which an idle daemon may never trigger. A daemon nobody has
+ * used since it became ready asks for one memory-reducing collection instead; one a client is
+ * already using does not make that client wait for it. Needs `--expose-gc` (DAEMON_NODE_FLAGS);
+ * see bench/README.md#b6a.
+ */
+function returnStartupHeapWhenQuiet(server: IpcServer): void {
+  const gc = (globalThis as { gc?: (options: { type: 'major'; execution: 'sync'; flavor: 'last-resort' }) => void }).gc;
+  if (typeof gc !== 'function') return;
+  const served = server.requestsServed;
+  setTimeout(() => {
+    if (server.connectionCount === 0 && server.requestsServed === served) gc({ type: 'major', execution: 'sync', flavor: 'last-resort' });
+  }, SETTLE_MS).unref();
 }
 
 main(process.argv.slice(2)).then(

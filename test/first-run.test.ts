@@ -6,10 +6,11 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, mkdtemp, rm, utimes, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { DAEMON_GLIBC_TUNABLES, DAEMON_NODE_FLAGS } from '../client/autostart.js';
 import { resolveCommand } from '../shared/cli-command.js';
 import { processAlive } from '../shared/diagnostics.js';
 import { serializeCredentials } from '../shared/credentials.js';
@@ -282,6 +283,13 @@ describe('npm start (item 7)', () => {
       const pid = (JSON.parse(output.split('\n').find((l) => l.includes('"msg":"ready"'))!) as { pid: number }).pid;
       strays.push(pid);
       expect(pid).not.toBe(child.pid);
+      if (process.platform === 'linux') {
+        // Started as autostart starts it: the same node flags and C library settings.
+        const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter((a) => a !== '');
+        expect(argv.slice(1)).toEqual([...DAEMON_NODE_FLAGS, 'dist/bin/qwen-tokend.js']);
+        const environ = (await readFile(`/proc/${pid}/environ`, 'utf8')).split('\0');
+        expect(environ).toContain(`GLIBC_TUNABLES=${fx.env.GLIBC_TUNABLES ?? DAEMON_GLIBC_TUNABLES}`);
+      }
       child.kill('SIGTERM');
       await exited;
       await until(() => !processAlive(pid), 'the daemon to stop after npm got SIGTERM', 5_000);

@@ -14,7 +14,7 @@ import { fingerprint } from '../shared/fingerprint.js';
 import { MAX_FRAME_BYTES, StatusResult } from '../shared/protocol.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
 import { TokenClient } from '../client/token-client.js';
-import { DAEMON_NODE_FLAGS } from '../client/autostart.js';
+import { DAEMON_GLIBC_TUNABLES, DAEMON_NODE_FLAGS } from '../client/autostart.js';
 import { DAEMON_BIN, REPO_ROOT, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
 import { until } from './support/wait.js';
 
@@ -188,6 +188,9 @@ describe('IPC', () => {
         const argv = (await readFile(`/proc/${status.pid}/cmdline`, 'utf8')).split('\0');
         // node, its flags for the daemon, the bundle.
         expect(argv.slice(1).filter((a) => a !== '')).toEqual([...DAEMON_NODE_FLAGS, DAEMON_BIN]);
+        // And the C library's settings for it, unless the caller had its own.
+        const environ = (await readFile(`/proc/${status.pid}/environ`, 'utf8')).split('\0');
+        expect(environ).toContain(`GLIBC_TUNABLES=${process.env.GLIBC_TUNABLES ?? DAEMON_GLIBC_TUNABLES}`);
       }
       process.kill(status.pid, 'SIGTERM');
       await until(async () => !(await stat(fx.socketPath).then(() => true, () => false)), 'daemon exit', 5000);

@@ -58,8 +58,8 @@ describe.skipIf(!isRoot)('ownership (item 4)', () => {
     await fx.writeCli(credsFrom(fx.server));
     await chown(fx.qwenCliPath, OTHER, OTHER);
     const { code, output } = await runDaemon(fx);
-    expect(code).not.toBe(null);
-    expect(code).not.toBe(0);
+    // EX_CONFIG: a service manager does not restart it into the same refusal.
+    expect(code).toBe(78);
     expect(output).toContain(`refusing qwen-cli credential file ${fx.qwenCliPath}: it belongs to uid ${OTHER}`);
     expect(await fx.readOwn()).toBeNull();
   });
@@ -69,7 +69,7 @@ describe.skipIf(!isRoot)('ownership (item 4)', () => {
     await fx.writeOwn(credsFrom(fx.server));
     await chmod(dirname(fx.tokenPath), 0o777);
     const { code, output } = await runDaemon(fx);
-    expect(code).not.toBe(null);
+    expect(code).toBe(78);
     expect(output).toContain('is writable by group/others (mode 0777)');
     expect(output).toContain(`chmod go-w ${dirname(fx.tokenPath)}`);
   });
@@ -79,7 +79,7 @@ describe.skipIf(!isRoot)('ownership (item 4)', () => {
     await fx.writeCli(credsFrom(fx.server));
     await chown(fx.qwenHome, OTHER, OTHER);
     const { code, output } = await runDaemon(fx);
-    expect(code).not.toBe(null);
+    expect(code).toBe(78);
     expect(output).toContain(`its directory ${fx.qwenHome} belongs to uid ${OTHER}`);
   });
 

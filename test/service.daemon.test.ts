@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { renderLaunchdPlist, renderSystemdUnit, serviceCommand, type EnvironmentEntry } from '../client/cli/service.js';
+import { DAEMON_GLIBC_TUNABLES, DAEMON_NODE_FLAGS } from '../client/autostart.js';
 import { TokenClient } from '../client/token-client.js';
 import { QwenDaemonUnavailableError } from '../shared/errors.js';
 import { createFixture, DAEMON_BIN, REPO_ROOT, type DaemonFixture } from './support/daemon.js';
@@ -97,7 +98,9 @@ describe.skipIf(process.platform !== 'linux')('the systemd unit', () => {
     for (const expected of [
       'Type=notify',
       'NotifyAccess=all',
-      `ExecStart=${process.execPath} ${DAEMON_BIN}`,
+      // Started as autostart starts it (client/autostart.ts).
+      `ExecStart=${process.execPath} ${DAEMON_NODE_FLAGS.join(' ')} ${DAEMON_BIN}`,
+      `Environment="GLIBC_TUNABLES=${DAEMON_GLIBC_TUNABLES}"`,
       'Restart=on-failure',
       'RestartPreventExitStatus=3 78',
       'StandardOutput=journal',
@@ -125,9 +128,9 @@ describe.skipIf(process.platform !== 'linux')('the systemd unit', () => {
     await writeFile(node, '#!/bin/sh\n', { mode: 0o755 });
     const unit = renderSystemdUnit({ nodePath: node, daemonPath: DAEMON_BIN, environment: [], writablePaths: ['/home/alice'] });
     // In the executable only % is special; in an argument $ is too.
-    expect(unit).toContain(`ExecStart="${odd.replace('%h', () => '%%h')}/node" ${DAEMON_BIN}`);
+    expect(unit).toContain(`ExecStart="${odd.replace('%h', () => '%%h')}/node" ${DAEMON_NODE_FLAGS.join(' ')} ${DAEMON_BIN}`);
     const arg = renderSystemdUnit({ nodePath: node, daemonPath: '/opt/a $b%c/main.js', environment: [], writablePaths: [] });
-    expect(arg).toContain('/node" "/opt/a $$b%%c/main.js"\n');
+    expect(arg).toContain(`/node" ${DAEMON_NODE_FLAGS.join(' ')} "/opt/a $$b%%c/main.js"\n`);
     // verify resolves the binary: it finds it only if the quoting is read back as the real path.
     const result = await verify(unit);
     expect(result.stderr).toBe('');
@@ -174,7 +177,7 @@ describe('the launchd plist', () => {
     const plist = JSON.parse(parsed.stdout) as Record<string, unknown>;
     expect(plist).toEqual({
       Label: LABEL,
-      ProgramArguments: ['/opt/node & co/bin/node', DAEMON_BIN],
+      ProgramArguments: ['/opt/node & co/bin/node', ...DAEMON_NODE_FLAGS, DAEMON_BIN],
       EnvironmentVariables: Object.fromEntries(TRICKY),
       RunAtLoad: true,
       KeepAlive: { SuccessfulExit: false },
@@ -230,7 +233,7 @@ describe('qwen-token service install | uninstall | status', () => {
     const printed = await cli('install', '--print', '--platform', 'linux');
     expect(printed.code).toBe(0);
     expect(printed.stdout).toMatch(/^\[Service\]$/m);
-    expect(printed.stdout).toContain(`ExecStart=${process.execPath} ${DAEMON_BIN}`);
+    expect(printed.stdout).toContain(`ExecStart=${process.execPath} ${DAEMON_NODE_FLAGS.join(' ')} ${DAEMON_BIN}`);
     expect(printed.stdout).toContain('Environment="QWEN_TOKEND_LOG_LEVEL=warn"');
     expect(printed.stdout).not.toContain('sk-not-a-daemon-setting');
     expect(await fake.calls()).toEqual([]);

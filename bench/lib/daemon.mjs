@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { serializeCredentials } from '../../dist/shared/credentials.js';
+import { DAEMON_NODE_FLAGS, daemonEnv } from '../../dist/client/autostart.js';
 import { TokenClient } from '../../dist/client/index.js';
 import { DAEMON_BIN } from './paths.mjs';
 
@@ -86,14 +87,15 @@ export async function prepareHome(server, creds, extraEnv = {}) {
 }
 
 /**
- * Spawns the daemon and resolves once its socket accepts a connection, polling every `pollMs`.
- * `readyMs` is the time from spawn to the first accepted connection.
+ * Spawns the daemon as autostart does (its node flags and environment, then `args`) and resolves
+ * once its socket accepts a connection, polling every `pollMs`. `readyMs` is the time from spawn
+ * to the first accepted connection.
  */
 export async function spawnDaemon(home, { pollMs = 2, timeoutMs = 15_000, args = daemonArgs() } = {}) {
   if (!existsSync(DAEMON_BIN)) throw new Error(`${DAEMON_BIN} is missing: run \`npm run build\` first`);
   const output = [];
   const t0 = performance.now();
-  const proc = spawn(process.execPath, [...args, DAEMON_BIN], { env: home.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...args, DAEMON_BIN], { env: daemonEnv(home.env), stdio: ['ignore', 'pipe', 'pipe'] });
   let buffered = '';
   const onChunk = (chunk) => {
     buffered += chunk.toString('utf8');

@@ -17,7 +17,7 @@ import { Command, Option } from 'commander';
 import { resolveConfig, type TokendConfig } from '../../shared/config.js';
 import { errorText } from '../../shared/diagnostics.js';
 import { packagedDaemonBin, packageRoot } from '../../shared/package.js';
-import { SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
+import { DAEMON_GLIBC_TUNABLES, DAEMON_NODE_FLAGS, SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
 import { commandEnv, type GlobalOptions } from './context.js';
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
@@ -135,12 +135,14 @@ export function renderSystemdUnit(options: SystemdUnitOptions, template = readTe
     return systemdQuoted(`-${p}`);
   });
   const tmpPaths = options.writablePaths.filter((p) => !p.startsWith('%') && underTmp(p));
+  const args = [...DAEMON_NODE_FLAGS, options.daemonPath].map((a) => systemdExecWord(a, false));
   return fill(template, {
-    EXEC_START: `${systemdExecWord(options.nodePath, true)} ${systemdExecWord(options.daemonPath, false)}`,
-    ENVIRONMENT:
-      environment.length > 0
-        ? environment.join('\n')
-        : '# No QWEN_* settings were set at install time: the daemon uses its defaults.',
+    // Started as autostart starts it: the same Node options and C library settings.
+    EXEC_START: [systemdExecWord(options.nodePath, true), ...args].join(' '),
+    ENVIRONMENT: [
+      `Environment=${systemdQuoted(`GLIBC_TUNABLES=${DAEMON_GLIBC_TUNABLES}`)}`,
+      ...(environment.length > 0 ? environment : ['# No QWEN_* settings were set at install time: the daemon uses its defaults.']),
+    ].join('\n'),
     READ_WRITE_PATHS: writable.join(' '),
     PRIVATE_TMP:
       tmpPaths.length === 0
@@ -165,6 +167,7 @@ export function renderLaunchdPlist(options: LaunchdPlistOptions, template = read
   return fill(template, {
     LABEL: xmlEscape(SERVICE_LABEL),
     NODE: xmlEscape(options.nodePath),
+    NODE_FLAGS: DAEMON_NODE_FLAGS.map((f) => `    <string>${xmlEscape(f)}</string>`).join('\n'),
     DAEMON: xmlEscape(options.daemonPath),
     ENVIRONMENT: environment.join('\n'),
     STDOUT_PATH: xmlEscape(join(options.logDir, 'qwen-tokend.log')),
