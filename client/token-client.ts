@@ -189,6 +189,8 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   private readonly profileCaches = new Map<string, TokenResult>();
   /** The protocol the open connection speaks; 0 until its `hello` is answered. */
   private daemonProtocol = 0;
+  /** The daemon's default profile as its `hello` named it (version 2), so pushes fill that cache before any call. */
+  private daemonDefault: string | undefined = undefined;
   private closed = false;
   /** A daemon answered this client before: a lost connection is then a restart worth waiting for. */
   private everConnected = false;
@@ -541,6 +543,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     }
     this.connection = connection;
     this.daemonProtocol = 0;
+    this.daemonDefault = undefined;
     this.everConnected = true;
     // Every connection subscribes, so the caches are replaced by pushes, never left stale. With
     // no profile named, a version-2 daemon pushes about every profile (each push names its own)
@@ -560,7 +563,10 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         `qwen-tokend speaks protocol ${info.protocol}, this client ${MIN_PROTOCOL_VERSION} to ${PROTOCOL_VERSION}: restart the daemon after upgrading`,
       );
     }
-    if (this.connection === connection) this.daemonProtocol = info.protocol;
+    if (this.connection === connection) {
+      this.daemonProtocol = info.protocol;
+      this.daemonDefault = info.default_profile;
+    }
     return connection;
   }
 
@@ -662,6 +668,7 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
         if (!parsed.success) return;
         // Settings, secrets or the default may have changed: ask again rather than guess.
         this.dropCaches();
+        this.daemonDefault = parsed.data.default_profile;
         this.emit('profiles.changed', parsed.data);
         return;
       }
@@ -679,7 +686,9 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       if (this.profileCaches.has(DEFAULT_PROFILE)) this.profileCaches.set(DEFAULT_PROFILE, token);
       return;
     }
-    if (this.cached?.profile === owner) this.cached = token;
-    if (this.profileCaches.has(owner)) this.profileCaches.set(owner, token);
+    // The default's cache takes it when it holds that profile's token, or (nothing asked yet)
+    // when the daemon said that profile is its default and this client names none of its own.
+    if (this.cached?.profile === owner || (this.cached === null && this.profile === undefined && owner === this.daemonDefault)) this.cached = token;
+    if (this.profileCaches.has(owner) || owner === this.profile) this.profileCaches.set(owner, token);
   }
 }

@@ -142,7 +142,8 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     const methods: Record<string, RpcMethod> = {
       [Methods.hello]: rpcMethod(HelloParams, ({ protocol }, conn) => {
         conn.protocol = negotiate(protocol);
-        return { protocol: conn.protocol, daemon: 'qwen-tokend', version, pid: process.pid };
+        const hello = { protocol: conn.protocol, daemon: 'qwen-tokend' as const, version, pid: process.pid };
+        return conn.protocol >= 2 ? { ...hello, default_profile: registry.defaultProfile } : hello;
       }),
       [Methods.getAccessToken]: rpcMethod(GetAccessTokenParams, ({ minValidityMs = 0, profile }, conn) => {
         const runtime = runtimeFor(profile);

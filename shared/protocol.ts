@@ -122,6 +122,8 @@ export const HelloResult = z.object({
   daemon: z.literal('qwen-tokend'),
   version: z.string(),
   pid: z.number(),
+  /** Version 2: the profile a call that names none is about (so pushes can fill that cache). */
+  default_profile: z.string().optional(),
 });
 export type HelloResult = z.infer<typeof HelloResult>;
 

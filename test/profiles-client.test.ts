@@ -136,6 +136,22 @@ describe('TokenClient against a protocol-2 daemon', () => {
     expect(daemon.requests.length).toBe(before);
   });
 
+  it("a subscribed client that has asked nothing yet takes its default profile's and its own profile's pushes into its caches", async () => {
+    const plain = client();
+    const own = client({ profile: 'corp' });
+    await Promise.all([plain.subscribe(), own.subscribe()]);
+    const pushes = Promise.all([plain, own].flatMap((c) => [new Promise((r) => c.once('token.refreshed', r))]));
+    const qwenToken = daemon.rotate('qwen');
+    await pushes;
+    const corpPushes = Promise.all([plain, own].map((c) => new Promise((r) => c.once('token.refreshed', r))));
+    const corpToken = daemon.rotate('corp');
+    await corpPushes;
+    const before = daemon.calls('getAccessToken').length;
+    expect(await plain.getAccessToken()).toBe(qwenToken);
+    expect(await own.getAccessToken()).toBe(corpToken);
+    expect(daemon.calls('getAccessToken').length).toBe(before);
+  });
+
   it('a state change to no_credentials drops that profile only; profiles.changed drops all', async () => {
     const c = client();
     await c.getAccessToken({ profile: 'corp' });

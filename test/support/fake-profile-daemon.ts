@@ -166,7 +166,13 @@ export class FakeProfileDaemon {
     const missing = () => fail('QWEN_PROFILE_NOT_FOUND', `there is no profile "${name}"`);
     switch (req.method) {
       case 'hello':
-        return ok({ protocol: this.protocol, daemon: 'qwen-tokend', version: '0.0.0-fake', pid: process.pid });
+        return ok({
+          protocol: this.protocol,
+          daemon: 'qwen-tokend',
+          version: '0.0.0-fake',
+          pid: process.pid,
+          ...(this.protocol >= 2 ? { default_profile: this.defaultProfile } : {}),
+        });
       case 'subscribe':
         conn.subscribed = true;
         if (typeof named === 'string') conn.only.add(named);
