@@ -489,8 +489,7 @@ export class Gateway {
     // where it tells the length the body would have had.
     res.writeHead(upstream.status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
     ex.relayed = upstream;
-    const framed = this.framedRelay(upstream, res);
-    upstream.relay(this.bodySink(upstream, res, ex, framed), framed);
+    upstream.relay(this.bodySink(upstream, res, ex));
   }
 
   /**
@@ -526,61 +525,26 @@ export class Gateway {
   }
 
   /**
-   * True when a chunked answer can go to the client with its chunk framing as it came: the
-   * client is sent a chunked body too (node chose chunked framing at `writeHead`: HTTP/1.1,
-   * no length) and its connection is this response's alone (no earlier response queued on it).
-   */
-  private framedRelay(upstream: UpstreamResponse, res: ServerResponse): boolean {
-    return upstream.framing === 'chunked' && res.socket !== null && (res as ServerResponse & { chunkedEncoding?: boolean }).chunkedEncoding === true;
-  }
-
-  /**
    * Where the answer's body goes. Each read is written as it arrives (an SSE event is never held
-   * back), and a slow client pauses the upstream instead of filling memory. A chunked answer to
-   * a chunked client is written to its connection as it came, chunk framing and all; the end
-   * (the last chunk) is written by `res.end()`.
+   * back), and a slow client pauses the upstream instead of filling memory.
    */
-  private bodySink(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, framed: boolean): BodySink {
-    // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
-    const broken = () => {
-      if (res.writableFinished) return;
-      if (ex.error === null) {
-        ex.error = 'upstream_broken';
-        this.count('upstream_broken');
-      }
-      res.destroy();
-    };
-    if (!framed) {
-      return {
-        write: (bytes) => {
-          if (res.write(bytes)) return true;
-          res.once('drain', () => upstream.resume());
-          return false;
-        },
-        end: () => res.end(),
-        broken,
-      };
-    }
-    const socket = res.socket!;
-    let started = false;
+  private bodySink(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange): BodySink {
     return {
       write: (bytes) => {
-        if (res.destroyed) return true;
-        let ok: boolean;
-        if (!started) {
-          // The head and the first bytes leave in one write.
-          started = true;
-          socket.cork();
-          res.flushHeaders();
-          ok = socket.write(bytes);
-          socket.uncork();
-        } else ok = socket.write(bytes);
-        if (ok) return true;
-        socket.once('drain', () => upstream.resume());
+        if (res.write(bytes)) return true;
+        res.once('drain', () => upstream.resume());
         return false;
       },
       end: () => res.end(),
-      broken,
+      // An answer cut short upstream (reset, or silent past the timeout) is cut short here too.
+      broken: () => {
+        if (res.writableFinished) return;
+        if (ex.error === null) {
+          ex.error = 'upstream_broken';
+          this.count('upstream_broken');
+        }
+        res.destroy();
+      },
     };
   }
 
@@ -740,7 +704,6 @@ function readCapped(upstream: UpstreamResponse, cap: number): Promise<{ bytes: B
           if (!over) done(null);
         },
       },
-      false,
     );
   });
 }
