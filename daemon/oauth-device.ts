@@ -15,6 +15,7 @@ import {
   clip,
   describeOAuthError,
   deviceAuthorizationFailure,
+  deviceAuthorizationOf,
   devicePollFailure,
   devicePollVerdict,
   httpFailure,
@@ -194,17 +195,7 @@ export class DeviceFlowClient {
       (response) => oauth.processDeviceAuthorizationResponse(as, this.client, response),
     );
     if (!result.ok) throw this.clientRefusal(label, result.answer) ?? deviceAuthorizationFailure(label, result.answer);
-    const v = result.value;
-    const auth: DeviceAuthorization = {
-      device_code: v.device_code,
-      user_code: v.user_code,
-      verification_uri: v.verification_uri,
-      expires_in: v.expires_in,
-      interval: v.interval ?? RFC8628_DEFAULT_INTERVAL_S,
-      code_verifier: codeVerifier,
-    };
-    if (v.verification_uri_complete !== undefined) auth.verification_uri_complete = v.verification_uri_complete;
-    return auth;
+    return deviceAuthorizationOf(result.value, codeVerifier, RFC8628_DEFAULT_INTERVAL_S);
   }
 
   /**

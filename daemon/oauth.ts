@@ -329,17 +329,7 @@ export class QwenOAuthClient {
       (response) => oauth.processDeviceAuthorizationResponse(this.as, this.client, response),
     );
     if (!result.ok) throw deviceAuthorizationFailure(DEVICE_ENDPOINT, result.answer);
-    const v = result.value;
-    const auth: DeviceAuthorization = {
-      device_code: v.device_code,
-      user_code: v.user_code,
-      verification_uri: v.verification_uri,
-      expires_in: v.expires_in,
-      interval: v.interval ?? DEFAULT_POLL_INTERVAL_S,
-      code_verifier: codeVerifier,
-    };
-    if (v.verification_uri_complete !== undefined) auth.verification_uri_complete = v.verification_uri_complete;
-    return auth;
+    return deviceAuthorizationOf(result.value, codeVerifier, DEFAULT_POLL_INTERVAL_S);
   }
 
   /**
@@ -677,4 +667,22 @@ export function credentialsFromGrant(
 /** True when an error means the refresh token itself was rejected (terminal). */
 export function isRefreshTokenRejection(e: unknown): boolean {
   return e instanceof QwenRefreshTokenInvalidError || (e instanceof QwenError && e.code === ErrorCodes.refreshTokenInvalid);
+}
+
+/** The device authorization a §3.2 response describes, with the verifier to send with each poll. */
+export function deviceAuthorizationOf(
+  v: oauth.DeviceAuthorizationResponse,
+  codeVerifier: string,
+  defaultIntervalS: number,
+): DeviceAuthorization {
+  const auth: DeviceAuthorization = {
+    device_code: v.device_code,
+    user_code: v.user_code,
+    verification_uri: v.verification_uri,
+    expires_in: v.expires_in,
+    interval: v.interval ?? defaultIntervalS,
+    code_verifier: codeVerifier,
+  };
+  if (v.verification_uri_complete !== undefined) auth.verification_uri_complete = v.verification_uri_complete;
+  return auth;
 }
