@@ -16,6 +16,18 @@ import { assertNoSecrets } from './support/daemon.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
 import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 
+/** A debug logger whose output lines are kept in memory. */
+function capturedLogger(): { lines: string[]; logger: ReturnType<typeof createLogger> } {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      lines.push(chunk.toString());
+      done();
+    },
+  });
+  return { lines, logger: createLogger({ level: 'debug', destination: sink }) };
+}
+
 describe('secrets', () => {
   it('the fixture leak check fails when an issued token appears in output', () => {
     const token = 'qat_0123456789abcdefghij';
@@ -24,14 +36,7 @@ describe('secrets', () => {
   });
 
   it('the logger censors token fields even when an object carrying them is logged', () => {
-    const lines: string[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, done) {
-        lines.push(chunk.toString());
-        done();
-      },
-    });
-    const logger = createLogger({ level: 'debug', destination: sink });
+    const { lines, logger } = capturedLogger();
     const creds = { access_token: 'qat_secret_access_value', refresh_token: 'qrt_secret_refresh_value', expiry_date: 1 };
     logger.info(creds, 'top level');
     logger.info({ result: creds }, 'nested');
@@ -44,14 +49,7 @@ describe('secrets', () => {
   });
 
   it('the logger censors API keys, client secrets and an x-api-key header wherever they are logged', () => {
-    const lines: string[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, done) {
-        lines.push(chunk.toString());
-        done();
-      },
-    });
-    const logger = createLogger({ level: 'debug', destination: sink });
+    const { lines, logger } = capturedLogger();
     logger.info({ api_key: 'sk-top-level-key-value' }, 'key');
     logger.info({ secret: { client_secret: 'cs-nested-secret-value' } }, 'nested');
     logger.info({ request: { headers: { 'x-api-key': 'sk-header-key-value' } } }, 'header');
