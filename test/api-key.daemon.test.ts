@@ -14,7 +14,7 @@ import type { TokenClient } from '../client/token-client.js';
 import { QwenCredentialRejectedError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import { assertNoSecrets, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
-import { until } from './support/wait.js';
+import { rejection, until } from './support/wait.js';
 
 const KEY = 'sk-sp-daemon-test-0123456789abcdef01';
 const NEW_KEY = 'sk-sp-daemon-next-abcdef0123456789ab';
@@ -22,15 +22,6 @@ const WRONG_KEY = 'sk-sp-daemon-wrong-99999999999999999';
 
 let fx: DaemonFixture;
 let client: TokenClient;
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 beforeAll(async () => {
   fx = await createFixture({ server: { apiKeys: [KEY, NEW_KEY] } });

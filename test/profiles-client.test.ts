@@ -33,6 +33,7 @@ import { runCli as runCliProcess } from './support/cli-run.js';
 import { CLI_BIN } from './support/daemon.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
 import { startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { rejection } from './support/wait.js';
 
 const KEY = 'sk-sp-test-0123456789abcdef0123456789';
 const WRONG_KEY = 'sk-sp-wrong-fedcba9876543210fedcba98';
@@ -44,15 +45,6 @@ function client(options: ConstructorParameters<typeof TokenClient>[0] = {}): Tok
   const c = new TokenClient({ socketPath: daemon.socketPath, autostart: false, env: {}, ...options });
   clients.push(c);
   return c;
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
 }
 
 afterEach(async () => {

@@ -6,3 +6,13 @@ export async function until(check: () => unknown, what: string, timeoutMs = 5_00
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+/** The error `p` rejects with; fails when it resolves. */
+export async function rejection(p: Promise<unknown>): Promise<Error> {
+  try {
+    await p;
+  } catch (err) {
+    return err as Error;
+  }
+  throw new Error('expected a rejection');
+}
