@@ -10,7 +10,6 @@ import { errorText } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenCredentialsFileError, QwenError } from '../shared/errors.js';
 import { packageVersion } from '../shared/package.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
-import type { IpcServer } from './ipc-server.js';
 import { InstanceLockedError } from './instance-lock.js';
 import { DaemonAlreadyRunningError } from './socket-file.js';
 import { openDaemonLogger } from './logger.js';
@@ -120,23 +119,24 @@ async function main(argv: string[]): Promise<number> {
 
   logger.info({ socket: config.socketPath, version: packageVersion(), pid: process.pid }, 'ready');
   notifyReady(logger);
-  returnStartupHeapWhenQuiet(daemon.server);
+  returnStartupHeapWhenQuiet(daemon);
   return new Promise<number>(() => undefined);
 }
 
 /**
  * V8 keeps the heap it grew while the daemon loaded (a larger young generation, emptied pages)
  * until its memory reducer runs, which an idle daemon may never trigger. A daemon nobody has
- * used since it became ready asks for one memory-reducing collection instead; one a client is
- * already using does not make that client wait for it. Needs `--expose-gc` (DAEMON_NODE_FLAGS);
- * see bench/README.md#b6a.
+ * used since it became ready, and that is not in the middle of a refresh, asks for one
+ * memory-reducing collection instead: the pause must not land on a caller or on an HTTP call's
+ * timeout. Needs `--expose-gc` (DAEMON_NODE_FLAGS); see bench/README.md#b6a.
  */
-function returnStartupHeapWhenQuiet(server: IpcServer): void {
+function returnStartupHeapWhenQuiet({ server, keeper }: RunningDaemon): void {
   const gc = (globalThis as { gc?: (options: { type: 'major'; execution: 'sync'; flavor: 'last-resort' }) => void }).gc;
   if (typeof gc !== 'function') return;
   const served = server.requestsServed;
   setTimeout(() => {
-    if (server.connectionCount === 0 && server.requestsServed === served) gc({ type: 'major', execution: 'sync', flavor: 'last-resort' });
+    const quiet = server.connectionCount === 0 && server.requestsServed === served && keeper.snapshot().state !== 'refreshing';
+    if (quiet) gc({ type: 'major', execution: 'sync', flavor: 'last-resort' });
   }, SETTLE_MS).unref();
 }
 
