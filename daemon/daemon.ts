@@ -40,7 +40,7 @@ import { ProfileRegistry } from './profile-registry.js';
 import { v1State, v1Token, type ProfileRuntime } from './profile-runtime.js';
 import type { TokenKeeper } from './token-keeper.js';
 import { Gateway } from './gateway/gateway.js';
-import { registryProfiles } from './gateway/keeper-profile.js';
+import { registryProfiles } from './gateway/registry-profiles.js';
 import { resolveGatewayEnv } from './gateway/limits.js';
 import { gatewayMethods } from './gateway/rpc.js';
 

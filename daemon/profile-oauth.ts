@@ -56,7 +56,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   readonly kind: OAuthProfileParts['kind'];
   readonly builtin: boolean;
   readonly settings: OAuthDeviceSettings | null;
-  /** The token's owner (the gateway asks it directly; see gateway/keeper-profile.ts). */
+  /** The token's owner (the gateway asks it directly; see gateway/registry-profiles.ts). */
   readonly keeper: TokenKeeper;
   private readonly login: DeviceLogin;
   /** Built once per credential record (frozen, so the socket server serializes it once too). */

@@ -7,7 +7,7 @@ import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } fr
 import { keyMatches, newGatewayKey } from '../daemon/gateway/key.js';
 import { configFilePath, GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
 import { profileFromModel, routeRequest, upstreamUrl } from '../daemon/gateway/routing.js';
-import { keeperProfile } from '../daemon/gateway/keeper-profile.js';
+import { keeperProfile } from '../daemon/gateway/registry-profiles.js';
 import { ProfileNeedsLoginError } from '../daemon/gateway/profiles.js';
 import { QwenConfigError, QwenRefreshTokenInvalidError, QwenTokenExpiredError, QwenTokenNotAvailableError } from '../shared/errors.js';
 

@@ -1,5 +1,5 @@
 /**
- * The gateway's view of the daemon's profiles (daemon/gateway/keeper-profile.ts): which headers
+ * The gateway's view of the daemon's profiles (daemon/gateway/registry-profiles.ts): which headers
  * each kind sends, which may be refreshed and retried after a 401, and where the models come
  * from. Pure adapters over stand-in runtimes: no sockets.
  */
@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import type { Credentials } from '../shared/credentials.js';
 import { QwenRefreshTokenInvalidError } from '../shared/errors.js';
 import type { TokenResult } from '../shared/protocol.js';
-import { registryProfiles, type RegistryView, type RuntimeView } from '../daemon/gateway/keeper-profile.js';
+import { registryProfiles, type RegistryView, type RuntimeView } from '../daemon/gateway/registry-profiles.js';
 import { ProfileNeedsLoginError } from '../daemon/gateway/profiles.js';
 
 function creds(token: string): Credentials {

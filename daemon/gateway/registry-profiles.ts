@@ -69,7 +69,7 @@ function oauthProfile(source: OAuthSource): GatewayProfile {
 }
 
 /** The built-in `qwen` profile backed by `keeper`; `userAgent` goes out as `X-DashScope-UserAgent`. */
-export function keeperProfile(keeper: KeeperLike, userAgent: string): GatewayProfile {
+export function keeperProfile(keeper: KeeperLike, userAgent: string, loginCommand = 'qwen-token login'): GatewayProfile {
   return oauthProfile({
     name: QWEN_PROFILE,
     kind: 'qwen-oauth',
@@ -81,18 +81,9 @@ export function keeperProfile(keeper: KeeperLike, userAgent: string): GatewayPro
       'x-dashscope-cachecontrol': 'enable',
     }),
     baseUrl: (c) => chatBaseUrl(c.resource_url),
-    loginCommand: 'qwen-token login',
+    loginCommand,
     models: async () => QWEN_PORTAL_MODELS,
   });
-}
-
-/** The profile set of a daemon with only the built-in profile. */
-export function singleProfile(profile: GatewayProfile): GatewayProfiles {
-  return {
-    defaultProfile: () => profile.name,
-    get: (name) => (name === profile.name ? profile : undefined),
-    names: () => [profile.name],
-  };
 }
 
 /** What the gateway needs of one of the daemon's profile runtimes. */
@@ -143,7 +134,7 @@ function apiKeyProfile(runtime: RuntimeView): GatewayProfile {
 /** Adapts one runtime (the built-in profile keeps its portal headers and model list). */
 function adapt(runtime: RuntimeView, userAgent: string): GatewayProfile {
   if (runtime.kind === 'api-key') return apiKeyProfile(runtime);
-  if (runtime.builtin) return keeperProfile(runtime.keeper!, userAgent);
+  if (runtime.builtin) return keeperProfile(runtime.keeper!, userAgent, runtime.loginCommand?.());
   return oauthProfile({
     name: runtime.name,
     kind: runtime.kind,
