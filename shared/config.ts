@@ -103,7 +103,8 @@ function readUrl(env: NodeJS.ProcessEnv, name: string, fallback: string): string
   return raw.replace(/\/+$/, '');
 }
 
-function expandHome(p: string, home: string): string {
+/** `~` and `~/…` against `home`; anything else made absolute. */
+export function expandHome(p: string, home: string): string {
   if (p === '~') return home;
   if (p.startsWith('~/')) return join(home, p.slice(2));
   return resolve(p);

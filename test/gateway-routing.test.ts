@@ -5,7 +5,8 @@
 import { describe, expect, it } from 'vitest';
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from '../daemon/gateway/forward.js';
 import { keyMatches, newGatewayKey } from '../daemon/gateway/key.js';
-import { configFilePath, GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
+import { GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
+import { configFilePath } from '../shared/config.js';
 import { profileFromModel, routeRequest, upstreamUrl } from '../daemon/gateway/routing.js';
 import { keeperProfile } from '../daemon/gateway/registry-profiles.js';
 import { ProfileNeedsLoginError } from '../daemon/gateway/profiles.js';

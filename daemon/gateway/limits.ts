@@ -2,7 +2,8 @@
  * The gateway's settings that come from the environment: socket path, config file path and
  * limits. Pure: the caller passes the environment; each bad value names its variable.
  */
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
+import { configFilePath, expandHome } from '../../shared/config.js';
 import { QwenConfigError } from '../../shared/errors.js';
 
 export interface GatewayLimits {
@@ -68,20 +69,6 @@ function readPositive(env: NodeJS.ProcessEnv, name: string, fallback: number, mi
   const value = Number(raw);
   if (!Number.isSafeInteger(value) || value < min) throw new QwenConfigError(`${name} must be at least ${min}, got "${raw}"`);
   return value;
-}
-
-function expandHome(p: string, home: string): string {
-  if (p === '~') return home;
-  if (p.startsWith('~/')) return join(home, p.slice(2));
-  return resolve(p);
-}
-
-/** The shared config file: `QWEN_TOKEND_CONFIG`, else `$XDG_CONFIG_HOME/qwen-tokend/config.json`, else `~/.config/...`. */
-export function configFilePath(env: NodeJS.ProcessEnv, home: string): string {
-  const explicit = env.QWEN_TOKEND_CONFIG?.trim();
-  if (explicit) return expandHome(explicit, home);
-  const xdg = env.XDG_CONFIG_HOME?.trim();
-  return join(xdg ? expandHome(xdg, home) : join(home, '.config'), 'qwen-tokend', 'config.json');
 }
 
 /** Resolves the gateway's environment settings; throws `QwenConfigError` naming the bad variable. */
