@@ -69,7 +69,7 @@ function oauthProfile(source: OAuthSource): GatewayProfile {
 }
 
 /** The built-in `qwen` profile backed by `keeper`; `userAgent` goes out as `X-DashScope-UserAgent`. */
-export function keeperProfile(keeper: KeeperLike, userAgent: string, loginCommand = 'qwen-token login'): GatewayProfile {
+export function keeperProfile(keeper: KeeperLike, userAgent: string): GatewayProfile {
   return oauthProfile({
     name: QWEN_PROFILE,
     kind: 'qwen-oauth',
@@ -81,7 +81,7 @@ export function keeperProfile(keeper: KeeperLike, userAgent: string, loginComman
       'x-dashscope-cachecontrol': 'enable',
     }),
     baseUrl: (c) => chatBaseUrl(c.resource_url),
-    loginCommand,
+    loginCommand: 'qwen-token login',
     models: async () => QWEN_PORTAL_MODELS,
   });
 }
@@ -134,7 +134,7 @@ function apiKeyProfile(runtime: RuntimeView): GatewayProfile {
 /** Adapts one runtime (the built-in profile keeps its portal headers and model list). */
 function adapt(runtime: RuntimeView, userAgent: string): GatewayProfile {
   if (runtime.kind === 'api-key') return apiKeyProfile(runtime);
-  if (runtime.builtin) return keeperProfile(runtime.keeper!, userAgent, runtime.loginCommand?.());
+  if (runtime.builtin) return keeperProfile(runtime.keeper!, userAgent);
   return oauthProfile({
     name: runtime.name,
     kind: runtime.kind,
