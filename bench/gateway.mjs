@@ -13,11 +13,11 @@
  * and a new build are compared in the same minute. Writes bench/results/gateway-latest.json.
  */
 import { execFileSync, fork, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, openSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer as netServer } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { summarize } from './lib/stats.mjs';
@@ -213,7 +213,9 @@ async function startDaemon(bin, root, upstream) {
   const daemonArgs = (process.env.BENCH_DAEMON_ARGS ?? '').split(/\s+/).filter(Boolean);
   // With the node flags an autostarted daemon runs with.
   const { DAEMON_NODE_FLAGS } = await import(join(REPO_ROOT, 'dist', 'client', 'autostart.js'));
-  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...daemonArgs, bin], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+  // BENCH_DAEMON_STDOUT=dir keeps each daemon's stdout there (for --trace-gc and the like).
+  const out = process.env.BENCH_DAEMON_STDOUT ? openSync(join(process.env.BENCH_DAEMON_STDOUT, `${basename(root)}.out`), 'w') : 'ignore';
+  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...daemonArgs, bin], { env, stdio: ['ignore', out, 'inherit'] });
   await waitListening(port);
   const key = (await readFile(join(stateDir, 'gateway.key'), 'utf8')).trim();
   return { proc, port, key };
@@ -259,6 +261,10 @@ async function main() {
   const { port: floorPort } = await floor.first;
   targets['node:http'] = { url: `http://127.0.0.1:${floorPort}${path}`, headers: {}, pids: () => [floor.child.pid] };
   stops.push(() => floor.child.kill('SIGTERM'));
+  const pipe = forkWorker('gateway-net-pipe.mjs', { upstreamPort });
+  const { port: pipePort } = await pipe.first;
+  targets['node:net'] = { url: `http://127.0.0.1:${pipePort}${path}`, headers: { authorization: 'Bearer direct' }, pids: () => [pipe.child.pid] };
+  stops.push(() => pipe.child.kill('SIGTERM'));
   // What the gateway is held against: nginx, or the node:http proxy when nginx cannot be had.
   const reference = nginx.path ? 'nginx' : 'node:http';
 
