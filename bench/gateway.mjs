@@ -261,6 +261,10 @@ async function main() {
   const { port: floorPort } = await floor.first;
   targets['node:http'] = { url: `http://127.0.0.1:${floorPort}${path}`, headers: {}, pids: () => [floor.child.pid] };
   stops.push(() => floor.child.kill('SIGTERM'));
+  const stack = forkWorker('gateway-undici-proxy.mjs', { upstreamPort });
+  const { port: stackPort } = await stack.first;
+  targets['node:http+undici'] = { url: `http://127.0.0.1:${stackPort}${path}`, headers: {}, pids: () => [stack.child.pid] };
+  stops.push(() => stack.child.kill('SIGTERM'));
   const pipe = forkWorker('gateway-net-pipe.mjs', { upstreamPort });
   const { port: pipePort } = await pipe.first;
   targets['node:net'] = { url: `http://127.0.0.1:${pipePort}${path}`, headers: { authorization: 'Bearer direct' }, pids: () => [pipe.child.pid] };
