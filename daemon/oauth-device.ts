@@ -40,7 +40,7 @@ export interface DeviceFlowClientOptions {
   /** The profile's name, for messages. */
   profile: string;
   settings: OAuthDeviceSettings;
-  /** Makes the client confidential (`client_secret_post`, or `client_secret_basic` when that is all the server takes). */
+  /** Makes the client confidential: sent as `settings.token_endpoint_auth_method` says (by default `client_secret_post`, or `client_secret_basic` when that is all the server takes). */
   clientSecret?: string;
   /** Upper bound of every HTTP exchange, body included. */
   timeoutMs: number;
@@ -286,9 +286,17 @@ export class DeviceFlowClient {
   private clientRefusal(label: string, answer: ErrorAnswer): QwenOAuthError | undefined {
     const refused = (answer.error !== undefined && CLIENT_ERRORS.has(answer.error)) || (answer.status === 401 && answer.error === undefined);
     if (!refused) return undefined;
-    const secretHint = this.clientSecret
-      ? 'check the client_id and the client secret'
-      : 'check the client_id, and whether the provider needs a client secret for it';
+    const chosen = this.settings.token_endpoint_auth_method;
+    let secretHint: string;
+    if (!this.clientSecret) {
+      secretHint = chosen
+        ? `token_endpoint_auth_method is ${chosen} but the profile has no client secret; store one with \`qwen-token profile add ${this.profile} --client-secret --replace\``
+        : 'check the client_id, and whether the provider needs a client secret for it';
+    } else {
+      secretHint = 'check the client_id and the client secret';
+      // The secret went in the body by default: a client registered for HTTP Basic is refused that way.
+      if (!chosen) secretHint += ', and whether the client is registered for HTTP Basic (set token_endpoint_auth_method to client_secret_basic)';
+    }
     const what = answer.error ? describeOAuthError(answer) : `HTTP ${answer.status}`;
     return new QwenOAuthError(`the ${label} refused the client (${what}); ${secretHint}`, {
       oauthError: clip(answer.error),
@@ -299,6 +307,9 @@ export class DeviceFlowClient {
   private clientAuth(server: Server): oauth.ClientAuth {
     const secret = this.clientSecret;
     if (secret === undefined) return oauth.None();
+    const chosen = this.settings.token_endpoint_auth_method;
+    if (chosen === 'client_secret_basic') return oauth.ClientSecretBasic(secret);
+    if (chosen === 'client_secret_post') return oauth.ClientSecretPost(secret);
     const methods = server.token_endpoint_auth_methods_supported;
     if (methods && !methods.includes('client_secret_post') && methods.includes('client_secret_basic')) {
       return oauth.ClientSecretBasic(secret);

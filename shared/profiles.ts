@@ -42,6 +42,9 @@ const EndpointUrl = z
   .max(2048)
   .refine(isAcceptableEndpoint, 'must be an https URL (plain http only for loopback) without user, query or fragment');
 
+/** How an `oauth-device` profile may send its client secret to the provider. */
+export const TOKEN_ENDPOINT_AUTH_METHODS = ['client_secret_post', 'client_secret_basic'] as const;
+
 /** Settings of an `oauth-device` profile: any RFC 8628 provider. */
 export const OAuthDeviceSettingsSchema = z
   .object({
@@ -58,6 +61,12 @@ export const OAuthDeviceSettingsSchema = z
     resource: z.string().url().max(2048).optional(),
     /** PKCE S256 on the device authorization request (on unless turned off). */
     pkce: z.boolean().optional(),
+    /**
+     * How the client secret is sent (RFC 8414 names): in the request body, or as HTTP Basic.
+     * Unset: in the body unless the provider lists only Basic. Providers that hold a client to
+     * the method it was registered with refuse the other one (invalid_client).
+     */
+    token_endpoint_auth_method: z.enum(TOKEN_ENDPOINT_AUTH_METHODS).optional(),
     /** Refresh this long before expiry (default: the daemon's refresh lead). */
     refresh_lead_seconds: z.number().int().min(0).max(86_400).optional(),
     /** The API base URL that chat calls use (OpenAI-compatible, ending in its version). */

@@ -315,11 +315,95 @@ describe('client secret', () => {
     for (const error of errors) {
       expect(error).toBeInstanceOf(QwenOAuthError);
       expect((error as QwenOAuthError).retryable).toBe(false);
-      expect((error as Error).message).toMatch(/of profile "corp" \(127\.0\.0\.1:\d+\) refused the client \(invalid_client.*\); check the client_id and the client secret$/);
+      expect((error as Error).message).toMatch(
+        /of profile "corp" \(127\.0\.0\.1:\d+\) refused the client \(invalid_client.*\); check the client_id and the client secret, and whether the client is registered for HTTP Basic \(set token_endpoint_auth_method to client_secret_basic\)$/,
+      );
       expectNoSecret(error, secretsOf(p, [secret, wrongSecret]));
     }
     const missing = await deviceClient(settingsFor(p)).deviceAuthorizationRequest().catch((e: unknown) => e);
     expect((missing as Error).message).toMatch(/refused the client \(invalid_client.*\); check the client_id, and whether the provider needs a client secret for it$/);
+  });
+});
+
+describe('token_endpoint_auth_method', () => {
+  /**
+   * A provider that holds the client to one way of sending its secret, as some do (oidc-provider
+   * takes either): `registered` is how the client was registered; discovery lists `listed`.
+   */
+  async function strictProvider(registered: 'client_secret_basic' | 'client_secret_post', listed: string[], secret: string) {
+    const seen: Array<{ path: string; authorization: string | undefined; body: URLSearchParams }> = [];
+    const server = await fakeServer((req, res, base) => {
+      if (req.url === '/.well-known/oauth-authorization-server') {
+        return sendJson(res, 200, { issuer: base, device_authorization_endpoint: `${base}/device`, token_endpoint: `${base}/token`, token_endpoint_auth_methods_supported: listed });
+      }
+      let text = '';
+      req.on('data', (c: Buffer) => (text += c.toString('utf8')));
+      req.on('end', () => {
+        const body = new URLSearchParams(text);
+        seen.push({ path: req.url ?? '', authorization: req.headers.authorization, body });
+        const ok = registered === 'client_secret_basic' ? basicCredentials(req.headers.authorization) === `${CLIENT}:${secret}` && !body.has('client_secret') : body.get('client_secret') === secret && req.headers.authorization === undefined;
+        if (!ok) return sendJson(res, 401, { error: 'invalid_client', error_description: 'client authentication failed' });
+        sendJson(res, 200, { device_code: 'dc-0123456789', user_code: 'ABCD-EFGH', verification_uri: `${base}/activate`, expires_in: 600, interval: 5 });
+      });
+    });
+    return { ...server, seen };
+  }
+  const CLIENT = 'corp-cli';
+  /** `id:secret` from an HTTP Basic header, each part form-decoded as RFC 6749 §2.3.1 has them encoded. */
+  const basicCredentials = (header: string | undefined): string | undefined => {
+    if (!header?.startsWith('Basic ')) return undefined;
+    const [id, secret] = Buffer.from(header.slice(6), 'base64').toString('utf8').split(':');
+    const decode = (part = '') => decodeURIComponent(part.replace(/\+/g, ' '));
+    return `${decode(id)}:${decode(secret)}`;
+  };
+
+  it('client_secret_basic: the secret goes as HTTP Basic where the default (the body) is refused', async () => {
+    const secret = 'the-basic-client-secret-0123456789';
+    const p = await strictProvider('client_secret_basic', ['client_secret_post', 'client_secret_basic'], secret);
+    const settings = settingsFor({ issuer: p.base, clientId: CLIENT });
+
+    const byDefault = await deviceClient(settings, { clientSecret: secret }).deviceAuthorizationRequest().catch((e: unknown) => e);
+    expect(byDefault).toBeInstanceOf(QwenOAuthError);
+    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client.*\); check the client_id and the client secret, and whether the client is registered for HTTP Basic \(set token_endpoint_auth_method to client_secret_basic\)$/);
+    expect(p.seen.at(-1)!.body.get('client_secret')).toBe(secret);
+    expectNoSecret(byDefault, [secret]);
+
+    const auth = await deviceClient({ ...settings, token_endpoint_auth_method: 'client_secret_basic' }, { clientSecret: secret }).deviceAuthorizationRequest();
+    expect(auth.user_code).toBe('ABCD-EFGH');
+    expect(p.seen.at(-1)!.authorization).toMatch(/^Basic /);
+    expect(p.seen.at(-1)!.body.has('client_secret')).toBe(false);
+  });
+
+  it('client_secret_post: the secret goes in the body even where the provider lists only Basic', async () => {
+    const secret = 'the-post-client-secret-0123456789';
+    const p = await strictProvider('client_secret_post', ['client_secret_basic'], secret);
+    const settings = settingsFor({ issuer: p.base, clientId: CLIENT });
+    const byDefault = await deviceClient(settings, { clientSecret: secret }).deviceAuthorizationRequest().catch((e: unknown) => e);
+    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client/);
+    expect(p.seen.at(-1)!.authorization).toMatch(/^Basic /);
+
+    await deviceClient({ ...settings, token_endpoint_auth_method: 'client_secret_post' }, { clientSecret: secret }).deviceAuthorizationRequest();
+    expect(p.seen.at(-1)!.body.get('client_secret')).toBe(secret);
+    expect(p.seen.at(-1)!.authorization).toBeUndefined();
+  });
+
+  it('client_secret_basic against oidc-provider: login through its pages and a refresh, the secret never in a body', async () => {
+    const secret = 'the-oidc-basic-client-secret-012345';
+    const p = await provider({ clientSecret: { secret, method: 'client_secret_basic' } });
+    const client = deviceClient(settingsFor(p, { token_endpoint_auth_method: 'client_secret_basic' }), { clientSecret: secret });
+    const { grant } = await login(p, client);
+    const refreshed = await client.refreshTokenGrant(grant.refresh_token!);
+    expect(refreshed.access_token).toBe(p.accessTokensIssued.at(-1));
+    expect(p.deviceAuthorizationRequests.at(-1)).not.toHaveProperty('client_secret');
+    expect(p.tokenRequests.length).toBeGreaterThanOrEqual(2);
+    for (const r of p.tokenRequests) expect(r.body).not.toHaveProperty('client_secret');
+  });
+
+  it('set without a stored secret: the refusal says the secret is missing', async () => {
+    const p = await strictProvider('client_secret_basic', ['client_secret_basic'], 'the-missing-client-secret-012345');
+    const settings = settingsFor({ issuer: p.base, clientId: CLIENT }, { token_endpoint_auth_method: 'client_secret_basic' });
+    const error = await deviceClient(settings).deviceAuthorizationRequest().catch((e: unknown) => e);
+    expect((error as Error).message).toMatch(/token_endpoint_auth_method is client_secret_basic but the profile has no client secret; store one with `qwen-token profile add corp --client-secret --replace`$/);
   });
 });
 

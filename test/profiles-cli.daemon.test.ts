@@ -276,10 +276,19 @@ describe('profile commands against the daemon', () => {
   });
 
   it('an oauth-device client secret is read from standard input, never argv, and stored as a secret', async () => {
-    const r = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--client-secret', '--base-url', 'https://llm.example.com/v1'], {
-      stdin: CLIENT_SECRET,
-    });
+    const bad = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--token-auth-method', 'basic', '--base-url', 'https://llm.example.com/v1']);
+    expect(bad.code).toBe(ExitCodes.usage);
+    expect(bad.stderr).toMatch(/--token-auth-method.*Allowed choices are client_secret_post, client_secret_basic/);
+    const misplaced = await cli(['profile', 'add', 'k', '--preset', 'dashscope', '--token-auth-method', 'client_secret_basic'], { stdin: KEY });
+    expect(misplaced.code).toBe(ExitCodes.usage);
+    expect(misplaced.stderr).toContain('--token-auth-method does not apply to api-key profiles');
+
+    const r = await cli(
+      ['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--client-secret', '--token-auth-method', 'client_secret_basic', '--base-url', 'https://llm.example.com/v1'],
+      { stdin: CLIENT_SECRET },
+    );
     expect(r.code).toBe(0);
+    expect(JSON.parse(await readFile(resolveConfig(fx.env).configPath, 'utf8')).profiles.conf).toMatchObject({ kind: 'oauth-device', token_endpoint_auth_method: 'client_secret_basic' });
     expect(r.stdout).toContain(`login --profile conf`);
     expectClean(r, 'profile add --client-secret');
     const conf = (await profiles()).profiles.find((p) => p.name === 'conf')!;

@@ -6,7 +6,7 @@
 import { lstat } from 'node:fs/promises';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { cliCommand } from '../../shared/cli-command.js';
-import type { ProfileInfo, ProfileSettings } from '../../shared/profiles.js';
+import { TOKEN_ENDPOINT_AUTH_METHODS, type ProfileInfo, type ProfileSettings } from '../../shared/profiles.js';
 import type { TokenClient } from '../token-client.js';
 import { commandEnv, note, out, outJson, parseProfileName, withClient, type GlobalOptions } from './context.js';
 import { describeExpiry, formatRelative } from './duration.js';
@@ -34,6 +34,7 @@ export interface ProfileAddOptions {
   pkce: boolean;
   refreshLead?: number;
   clientSecret?: boolean;
+  tokenAuthMethod?: string;
   keyEnv?: string;
   description?: string;
   replace?: boolean;
@@ -54,6 +55,7 @@ const OAUTH_ONLY = {
   resource: '--resource',
   refreshLead: '--refresh-lead',
   clientSecret: '--client-secret',
+  tokenAuthMethod: '--token-auth-method',
 } as const;
 const KEY_ONLY = { auth: '--auth', region: '--region' } as const;
 
@@ -98,6 +100,7 @@ function settingsFromFlags(opts: ProfileAddOptions, kind: string): Record<string
     set('audience', opts.audience);
     set('resource', opts.resource);
     set('refresh_lead_seconds', opts.refreshLead);
+    set('token_endpoint_auth_method', opts.tokenAuthMethod);
     if (!opts.pkce) fields.pkce = false;
   }
   return fields;
@@ -296,6 +299,11 @@ export function profileCommand(): Command {
     .option('--no-pkce', 'oauth-device: no PKCE on the device authorization request (on by default)')
     .option('--refresh-lead <seconds>', 'oauth-device: refresh this long before expiry', parseSeconds)
     .option('--client-secret', 'oauth-device: the client is confidential: ask for its secret (stdin or prompt)')
+    .addOption(
+      new Option('--token-auth-method <method>', 'oauth-device: how the client secret is sent (default: in the body, unless the provider takes only HTTP Basic)').choices([
+        ...TOKEN_ENDPOINT_AUTH_METHODS,
+      ]),
+    )
     .option('--key-env <VAR>', 'read the key (or client secret) from this environment variable, e.g. DASHSCOPE_API_KEY')
     .option('--description <text>', 'a note shown with the profile')
     .option('--replace', 'replace a profile of that name (without --preset/--kind: keep its settings, change what is given)')
