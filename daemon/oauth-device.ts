@@ -31,6 +31,36 @@ import {
   type WaitForDeviceTokenOptions,
 } from './oauth.js';
 
+/** How long an access token is taken to last when nothing says (RFC 6749 §5.1 only recommends `expires_in`). */
+export const ASSUMED_TOKEN_LIFETIME_S = 3_600;
+
+/**
+ * A token response with an `expires_in`: its own; else, for an access token that is a JWT, the
+ * time to its `exp` (read, not verified: it only times the refresh); else the profile's
+ * `token_lifetime_seconds`, else an hour. A token that lasts less is refused at its first use and
+ * refreshed then (the gateway retries once, the library reports a rejected token).
+ */
+export function withLifetime(json: oauth.TokenEndpointResponse, settings: OAuthDeviceSettings, nowMs: number): oauth.TokenEndpointResponse {
+  if (json.expires_in !== undefined) return json;
+  const exp = jwtExpiry(json.access_token);
+  const untilExp = exp === undefined ? 0 : Math.floor(exp - nowMs / 1000);
+  return { ...json, expires_in: untilExp > 0 ? untilExp : (settings.token_lifetime_seconds ?? ASSUMED_TOKEN_LIFETIME_S) };
+}
+
+/** The `exp` claim of a JWT (seconds since the epoch), or undefined for anything else. */
+function jwtExpiry(token: unknown): number | undefined {
+  if (typeof token !== 'string') return undefined;
+  const parts = token.split('.');
+  if (parts.length !== 3 || parts[1]!.length > 16_384) return undefined;
+  try {
+    const claims = JSON.parse(Buffer.from(parts[1]!, 'base64url').toString('utf8')) as unknown;
+    const exp = claims !== null && typeof claims === 'object' ? (claims as { exp?: unknown }).exp : undefined;
+    return typeof exp === 'number' && Number.isFinite(exp) ? exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** RFC 8628 §3.2: the poll interval when the device authorization response names none. */
 export const RFC8628_DEFAULT_INTERVAL_S = 5;
 /** RFC 8628 §3.5: each `slow_down` adds this to the interval, for every later poll. */
@@ -217,7 +247,7 @@ export class DeviceFlowClient {
     );
     if (result.ok) {
       try {
-        return { status: 'success', grant: toGrant(label, result.value, null) };
+        return { status: 'success', grant: toGrant(label, withLifetime(result.value, this.settings, Date.now()), null) };
       } catch (e) {
         // The device code is spent: polling again cannot help.
         if (e instanceof QwenOAuthError) throw new QwenOAuthError(`${e.message}; the login cannot be completed`, { status: e.status });
@@ -258,7 +288,7 @@ export class DeviceFlowClient {
       (s) => oauth.refreshTokenGrantRequest(as, this.client, this.clientAuth(server), refreshToken, this.requestOptions(label, server.token_endpoint, s)),
       (response) => oauth.processRefreshTokenResponse(as, this.client, response),
     );
-    if (result.ok) return toGrant(label, result.value, null);
+    if (result.ok) return toGrant(label, withLifetime(result.value, this.settings, Date.now()), null);
     const { answer } = result;
     const rejected = answer.status >= 400 && answer.status < 500;
     if (rejected && answer.error === 'invalid_grant') {

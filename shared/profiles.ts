@@ -69,6 +69,11 @@ export const OAuthDeviceSettingsSchema = z
     token_endpoint_auth_method: z.enum(TOKEN_ENDPOINT_AUTH_METHODS).optional(),
     /** Refresh this long before expiry (default: the daemon's refresh lead). */
     refresh_lead_seconds: z.number().int().min(0).max(86_400).optional(),
+    /**
+     * How long an access token lasts when the provider's answer does not say (no `expires_in`,
+     * and the token is not a JWT with an `exp`). Default: one hour.
+     */
+    token_lifetime_seconds: z.number().int().min(60).max(31_536_000).optional(),
     /** The API base URL that chat calls use (OpenAI-compatible, ending in its version). */
     base_url: EndpointUrl,
     description: z.string().max(500).optional(),

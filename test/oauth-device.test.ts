@@ -11,7 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { DeviceFlowClient, type DeviceFlowClientOptions } from '../daemon/oauth-device.js';
 import type { DeviceAuthorization, DevicePollResult, TokenGrant } from '../daemon/oauth.js';
 import { QwenConfigError, QwenError, QwenOAuthError, QwenRefreshTokenInvalidError } from '../shared/errors.js';
-import type { OAuthDeviceSettings } from '../shared/profiles.js';
+import { OAuthDeviceSettingsSchema, type OAuthDeviceSettings } from '../shared/profiles.js';
 import { FakeClock } from './chaos/fake-clock.js';
 import { startOidcProvider, type OidcProviderOptions, type OidcTestProvider } from './support/oidc-provider.js';
 import { until } from './support/wait.js';
@@ -404,6 +404,53 @@ describe('token_endpoint_auth_method', () => {
     const settings = settingsFor({ issuer: p.base, clientId: CLIENT }, { token_endpoint_auth_method: 'client_secret_basic' });
     const error = await deviceClient(settings).deviceAuthorizationRequest().catch((e: unknown) => e);
     expect((error as Error).message).toMatch(/token_endpoint_auth_method is client_secret_basic but the profile has no client secret; store one with `qwen-token profile add corp --client-secret --replace`$/);
+  });
+});
+
+describe('a token response without expires_in', () => {
+  const jwt = (claims: Record<string, unknown>) =>
+    ['{"alg":"RS256","typ":"at+jwt"}', JSON.stringify(claims), 'signature'].map((part, i) => (i < 2 ? Buffer.from(part).toString('base64url') : part)).join('.');
+
+  /** A token endpoint that answers every refresh with `answer` (no expires_in unless given). */
+  async function tokenEndpoint(answer: Record<string, unknown>) {
+    const server = await fakeServer((req, res) => {
+      req.resume();
+      req.on('end', () => sendJson(res, 200, { token_type: 'Bearer', refresh_token: 'rt-next-0123456789', ...answer }));
+    });
+    const settings: OAuthDeviceSettings = { kind: 'oauth-device', device_authorization_endpoint: `${server.base}/device`, token_endpoint: `${server.base}/token`, client_id: 'c', base_url: 'http://127.0.0.1:9/v1' };
+    return settings;
+  }
+
+  it("a JWT access token: the time to its exp; the token's own expires_in wins over it", async () => {
+    const exp = Math.floor(Date.now() / 1000) + 1_234;
+    const token = jwt({ sub: 'u', exp });
+    const grant = await deviceClient(await tokenEndpoint({ access_token: token })).refreshTokenGrant('rt-0123456789');
+    expect(grant.access_token).toBe(token);
+    expect(grant.expires_in).toBeGreaterThanOrEqual(1_230);
+    expect(grant.expires_in).toBeLessThanOrEqual(1_234);
+    expect(grant.refresh_token).toBe('rt-next-0123456789');
+    const stated = await deviceClient(await tokenEndpoint({ access_token: token, expires_in: 100 })).refreshTokenGrant('rt-0123456789');
+    expect(stated.expires_in).toBe(100);
+    // The same at the end of a login.
+    const auth = { device_code: 'dc-0123456789', user_code: 'ABCD-EFGH', verification_uri: 'http://127.0.0.1:9/activate', expires_in: 600, interval: 5, code_verifier: 'v'.repeat(43) };
+    const polled = await deviceClient(await tokenEndpoint({ access_token: 'opaque-access-token-0123456789' })).deviceTokenPoll(auth);
+    expect(polled).toMatchObject({ status: 'success', grant: { access_token: 'opaque-access-token-0123456789', expires_in: 3_600 } });
+  });
+
+  it('an opaque token: the profile\'s token_lifetime_seconds, else an hour; a JWT already past its exp counts as opaque', async () => {
+    const settings = await tokenEndpoint({ access_token: 'opaque-access-token-0123456789' });
+    expect((await deviceClient(settings).refreshTokenGrant('rt-0123456789')).expires_in).toBe(3_600);
+    expect((await deviceClient({ ...settings, token_lifetime_seconds: 7_200 }).refreshTokenGrant('rt-0123456789')).expires_in).toBe(7_200);
+    const stale = await tokenEndpoint({ access_token: jwt({ exp: Math.floor(Date.now() / 1000) - 10 }) });
+    expect((await deviceClient({ ...stale, token_lifetime_seconds: 900 }).refreshTokenGrant('rt-0123456789')).expires_in).toBe(900);
+    const notJson = await tokenEndpoint({ access_token: 'aaa.!!!.bbb' });
+    expect((await deviceClient(notJson).refreshTokenGrant('rt-0123456789')).expires_in).toBe(3_600);
+  });
+
+  it('token_lifetime_seconds is checked in the config (60 s to a year)', () => {
+    const base = { kind: 'oauth-device', issuer: 'https://id.example.com', client_id: 'c', base_url: 'https://llm.example.com/v1' };
+    expect(OAuthDeviceSettingsSchema.safeParse({ ...base, token_lifetime_seconds: 86_400 }).success).toBe(true);
+    for (const bad of [59, 31_536_001, 1.5, '3600']) expect(OAuthDeviceSettingsSchema.safeParse({ ...base, token_lifetime_seconds: bad }).success).toBe(false);
   });
 });
 

@@ -279,16 +279,23 @@ describe('profile commands against the daemon', () => {
     const bad = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--token-auth-method', 'basic', '--base-url', 'https://llm.example.com/v1']);
     expect(bad.code).toBe(ExitCodes.usage);
     expect(bad.stderr).toMatch(/--token-auth-method.*Allowed choices are client_secret_post, client_secret_basic/);
+    const short = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--token-lifetime', '30', '--base-url', 'https://llm.example.com/v1']);
+    expect(short.code).toBe(ExitCodes.usage);
+    expect(short.stderr).toContain('a whole number of seconds from 60 to 31536000');
     const misplaced = await cli(['profile', 'add', 'k', '--preset', 'dashscope', '--token-auth-method', 'client_secret_basic'], { stdin: KEY });
     expect(misplaced.code).toBe(ExitCodes.usage);
     expect(misplaced.stderr).toContain('--token-auth-method does not apply to api-key profiles');
 
     const r = await cli(
-      ['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--client-secret', '--token-auth-method', 'client_secret_basic', '--base-url', 'https://llm.example.com/v1'],
+      ['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--client-secret', '--token-auth-method', 'client_secret_basic', '--token-lifetime', '28800', '--base-url', 'https://llm.example.com/v1'],
       { stdin: CLIENT_SECRET },
     );
     expect(r.code).toBe(0);
-    expect(JSON.parse(await readFile(resolveConfig(fx.env).configPath, 'utf8')).profiles.conf).toMatchObject({ kind: 'oauth-device', token_endpoint_auth_method: 'client_secret_basic' });
+    expect(JSON.parse(await readFile(resolveConfig(fx.env).configPath, 'utf8')).profiles.conf).toMatchObject({
+      kind: 'oauth-device',
+      token_endpoint_auth_method: 'client_secret_basic',
+      token_lifetime_seconds: 28_800,
+    });
     expect(r.stdout).toContain(`login --profile conf`);
     expectClean(r, 'profile add --client-secret');
     const conf = (await profiles()).profiles.find((p) => p.name === 'conf')!;

@@ -33,6 +33,7 @@ export interface ProfileAddOptions {
   /** False with `--no-pkce`. */
   pkce: boolean;
   refreshLead?: number;
+  tokenLifetime?: number;
   clientSecret?: boolean;
   tokenAuthMethod?: string;
   keyEnv?: string;
@@ -54,6 +55,7 @@ const OAUTH_ONLY = {
   audience: '--audience',
   resource: '--resource',
   refreshLead: '--refresh-lead',
+  tokenLifetime: '--token-lifetime',
   clientSecret: '--client-secret',
   tokenAuthMethod: '--token-auth-method',
 } as const;
@@ -65,6 +67,11 @@ function usage(cmd: Command, message: string): never {
 
 function parseSeconds(value: string): number {
   if (!/^\d+$/.test(value) || Number(value) > 86_400) throw new InvalidArgumentError('a whole number of seconds from 0 to 86400.');
+  return Number(value);
+}
+
+function parseLifetime(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 60 || Number(value) > 31_536_000) throw new InvalidArgumentError('a whole number of seconds from 60 to 31536000.');
   return Number(value);
 }
 
@@ -100,6 +107,7 @@ function settingsFromFlags(opts: ProfileAddOptions, kind: string): Record<string
     set('audience', opts.audience);
     set('resource', opts.resource);
     set('refresh_lead_seconds', opts.refreshLead);
+    set('token_lifetime_seconds', opts.tokenLifetime);
     set('token_endpoint_auth_method', opts.tokenAuthMethod);
     if (!opts.pkce) fields.pkce = false;
   }
@@ -298,6 +306,7 @@ export function profileCommand(): Command {
     .option('--resource <url>', 'oauth-device: an RFC 8707 resource indicator')
     .option('--no-pkce', 'oauth-device: no PKCE on the device authorization request (on by default)')
     .option('--refresh-lead <seconds>', 'oauth-device: refresh this long before expiry', parseSeconds)
+    .option('--token-lifetime <seconds>', 'oauth-device: how long a token lasts when the provider does not say (default 3600)', parseLifetime)
     .option('--client-secret', 'oauth-device: the client is confidential: ask for its secret (stdin or prompt)')
     .addOption(
       new Option('--token-auth-method <method>', 'oauth-device: how the client secret is sent (default: in the body, unless the provider takes only HTTP Basic)').choices([
