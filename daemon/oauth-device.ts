@@ -10,6 +10,7 @@
 import * as oauth from 'oauth4webapi';
 import type { OAuthDeviceSettings } from '../shared/profiles.js';
 import { QwenConfigError, QwenOAuthError, QwenRefreshTokenInvalidError } from '../shared/errors.js';
+import { cliCommand } from '../shared/cli-command.js';
 import { isLoopbackUrl, printable } from '../shared/url-trust.js';
 import {
   clip,
@@ -36,29 +37,43 @@ export const ASSUMED_TOKEN_LIFETIME_S = 3_600;
 
 /**
  * A token response with an `expires_in`: its own; else, for an access token that is a JWT, the
- * time to its `exp` (read, not verified: it only times the refresh); else the profile's
- * `token_lifetime_seconds`, else an hour. A token that lasts less is refused at its first use and
- * refreshed then (the gateway retries once, the library reports a rejected token).
+ * lifetime its claims give (read, not verified: it only times the refresh); else the profile's
+ * `token_lifetime_seconds`, else an hour. Lifetimes are capped at a year.
  */
 export function withLifetime(json: oauth.TokenEndpointResponse, settings: OAuthDeviceSettings, nowMs: number): oauth.TokenEndpointResponse {
-  if (json.expires_in !== undefined) return json;
-  const exp = jwtExpiry(json.access_token);
-  const untilExp = exp === undefined ? 0 : Math.floor(exp - nowMs / 1000);
-  return { ...json, expires_in: untilExp > 0 ? untilExp : (settings.token_lifetime_seconds ?? ASSUMED_TOKEN_LIFETIME_S) };
+  // oauth4webapi lets a numeric string and 0 through; a lifetime must be a positive number of seconds.
+  const stated = Number(json.expires_in);
+  if (json.expires_in !== undefined && Number.isFinite(stated) && stated > 0) return { ...json, expires_in: Math.min(stated, MAX_TOKEN_LIFETIME_S) };
+  const fromJwt = jwtLifetime(json.access_token, nowMs);
+  return { ...json, expires_in: fromJwt ?? settings.token_lifetime_seconds ?? ASSUMED_TOKEN_LIFETIME_S };
 }
 
-/** The `exp` claim of a JWT (seconds since the epoch), or undefined for anything else. */
-function jwtExpiry(token: unknown): number | undefined {
+/** The longest lifetime believed: a year (an `exp` in milliseconds by mistake would otherwise mean never). */
+const MAX_TOKEN_LIFETIME_S = 31_536_000;
+/** A JWT said to last less than this is more likely a clock or claim error than a real lifetime. */
+const MIN_JWT_LIFETIME_S = 60;
+
+/**
+ * How long a JWT access token lasts by its claims: `exp - iat` when it has both (a fresh token,
+ * and no local clock involved), else `exp` less now. Undefined for anything that is not a JWT
+ * with a numeric `exp`, and for a lifetime under a minute.
+ */
+function jwtLifetime(token: unknown, nowMs: number): number | undefined {
   if (typeof token !== 'string') return undefined;
   const parts = token.split('.');
   if (parts.length !== 3 || parts[1]!.length > 16_384) return undefined;
+  let claims: unknown;
   try {
-    const claims = JSON.parse(Buffer.from(parts[1]!, 'base64url').toString('utf8')) as unknown;
-    const exp = claims !== null && typeof claims === 'object' ? (claims as { exp?: unknown }).exp : undefined;
-    return typeof exp === 'number' && Number.isFinite(exp) ? exp : undefined;
+    claims = JSON.parse(Buffer.from(parts[1]!, 'base64url').toString('utf8'));
   } catch {
     return undefined;
   }
+  if (claims === null || typeof claims !== 'object') return undefined;
+  const { exp, iat } = claims as { exp?: unknown; iat?: unknown };
+  if (typeof exp !== 'number' || !Number.isFinite(exp)) return undefined;
+  const lifetime = Math.floor(typeof iat === 'number' && Number.isFinite(iat) && iat < exp ? exp - iat : exp - nowMs / 1000);
+  if (lifetime < MIN_JWT_LIFETIME_S) return undefined;
+  return Math.min(lifetime, MAX_TOKEN_LIFETIME_S);
 }
 
 /** RFC 8628 §3.2: the poll interval when the device authorization response names none. */
@@ -146,6 +161,8 @@ export class DeviceFlowClient {
   private readonly transport: OAuthTransport;
   private readonly polling: PollingRules;
   private discovered: Server | undefined;
+  /** How the client secret was last sent when the profile does not say (for the hint when the client is refused). */
+  private defaultMethod: 'client_secret_post' | 'client_secret_basic' = 'client_secret_post';
 
   /** Checks the profile's URLs (https, or http to a loopback host); throws `QwenConfigError` naming the setting. */
   constructor(options: DeviceFlowClientOptions) {
@@ -320,12 +337,15 @@ export class DeviceFlowClient {
     let secretHint: string;
     if (!this.clientSecret) {
       secretHint = chosen
-        ? `token_endpoint_auth_method is ${chosen} but the profile has no client secret; store one with \`qwen-token profile add ${this.profile} --client-secret --replace\``
+        ? `token_endpoint_auth_method is ${chosen} but the profile has no client secret; store one with \`${cliCommand(`profile add ${this.profile} --replace --client-secret`)}\``
         : 'check the client_id, and whether the provider needs a client secret for it';
     } else {
       secretHint = 'check the client_id and the client secret';
-      // The secret went in the body by default: a client registered for HTTP Basic is refused that way.
-      if (!chosen) secretHint += ', and whether the client is registered for HTTP Basic (set token_endpoint_auth_method to client_secret_basic)';
+      // A method picked by default may not be the one the client was registered with; the other one is named.
+      if (!chosen && answer.error !== 'unauthorized_client') {
+        const other = this.defaultMethod === 'client_secret_basic' ? 'client_secret_post' : 'client_secret_basic';
+        secretHint += `, and how the client is registered to send it (it went ${this.defaultMethod === 'client_secret_basic' ? 'as HTTP Basic' : 'in the request body'}; set token_endpoint_auth_method to ${other} for the other way)`;
+      }
     }
     const what = answer.error ? describeOAuthError(answer) : `HTTP ${answer.status}`;
     return new QwenOAuthError(`the ${label} refused the client (${what}); ${secretHint}`, {
@@ -341,10 +361,8 @@ export class DeviceFlowClient {
     if (chosen === 'client_secret_basic') return oauth.ClientSecretBasic(secret);
     if (chosen === 'client_secret_post') return oauth.ClientSecretPost(secret);
     const methods = server.token_endpoint_auth_methods_supported;
-    if (methods && !methods.includes('client_secret_post') && methods.includes('client_secret_basic')) {
-      return oauth.ClientSecretBasic(secret);
-    }
-    return oauth.ClientSecretPost(secret);
+    this.defaultMethod = methods && !methods.includes('client_secret_post') && methods.includes('client_secret_basic') ? 'client_secret_basic' : 'client_secret_post';
+    return this.defaultMethod === 'client_secret_basic' ? oauth.ClientSecretBasic(secret) : oauth.ClientSecretPost(secret);
   }
 
   /** oauth4webapi wants an issuer; with hand-given endpoints and no issuer, the token endpoint's origin stands in (ID tokens are dropped, see `withoutIdToken`). */

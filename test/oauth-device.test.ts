@@ -316,7 +316,7 @@ describe('client secret', () => {
       expect(error).toBeInstanceOf(QwenOAuthError);
       expect((error as QwenOAuthError).retryable).toBe(false);
       expect((error as Error).message).toMatch(
-        /of profile "corp" \(127\.0\.0\.1:\d+\) refused the client \(invalid_client.*\); check the client_id and the client secret, and whether the client is registered for HTTP Basic \(set token_endpoint_auth_method to client_secret_basic\)$/,
+        /of profile "corp" \(127\.0\.0\.1:\d+\) refused the client \(invalid_client.*\); check the client_id and the client secret, and how the client is registered to send it \(it went in the request body; set token_endpoint_auth_method to client_secret_basic for the other way\)$/,
       );
       expectNoSecret(error, secretsOf(p, [secret, wrongSecret]));
     }
@@ -364,7 +364,7 @@ describe('token_endpoint_auth_method', () => {
 
     const byDefault = await deviceClient(settings, { clientSecret: secret }).deviceAuthorizationRequest().catch((e: unknown) => e);
     expect(byDefault).toBeInstanceOf(QwenOAuthError);
-    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client.*\); check the client_id and the client secret, and whether the client is registered for HTTP Basic \(set token_endpoint_auth_method to client_secret_basic\)$/);
+    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client.*\); check the client_id and the client secret, and how the client is registered to send it \(it went in the request body; set token_endpoint_auth_method to client_secret_basic for the other way\)$/);
     expect(p.seen.at(-1)!.body.get('client_secret')).toBe(secret);
     expectNoSecret(byDefault, [secret]);
 
@@ -379,7 +379,7 @@ describe('token_endpoint_auth_method', () => {
     const p = await strictProvider('client_secret_post', ['client_secret_basic'], secret);
     const settings = settingsFor({ issuer: p.base, clientId: CLIENT });
     const byDefault = await deviceClient(settings, { clientSecret: secret }).deviceAuthorizationRequest().catch((e: unknown) => e);
-    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client/);
+    expect((byDefault as Error).message).toMatch(/refused the client \(invalid_client.*\); .*\(it went as HTTP Basic; set token_endpoint_auth_method to client_secret_post for the other way\)$/);
     expect(p.seen.at(-1)!.authorization).toMatch(/^Basic /);
 
     await deviceClient({ ...settings, token_endpoint_auth_method: 'client_secret_post' }, { clientSecret: secret }).deviceAuthorizationRequest();
@@ -403,7 +403,7 @@ describe('token_endpoint_auth_method', () => {
     const p = await strictProvider('client_secret_basic', ['client_secret_basic'], 'the-missing-client-secret-012345');
     const settings = settingsFor({ issuer: p.base, clientId: CLIENT }, { token_endpoint_auth_method: 'client_secret_basic' });
     const error = await deviceClient(settings).deviceAuthorizationRequest().catch((e: unknown) => e);
-    expect((error as Error).message).toMatch(/token_endpoint_auth_method is client_secret_basic but the profile has no client secret; store one with `qwen-token profile add corp --client-secret --replace`$/);
+    expect((error as Error).message).toMatch(/token_endpoint_auth_method is client_secret_basic but the profile has no client secret; store one with `[^`]*profile add corp --replace --client-secret`$/);
   });
 });
 
@@ -445,6 +445,17 @@ describe('a token response without expires_in', () => {
     expect((await deviceClient({ ...stale, token_lifetime_seconds: 900 }).refreshTokenGrant('rt-0123456789')).expires_in).toBe(900);
     const notJson = await tokenEndpoint({ access_token: 'aaa.!!!.bbb' });
     expect((await deviceClient(notJson).refreshTokenGrant('rt-0123456789')).expires_in).toBe(3_600);
+  });
+
+  it('exp − iat when both are there (no local clock); a lifetime under a minute, 0 or absurd is not believed; a numeric string is', async () => {
+    const now = Math.floor(Date.now() / 1000);
+    const lifetimeOf = async (answer: Record<string, unknown>) => (await deviceClient(await tokenEndpoint(answer)).refreshTokenGrant('rt-0123456789')).expires_in;
+    // iat an hour "ago" by a skewed clock: the token still lasts its 600 s.
+    expect(await lifetimeOf({ access_token: jwt({ iat: now - 3_600, exp: now - 3_000 }) })).toBe(600);
+    expect(await lifetimeOf({ access_token: jwt({ iat: now, exp: now + 30 }) })).toBe(3_600);
+    expect(await lifetimeOf({ access_token: jwt({ iat: now, exp: now * 1000 }) })).toBe(31_536_000);
+    expect(await lifetimeOf({ access_token: 'opaque-access-token-0123456789', expires_in: 0 })).toBe(3_600);
+    expect(await lifetimeOf({ access_token: 'opaque-access-token-0123456789', expires_in: '600' })).toBe(600);
   });
 
   it('token_lifetime_seconds is checked in the config (60 s to a year)', () => {

@@ -301,6 +301,16 @@ describe('profile commands against the daemon', () => {
     const conf = (await profiles()).profiles.find((p) => p.name === 'conf')!;
     expect(JSON.stringify(conf)).not.toContain(CLIENT_SECRET);
     expectClean(await cli(['profile', 'show', 'conf']), 'profile show');
+
+    // --replace alone changes what is given and keeps the rest, the stored secret included.
+    const lifetime = await cli(['profile', 'add', 'conf', '--replace', '--token-lifetime', '600']);
+    expect(lifetime.code).toBe(0);
+    const configPath = resolveConfig(fx.env).configPath;
+    expect(JSON.parse(await readFile(configPath, 'utf8')).profiles.conf).toMatchObject({ token_endpoint_auth_method: 'client_secret_basic', token_lifetime_seconds: 600 });
+    expect((await profiles()).profiles.find((p) => p.name === 'conf')!.settings).toMatchObject({ has_client_secret: true });
+    const newSecret = await cli(['profile', 'add', 'conf', '--replace', '--client-secret'], { stdin: `${CLIENT_SECRET}-2` });
+    expect(newSecret.code).toBe(0);
+    expectClean(newSecret, 'profile add --replace --client-secret');
     expect((await cli(['profile', 'remove', 'conf'])).code).toBe(0);
   });
 });

@@ -184,7 +184,9 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
         usage(cmd, errorText(err));
       }
     } else if (kindAsked === undefined) {
-      base = { ...existing!.settings, kind };
+      // What `profiles.list` shows besides the settings (whether a client secret is stored) is not a setting.
+      const { has_client_secret: _shownOnly, ...stored } = existing!.settings as Record<string, unknown>;
+      base = { ...stored, kind };
     }
     const parsed = profiles.ProfileSettingsSchema.safeParse({ ...base, ...settingsFromFlags(opts, kind) });
     if (!parsed.success) usage(cmd, `the settings of profile "${name}" are not valid: ${describeIssues(parsed.error)}`);
