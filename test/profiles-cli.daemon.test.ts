@@ -282,6 +282,9 @@ describe('profile commands against the daemon', () => {
     const short = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--token-lifetime', '30', '--base-url', 'https://llm.example.com/v1']);
     expect(short.code).toBe(ExitCodes.usage);
     expect(short.stderr).toContain('a whole number of seconds from 60 to 31536000');
+    const noSecret = await cli(['profile', 'add', 'conf', '--kind', 'oauth-device', '--issuer', issuer, '--client-id', 'cli', '--token-auth-method', 'client_secret_basic', '--base-url', 'https://llm.example.com/v1']);
+    expect(noSecret.code).toBe(ExitCodes.usage);
+    expect(noSecret.stderr).toContain('give --client-secret too');
     const misplaced = await cli(['profile', 'add', 'k', '--preset', 'dashscope', '--token-auth-method', 'client_secret_basic'], { stdin: KEY });
     expect(misplaced.code).toBe(ExitCodes.usage);
     expect(misplaced.stderr).toContain('--token-auth-method does not apply to api-key profiles');

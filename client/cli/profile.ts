@@ -194,6 +194,10 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
 
     // The secret: a key always; a client secret when asked for.
     const wantsSecret = settings.kind === 'api-key' || opts.clientSecret === true || opts.keyEnv !== undefined;
+    const keepsSecret = existing?.kind === 'oauth-device' && kindAsked === undefined && (existing.settings as { has_client_secret?: boolean }).has_client_secret === true;
+    if (settings.kind === 'oauth-device' && settings.token_endpoint_auth_method !== undefined && !wantsSecret && !keepsSecret) {
+      usage(cmd, `token_endpoint_auth_method is how a client secret is sent; give --client-secret too (a client without one sends none)`);
+    }
     let secret: string | undefined;
     if (wantsSecret) {
       const { readSecret } = await import('./secret-input.js');
