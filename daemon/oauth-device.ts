@@ -8,7 +8,7 @@
  * and never holds a token or the client secret.
  */
 import * as oauth from 'oauth4webapi';
-import type { OAuthDeviceSettings } from '../shared/profiles.js';
+import { TOKEN_LIFETIME_S, type OAuthDeviceSettings, type TokenEndpointAuthMethod } from '../shared/profiles.js';
 import { QwenConfigError, QwenOAuthError, QwenRefreshTokenInvalidError } from '../shared/errors.js';
 import { cliCommand } from '../shared/cli-command.js';
 import { isLoopbackUrl, printable } from '../shared/url-trust.js';
@@ -48,10 +48,10 @@ export function withLifetime(json: oauth.TokenEndpointResponse, settings: OAuthD
   return { ...json, expires_in: fromJwt ?? settings.token_lifetime_seconds ?? ASSUMED_TOKEN_LIFETIME_S };
 }
 
-/** The longest lifetime believed: a year (an `exp` in milliseconds by mistake would otherwise mean never). */
-const MAX_TOKEN_LIFETIME_S = 31_536_000;
-/** A JWT said to last less than this is more likely a clock or claim error than a real lifetime. */
-const MIN_JWT_LIFETIME_S = 60;
+/** The longest lifetime believed, the setting's bound (an `exp` in milliseconds by mistake would otherwise mean never). */
+const MAX_TOKEN_LIFETIME_S = TOKEN_LIFETIME_S.max;
+/** A JWT said to last less than the setting's lower bound is more likely a clock or claim error than a real lifetime. */
+const MIN_JWT_LIFETIME_S = TOKEN_LIFETIME_S.min;
 
 /**
  * How long a JWT access token lasts by its claims: `exp - iat` when it has both (a fresh token,
@@ -161,8 +161,6 @@ export class DeviceFlowClient {
   private readonly transport: OAuthTransport;
   private readonly polling: PollingRules;
   private discovered: Server | undefined;
-  /** How the client secret was last sent when the profile does not say (for the hint when the client is refused). */
-  private defaultMethod: 'client_secret_post' | 'client_secret_basic' = 'client_secret_post';
 
   /** Checks the profile's URLs (https, or http to a loopback host); throws `QwenConfigError` naming the setting. */
   constructor(options: DeviceFlowClientOptions) {
@@ -241,7 +239,7 @@ export class DeviceFlowClient {
       (s) => oauth.deviceAuthorizationRequest(as, this.client, this.clientAuth(server), parameters, this.requestOptions(label, server.device_authorization_endpoint, s)),
       (response) => oauth.processDeviceAuthorizationResponse(as, this.client, response),
     );
-    if (!result.ok) throw this.clientRefusal(label, result.answer) ?? deviceAuthorizationFailure(label, result.answer);
+    if (!result.ok) throw this.clientRefusal(label, result.answer, server) ?? deviceAuthorizationFailure(label, result.answer);
     return deviceAuthorizationOf(result.value, codeVerifier, RFC8628_DEFAULT_INTERVAL_S);
   }
 
@@ -280,7 +278,7 @@ export class DeviceFlowClient {
         status: answer.status,
       });
     }
-    throw this.clientRefusal(label, answer) ?? devicePollFailure(label, answer);
+    throw this.clientRefusal(label, answer, server) ?? devicePollFailure(label, answer);
   }
 
   /** Polls until the user approves (see `pollForDeviceToken`): RFC 8628's 5 s default and +5 s per `slow_down`. */
@@ -313,7 +311,7 @@ export class DeviceFlowClient {
         `the ${label} rejected the refresh token (HTTP ${answer.status}, ${describeOAuthError(answer)}); run the login again`,
       );
     }
-    const refusal = this.clientRefusal(label, answer);
+    const refusal = this.clientRefusal(label, answer, server);
     if (refusal) throw refusal;
     if (rejected && answer.error && answer.status !== 429 && answer.status !== 408 && !RETRYABLE_OAUTH_ERRORS.has(answer.error)) {
       throw new QwenOAuthError(`the ${label} refused the refresh (HTTP ${answer.status}, ${describeOAuthError(answer)})`, {
@@ -330,7 +328,7 @@ export class DeviceFlowClient {
   }
 
   /** The error for an answer that refuses this client (wrong client_id, missing or wrong secret); undefined for others. */
-  private clientRefusal(label: string, answer: ErrorAnswer): QwenOAuthError | undefined {
+  private clientRefusal(label: string, answer: ErrorAnswer, server: Server): QwenOAuthError | undefined {
     const refused = (answer.error !== undefined && CLIENT_ERRORS.has(answer.error)) || (answer.status === 401 && answer.error === undefined);
     if (!refused) return undefined;
     const chosen = this.settings.token_endpoint_auth_method;
@@ -343,8 +341,8 @@ export class DeviceFlowClient {
       secretHint = 'check the client_id and the client secret';
       // A method picked by default may not be the one the client was registered with; the other one is named.
       if (!chosen && answer.error !== 'unauthorized_client') {
-        const other = this.defaultMethod === 'client_secret_basic' ? 'client_secret_post' : 'client_secret_basic';
-        secretHint += `, and how the client is registered to send it (it went ${this.defaultMethod === 'client_secret_basic' ? 'as HTTP Basic' : 'in the request body'}; set token_endpoint_auth_method to ${other} for the other way)`;
+        const basic = this.secretMethod(server) === 'client_secret_basic';
+        secretHint += `, and how the client is registered to send it (it went ${basic ? 'as HTTP Basic' : 'in the request body'}; set token_endpoint_auth_method to ${basic ? 'client_secret_post' : 'client_secret_basic'} for the other way)`;
       }
     }
     const what = answer.error ? describeOAuthError(answer) : `HTTP ${answer.status}`;
@@ -357,12 +355,15 @@ export class DeviceFlowClient {
   private clientAuth(server: Server): oauth.ClientAuth {
     const secret = this.clientSecret;
     if (secret === undefined) return oauth.None();
+    return this.secretMethod(server) === 'client_secret_basic' ? oauth.ClientSecretBasic(secret) : oauth.ClientSecretPost(secret);
+  }
+
+  /** How the client secret is sent: as the profile says, else in the body unless the provider lists only Basic. */
+  private secretMethod(server: Server): TokenEndpointAuthMethod {
     const chosen = this.settings.token_endpoint_auth_method;
-    if (chosen === 'client_secret_basic') return oauth.ClientSecretBasic(secret);
-    if (chosen === 'client_secret_post') return oauth.ClientSecretPost(secret);
+    if (chosen) return chosen;
     const methods = server.token_endpoint_auth_methods_supported;
-    this.defaultMethod = methods && !methods.includes('client_secret_post') && methods.includes('client_secret_basic') ? 'client_secret_basic' : 'client_secret_post';
-    return this.defaultMethod === 'client_secret_basic' ? oauth.ClientSecretBasic(secret) : oauth.ClientSecretPost(secret);
+    return methods && !methods.includes('client_secret_post') && methods.includes('client_secret_basic') ? 'client_secret_basic' : 'client_secret_post';
   }
 
   /** oauth4webapi wants an issuer; with hand-given endpoints and no issuer, the token endpoint's origin stands in (ID tokens are dropped, see `withoutIdToken`). */

@@ -44,6 +44,9 @@ const EndpointUrl = z
 
 /** How an `oauth-device` profile may send its client secret to the provider. */
 export const TOKEN_ENDPOINT_AUTH_METHODS = ['client_secret_post', 'client_secret_basic'] as const;
+export type TokenEndpointAuthMethod = (typeof TOKEN_ENDPOINT_AUTH_METHODS)[number];
+/** The range of `token_lifetime_seconds`: a minute to a year. */
+export const TOKEN_LIFETIME_S = { min: 60, max: 31_536_000 } as const;
 
 /** Settings of an `oauth-device` profile: any RFC 8628 provider. */
 export const OAuthDeviceSettingsSchema = z
@@ -73,7 +76,7 @@ export const OAuthDeviceSettingsSchema = z
      * How long an access token lasts when the provider's answer does not say (no `expires_in`,
      * and the token is not a JWT with an `exp`). Default: one hour.
      */
-    token_lifetime_seconds: z.number().int().min(60).max(31_536_000).optional(),
+    token_lifetime_seconds: z.number().int().min(TOKEN_LIFETIME_S.min).max(TOKEN_LIFETIME_S.max).optional(),
     /** The API base URL that chat calls use (OpenAI-compatible, ending in its version). */
     base_url: EndpointUrl,
     description: z.string().max(500).optional(),

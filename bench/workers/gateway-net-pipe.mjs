@@ -10,8 +10,8 @@ import { connect, createServer } from 'node:net';
 process.once('message', ({ upstreamPort }) => {
   const server = createServer({ noDelay: true }, (client) => {
     const up = connect({ host: '127.0.0.1', port: upstreamPort, noDelay: true });
-    client.pipe(up).on('error', () => client.destroy());
-    up.pipe(client).on('error', () => up.destroy());
+    client.pipe(up);
+    up.pipe(client);
     client.on('error', () => up.destroy());
     up.on('error', () => client.destroy());
     client.on('close', () => up.destroy());

@@ -6,7 +6,7 @@
 import { lstat } from 'node:fs/promises';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { cliCommand } from '../../shared/cli-command.js';
-import { TOKEN_ENDPOINT_AUTH_METHODS, type ProfileInfo, type ProfileSettings } from '../../shared/profiles.js';
+import { TOKEN_ENDPOINT_AUTH_METHODS, TOKEN_LIFETIME_S, type ProfileInfo, type ProfileSettings } from '../../shared/profiles.js';
 import type { TokenClient } from '../token-client.js';
 import { commandEnv, note, out, outJson, parseProfileName, withClient, type GlobalOptions } from './context.js';
 import { describeExpiry, formatRelative } from './duration.js';
@@ -65,14 +65,12 @@ function usage(cmd: Command, message: string): never {
   cmd.error(message, { exitCode: ExitCodes.usage, code: 'commander.error' });
 }
 
-function parseSeconds(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) > 86_400) throw new InvalidArgumentError('a whole number of seconds from 0 to 86400.');
-  return Number(value);
-}
-
-function parseLifetime(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 60 || Number(value) > 31_536_000) throw new InvalidArgumentError('a whole number of seconds from 60 to 31536000.');
-  return Number(value);
+/** A parser for a whole number of seconds from `min` to `max`. */
+function seconds(min: number, max: number): (value: string) => number {
+  return (value) => {
+    if (!/^\d+$/.test(value) || Number(value) < min || Number(value) > max) throw new InvalidArgumentError(`a whole number of seconds from ${min} to ${max}.`);
+    return Number(value);
+  };
 }
 
 /** The kind a command line asks for: `--preset` makes an api-key profile. */
@@ -176,6 +174,8 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
     const kind = kindAsked ?? existing!.kind;
     const misplaced = misplacedFlags(opts, kind);
     if (misplaced.length > 0) usage(cmd, `${misplaced.join(', ')} ${misplaced.length === 1 ? 'does' : 'do'} not apply to ${kind} profiles`);
+    // `profiles.list` shows whether a client secret is stored beside the settings; it is not a setting.
+    const { has_client_secret: storedSecret, ...stored } = (existing?.settings ?? {}) as Record<string, unknown>;
     let base: Record<string, unknown> = { kind };
     if (opts.preset !== undefined) {
       try {
@@ -184,8 +184,6 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
         usage(cmd, errorText(err));
       }
     } else if (kindAsked === undefined) {
-      // What `profiles.list` shows besides the settings (whether a client secret is stored) is not a setting.
-      const { has_client_secret: _shownOnly, ...stored } = existing!.settings as Record<string, unknown>;
       base = { ...stored, kind };
     }
     const parsed = profiles.ProfileSettingsSchema.safeParse({ ...base, ...settingsFromFlags(opts, kind) });
@@ -194,7 +192,7 @@ async function runAdd(name: string, opts: ProfileAddOptions, cmd: Command): Prom
 
     // The secret: a key always; a client secret when asked for.
     const wantsSecret = settings.kind === 'api-key' || opts.clientSecret === true || opts.keyEnv !== undefined;
-    const keepsSecret = existing?.kind === 'oauth-device' && kindAsked === undefined && (existing.settings as { has_client_secret?: boolean }).has_client_secret === true;
+    const keepsSecret = kindAsked === undefined && storedSecret === true;
     if (settings.kind === 'oauth-device' && settings.token_endpoint_auth_method !== undefined && !wantsSecret && !keepsSecret) {
       usage(cmd, `token_endpoint_auth_method is how a client secret is sent; give --client-secret too (a client without one sends none)`);
     }
@@ -311,8 +309,8 @@ export function profileCommand(): Command {
     .option('--audience <audience>', 'oauth-device: the audience parameter some providers need')
     .option('--resource <url>', 'oauth-device: an RFC 8707 resource indicator')
     .option('--no-pkce', 'oauth-device: no PKCE on the device authorization request (on by default)')
-    .option('--refresh-lead <seconds>', 'oauth-device: refresh this long before expiry', parseSeconds)
-    .option('--token-lifetime <seconds>', 'oauth-device: how long a token lasts when the provider does not say (default 3600)', parseLifetime)
+    .option('--refresh-lead <seconds>', 'oauth-device: refresh this long before expiry', seconds(0, 86_400))
+    .option('--token-lifetime <seconds>', 'oauth-device: how long a token lasts when the provider does not say (default 3600)', seconds(TOKEN_LIFETIME_S.min, TOKEN_LIFETIME_S.max))
     .option('--client-secret', 'oauth-device: the client is confidential: ask for its secret (stdin or prompt)')
     .addOption(
       new Option('--token-auth-method <method>', 'oauth-device: how the client secret is sent (default: in the body, unless the provider takes only HTTP Basic)').choices([
