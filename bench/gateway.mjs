@@ -59,7 +59,9 @@ function freePort() {
 
 /** Forks a worker and resolves with its first message. */
 function forkWorker(file, task) {
-  const child = fork(join(WORKERS, file), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  // BENCH_FLOOR_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the floors (and the upstream and load).
+  const execArgv = (process.env.BENCH_FLOOR_ARGS ?? '').split(/\s+/).filter(Boolean);
+  const child = fork(join(WORKERS, file), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv });
   const first = new Promise((resolve, reject) => {
     child.once('message', resolve);
     child.once('exit', (code) => reject(new Error(`${file} exited ${code} before answering`)));

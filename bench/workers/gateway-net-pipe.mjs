@@ -20,3 +20,5 @@ process.once('message', ({ upstreamPort }) => {
   server.listen(0, '127.0.0.1', () => process.send({ port: server.address().port }));
 });
 process.on('disconnect', () => process.exit(0));
+// An orderly exit on SIGTERM too, so `--cpu-prof` (BENCH_FLOOR_ARGS) writes its profile.
+process.on('SIGTERM', () => process.exit(0));
