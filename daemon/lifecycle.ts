@@ -68,6 +68,9 @@ export function reduce(state: LifecycleState, event: LifecycleEvent, now: number
     case 'refresh_succeeded':
       // A logout while the refresh was in flight wins: its result must not bring credentials back.
       if (!state.credentials) return { ...state, refreshing: false };
+      // So does a login (or an adopted file with another refresh token): the result belongs to
+      // the grant that was replaced, and taking it would throw away the new one.
+      if (state.credentials.refresh_token !== event.usedRefreshToken) return { ...state, refreshing: false };
       return {
         ...state,
         credentials: event.credentials,
@@ -146,12 +149,26 @@ export type TokenDecision =
   | { action: 'fail'; reason: 'no_credentials' | 'needs_login' | 'expired' };
 
 /**
+ * Whether a refresh ended within the last retry interval: one that failed, or one that gave
+ * the credentials held now. Another attempt that soon would only repeat it, so requests wait
+ * for the schedule (a failure is retried every `retryMs`) instead of each starting one.
+ */
+export function refreshedRecently(state: LifecycleState, config: LifecycleConfig, now: number): boolean {
+  const within = (at: number | null) => at !== null && at <= now && now - at < config.retryMs;
+  if (state.failures > 0 && within(state.lastFailureAt)) return true;
+  return state.lastRefreshAt === state.credentialsSince && within(state.lastRefreshAt);
+}
+
+/**
  * What to do with a request for a token that must stay valid for `minValidityMs`.
  * `afterRefreshAttempt`: a refresh for this request already ran (and failed), so serve what
- * is still valid or fail, rather than refreshing again.
+ * is still valid or fail, rather than refreshing again. A refresh that ended within the retry
+ * interval counts as that attempt: requests never start refreshes faster than the schedule
+ * retries (a minimum longer than the provider's tokens live is met as far as a fresh token can).
  */
 export function decideTokenRequest(
   state: LifecycleState,
+  config: LifecycleConfig,
   now: number,
   minValidityMs: number,
   afterRefreshAttempt = false,
@@ -161,8 +178,9 @@ export function decideTokenRequest(
   const remaining = creds.expiry_date - now;
   if (remaining > minValidityMs) return { action: 'serve' };
   if (state.needsLogin || !creds.refresh_token) return remaining > 0 ? { action: 'serve' } : { action: 'fail', reason: 'needs_login' };
-  if (!afterRefreshAttempt) return { action: 'refresh' };
-  // The refresh failed: a token that is still valid is better than none.
+  // A refresh in flight is joined, however recent the last one.
+  if (!afterRefreshAttempt && (state.refreshing || !refreshedRecently(state, config, now))) return { action: 'refresh' };
+  // The refresh failed (or could not do better): a token that is still valid is better than none.
   return remaining > 0 ? { action: 'serve' } : { action: 'fail', reason: 'expired' };
 }
 

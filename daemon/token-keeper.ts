@@ -27,6 +27,7 @@ import {
   phase,
   pickAtStart,
   reduce,
+  refreshedRecently,
   shouldAdopt,
   type LifecycleEvent,
   type LifecycleState,
@@ -182,7 +183,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   /** The credentials when they can be served right now, valid longer than `minValidityMs`; else null. */
   servableNow(minValidityMs = 0): Credentials | null {
-    const decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
+    const decision = decideTokenRequest(this.state, this.deps.config, this.deps.clock.now(), minValidityMs);
     return decision.action === 'serve' ? this.state.credentials : null;
   }
 
@@ -192,13 +193,13 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    * is answered from one settlement, not a thousand chains resumed one step at a time.
    */
   getAccessToken(minValidityMs = 0): Promise<Credentials> {
-    const decision = decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs);
+    const decision = decideTokenRequest(this.state, this.deps.config, this.deps.clock.now(), minValidityMs);
     if (decision.action !== 'refresh') return this.serveOrFail(decision);
     const run = this.refreshNow();
     if (this.waiting?.run !== run) this.waiting = { run, byMinimum: new Map() };
     let shared = this.waiting.byMinimum.get(minValidityMs);
     if (!shared) {
-      shared = run.known.then(() => this.serveOrFail(decideTokenRequest(this.state, this.deps.clock.now(), minValidityMs, true)));
+      shared = run.known.then(() => this.serveOrFail(decideTokenRequest(this.state, this.deps.config, this.deps.clock.now(), minValidityMs, true)));
       this.waiting.byMinimum.set(minValidityMs, shared);
     }
     return shared;
@@ -222,6 +223,23 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const outcome = await this.refreshNow().finished;
     if (outcome.ok) return outcome.credentials;
     throw outcome.error;
+  }
+
+  /**
+   * A token to try instead of `rejected`, which an upstream refused: the current one when it
+   * is already another, else a refresh. Null when a refresh ended within the retry interval
+   * (it failed, or it gave the token refused): refreshing again would not help, the refusal
+   * is about something else (a model the account may not use, say), and a refresh per refused
+   * request would rotate the refresh token on every call.
+   */
+  async refreshAfterRejection(rejected: string): Promise<Credentials | null> {
+    while (this.inflight) await this.inflight.finished;
+    const creds = this.state.credentials;
+    if (!creds) throw this.unavailableError('no_credentials');
+    if (creds.access_token !== rejected) return this.getAccessToken();
+    if (this.state.needsLogin) throw this.unavailableError('needs_login');
+    if (refreshedRecently(this.state, this.deps.config, this.deps.clock.now())) return null;
+    return this.refresh();
   }
 
   /** Makes freshly logged-in credentials current and persists them. */
@@ -319,8 +337,10 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     }
     const last = this.state.lastError;
     const expiry = this.state.credentials ? new Date(this.state.credentials.expiry_date).toISOString() : 'unknown';
+    const next = nextRefreshAt(this.state, this.deps.config, this.deps.clock.now());
+    const retry = next !== null && next > this.deps.clock.now() ? `; the next attempt is at ${new Date(next).toISOString()}` : '';
     return new QwenTokenExpiredError(
-      `the access token expired at ${expiry} and could not be refreshed${last ? ` (${last.message})` : ''}; ` +
+      `the access token expired at ${expiry} and could not be refreshed${last ? ` (${last.message})` : ''}${retry}; ` +
         `check the network, \`${this.wording.statusCommand()}\`, or run \`${login}\``,
     );
   }
@@ -410,20 +430,25 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     const { logger } = this.deps;
     const used = creds.refresh_token;
     // (Typed by assertion: it is set inside the closure, which control-flow analysis does not follow.)
-    let published = null as { credentials: Credentials; via: 'http' | 'qwen-cli' } | null;
+    let published = null as { credentials: Credentials; via: 'http' | 'qwen-cli'; taken: boolean } | null;
     // Called with the new credentials before they are written: from here on they are current,
     // waiting callers get them and subscribers are told. Nothing here may keep the save from
-    // happening: a listener's exception is logged, not thrown.
-    const publish = (credentials: Credentials, via: 'http' | 'qwen-cli') => {
-      published = { credentials, via };
+    // happening: a listener's exception is logged, not thrown. False when they are not taken:
+    // a login or another file replaced the grant while the refresh was at the server.
+    const publish = (credentials: Credentials, via: 'http' | 'qwen-cli'): boolean => {
+      // As the lifecycle decides it (`reduce`), and also once stopping, when it records nothing
+      // more but a refresh the server has answered must still be saved.
+      const taken = this.state.credentials?.refresh_token === used;
       this.dispatch({ type: 'refresh_succeeded', credentials, usedRefreshToken: used });
-      announce({ ok: true, credentials });
-      if (this.stopped) return;
+      published = { credentials, via, taken };
+      announce({ ok: true, credentials: taken ? credentials : (this.state.credentials ?? credentials) });
+      if (this.stopped || !taken) return taken;
       try {
         this.emit('token_refreshed', credentials);
       } catch (err) {
         logger.error({ err: errorText(err) }, 'a token_refreshed listener failed');
       }
+      return true;
     };
     try {
       await this.refreshOnce(creds, signal, publish);
@@ -435,7 +460,15 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     }
     this.releaseLogs();
     if (!published) return this.refreshFailed(new Error('the refresh ended without credentials'), used);
-    const { credentials, via } = published;
+    const { credentials, via, taken } = published;
+    if (!taken) {
+      logger.info(
+        { token: fingerprint(credentials.access_token), via },
+        'a refresh ended after new credentials replaced the ones it refreshed; its result was dropped',
+      );
+      const current = this.state.credentials;
+      return current ? { ok: true, credentials: current } : { ok: false, error: this.unavailableError('no_credentials') };
+    }
     logger.info(
       { token: fingerprint(credentials.access_token), expiry_date: credentials.expiry_date, via, rotated: credentials.refresh_token !== used },
       via === 'http' ? 'token refreshed' : 'token already refreshed by the Qwen CLI; adopted it',
@@ -480,23 +513,24 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
   private async refreshOnce(
     creds: Credentials,
     signal: AbortSignal,
-    publish: (credentials: Credentials, via: 'http' | 'qwen-cli') => void,
+    publish: (credentials: Credentials, via: 'http' | 'qwen-cli') => boolean,
   ): Promise<void> {
-    const { cliFile, config, logger } = this.deps;
-    const outside = cliFile ? await cliFile.read({ settling: true }) : null;
+    const { config, logger } = this.deps;
+    // A Qwen CLI file that cannot be read (refused for its permissions, say) is no link: our
+    // own refresh token does not depend on it.
+    const outside = await this.readQwenCliFile({ settling: true });
+    const cliFile = outside ? this.deps.cliFile : null;
     const theirs = outside?.status === 'ok' ? outside.credentials : null;
     if (cliFile && theirs && theirs.refresh_token !== creds.refresh_token && theirs.expiry_date > creds.expiry_date) {
       // The Qwen CLI refreshed (or logged in) and its file event has not reached us yet:
       // refreshing now would present a refresh token it has just retired. Take its result.
       this.sourceFile = cliFile.path;
-      publish(theirs, 'qwen-cli');
-      await this.save(theirs, false);
+      if (publish(theirs, 'qwen-cli')) await this.save(theirs, false);
       return;
     }
     if (!cliFile || theirs?.refresh_token !== creds.refresh_token) {
       const fresh = await this.httpRefresh(creds, signal);
-      publish(fresh, 'http');
-      await this.save(fresh, false);
+      if (publish(fresh, 'http')) await this.save(fresh, false);
       return;
     }
     const lockOptions = {
@@ -509,7 +543,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       signal,
     };
     return withQwenCliLock(config.qwenCliLockPath, lockOptions, async () => {
-      const inside = await cliFile.read();
+      const inside = (await this.readQwenCliFile()) ?? { status: 'missing' as const };
       if (inside.status === 'ok') {
         const theirs = inside.credentials;
         const now = this.deps.clock.now();
@@ -518,17 +552,19 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
           (theirs.expiry_date > creds.expiry_date && theirs.expiry_date - now > config.refreshLeadMs);
         if (refreshedByCli && theirs.expiry_date > now) {
           this.sourceFile = cliFile.path;
-          publish(theirs, 'qwen-cli');
-          await this.save(theirs, false);
+          if (publish(theirs, 'qwen-cli')) await this.save(theirs, false);
           return;
         }
       }
       const fresh = await this.httpRefresh(creds, signal);
-      publish(fresh, 'http');
+      const taken = publish(fresh, 'http');
       // Write back where the token came from: a copy of a retired refresh token left in the
       // CLI's file would make the CLI fail (and delete its file) on its next refresh. The
       // write happens inside the CLI's lock, so the CLI never refreshes from the old file.
-      await this.save(fresh, inside.status === 'ok' && inside.credentials.refresh_token === creds.refresh_token);
+      // That holds even when a login replaced our credentials meanwhile: the CLI keeps its grant.
+      const alsoQwenCli = inside.status === 'ok' && inside.credentials.refresh_token === creds.refresh_token;
+      if (taken) await this.save(fresh, alsoQwenCli);
+      else if (alsoQwenCli) await this.saveQwenCliOnly(fresh);
     });
   }
 
@@ -630,17 +666,11 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   /** Writes our file (and the Qwen CLI's when asked). A failed write keeps the token in memory and retries later. */
   private async save(credentials: Credentials, alsoQwenCli: boolean): Promise<void> {
-    const { ownFile, cliFile, logger } = this.deps;
+    const { ownFile, logger } = this.deps;
     // The Qwen CLI's file first: a crash between the two writes then leaves the newer
     // credentials in the CLI's file, which the next start imports into ours (the later
     // expiry wins). The other order would leave the CLI on a retired refresh token.
-    if (alsoQwenCli && cliFile) {
-      try {
-        await cliFile.write(credentials);
-      } catch (err) {
-        this.logAfterSave(() => logger.error({ path: cliFile.path, err: errorText(err) }, "could not update the Qwen CLI's credential file"));
-      }
-    }
+    if (alsoQwenCli) await this.saveQwenCliOnly(credentials);
     try {
       await ownFile.write(credentials);
       // Anything older that failed to save is superseded by what was just written.
@@ -648,6 +678,32 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     } catch (err) {
       this.unsaved = credentials;
       logger.error({ path: ownFile.path, err: errorText(err) }, 'could not save credentials; keeping them in memory and retrying');
+    }
+  }
+  /** Writes the Qwen CLI's file alone; a failure is logged (after the refresh's own lines). */
+  private async saveQwenCliOnly(credentials: Credentials): Promise<void> {
+    const { cliFile, logger } = this.deps;
+    if (!cliFile) return;
+    try {
+      await cliFile.write(credentials);
+    } catch (err) {
+      this.logAfterSave(() => logger.error({ path: cliFile.path, err: errorText(err) }, "could not update the Qwen CLI's credential file"));
+    }
+  }
+
+  /**
+   * The Qwen CLI's file as a refresh sees it; null when there is none to link with: no CLI
+   * file configured, or one that cannot be read (refused, say), which is logged and otherwise
+   * leaves the refresh of our own token alone.
+   */
+  private async readQwenCliFile(options?: { settling: boolean }): Promise<Awaited<ReturnType<CredentialFile['read']>> | null> {
+    const { cliFile, logger } = this.deps;
+    if (!cliFile) return null;
+    try {
+      return await cliFile.read(options);
+    } catch (err) {
+      logger.warn({ path: cliFile.path, err: errorText(err) }, `refreshing without the Qwen CLI's file, which cannot be read: ${errorText(err)}`);
+      return null;
     }
   }
 }

@@ -326,7 +326,7 @@ describe('wall-clock jumps', () => {
     const now = T0 + 2 * HOUR;
     expect(phase(sValid, now)).toBe('expired');
     expect(nextRefreshAt(sValid, cfg, now)).toBeLessThanOrEqual(now);
-    expect(decideTokenRequest(sValid, now, 0)).toEqual({ action: 'refresh' });
+    expect(decideTokenRequest(sValid, cfg, now, 0)).toEqual({ action: 'refresh' });
   });
 
   it('forward +2 h while retrying: the retry is due now', () => {
@@ -362,7 +362,7 @@ describe('wall-clock jumps', () => {
     const now = T0 - 2 * HOUR;
     expect(nextRefreshAt(sValid, cfg, now)).toBe(DUE);
     expect(phase(sValid, now)).toBe('valid');
-    expect(decideTokenRequest(sValid, now, 0)).toEqual({ action: 'serve' });
+    expect(decideTokenRequest(sValid, cfg, now, 0)).toEqual({ action: 'serve' });
   });
 });
 
@@ -397,7 +397,7 @@ describe('refresh racing an outside file change', () => {
     expect(s.credentials).toEqual(B);
     expect(phase(s, DUE + 2 * SEC)).toBe('valid');
     expect(nextRefreshAt(s, cfg, DUE + 2 * SEC)).toBe(B.expiry_date - cfg.refreshLeadMs);
-    expect(decideTokenRequest(s, DUE + 2 * SEC, 0)).toEqual({ action: 'serve' });
+    expect(decideTokenRequest(s, cfg, DUE + 2 * SEC, 0)).toEqual({ action: 'serve' });
   });
 
   it('a stale failure does not disturb an earlier failure count of the adopted token', () => {
@@ -420,10 +420,13 @@ describe('refresh racing an outside file change', () => {
     expect(phase(s, DUE + 2 * SEC)).toBe('needs_login');
   });
 
-  it('a refresh_succeeded after adoption takes the refreshed credentials', () => {
+  it('a refresh_succeeded after adoption is dropped: the adopted grant stays', () => {
+    // B came from a login or another process while A was being refreshed; A2 belongs to the
+    // grant B replaced, and taking it would throw B's refresh token away.
     const s = reduce(adoptedDuringRefresh, ev.succeeded(A2, 'rt-A'), DUE + 2 * SEC);
-    expect(s.credentials).toEqual(A2);
-    expect(s.credentialsSince).toBe(DUE + 2 * SEC);
+    expect(s.credentials).toEqual(B);
+    expect(s.credentialsSince).toBe(DUE + SEC);
+    expect(s.lastRefreshAt).toBe(adoptedDuringRefresh.lastRefreshAt);
     expect(s.refreshing).toBe(false);
     expect(phase(s, DUE + 2 * SEC)).toBe('valid');
   });
@@ -489,23 +492,26 @@ describe('needs_login', () => {
     ['an hour after expiry', EXP + HOUR, 0, false, { action: 'fail', reason: 'needs_login' }],
     ['after expiry, after a refresh attempt', EXP + HOUR, 0, true, { action: 'fail', reason: 'needs_login' }],
   ])('token request when %s', (_label, now, minValidityMs, after, expected) => {
-    expect(decideTokenRequest(sNeedsLogin, now, minValidityMs, after)).toEqual(expected);
+    expect(decideTokenRequest(sNeedsLogin, cfg, now, minValidityMs, after)).toEqual(expected);
   });
 
   it.each<[string, LifecycleEvent]>([
     ['credentials_loaded (new login or newer file)', ev.loaded(B)],
-    ['a refresh that succeeded after re-reading the files', ev.succeeded(B, 'rt-B')],
+    ['a refresh that succeeded after re-reading the files', ev.succeeded(B, 'rt-A')],
   ])('is cleared by %s', (_label, event) => {
     const s = reduce(sNeedsLogin, event, DUE + MIN);
     expect(s.needsLogin).toBe(false);
     expect(s.failures).toBe(0);
     expect(phase(s, DUE + MIN)).toBe('valid');
     expect(nextRefreshAt(s, cfg, DUE + MIN)).toBe(B.expiry_date - cfg.refreshLeadMs);
-    expect(decideTokenRequest(s, EXP + MIN, 0)).toEqual({ action: 'serve' });
+    expect(decideTokenRequest(s, cfg, EXP + MIN, 0)).toEqual({ action: 'serve' });
   });
 });
 
 describe('decideTokenRequest', () => {
+  /** Refreshed at DUE into A2, which lives an hour. */
+  const sFreshRefresh = run([[ev.succeeded(A2, 'rt-A'), DUE]], sRefreshing);
+
   it.each<[string, LifecycleState, number, number, boolean, TokenDecision]>([
     ['no credentials', sNone, T0, 0, false, { action: 'fail', reason: 'no_credentials' }],
     ['no credentials, after an attempt', sNone, T0, 0, true, { action: 'fail', reason: 'no_credentials' }],
@@ -519,18 +525,26 @@ describe('decideTokenRequest', () => {
     ['past expiry: refresh now, not when the timer fires', sValid, EXP + MIN, 0, false, { action: 'refresh' }],
     ['refresh in flight and token expired: join it', sRefreshing, EXP + MIN, 0, false, { action: 'refresh' }],
     ['retrying, token still valid', sRetrying, DUE + MIN, 0, false, { action: 'serve' }],
-    ['retrying past expiry', sRetryingPastExpiry, EXP + MIN, 0, false, { action: 'refresh' }],
+    // Requests do not start refreshes faster than the schedule retries (every retryMs).
+    ['retrying past expiry, within a retry interval of the failure', sRetryingPastExpiry, EXP + MIN, 0, false, { action: 'fail', reason: 'expired' }],
+    ['retrying past expiry, a retry interval after the failure', sRetryingPastExpiry, EXP + 5 * SEC + cfg.retryMs, 0, false, { action: 'refresh' }],
+    ['retrying, short of the minimum, within a retry interval', sRetrying, DUE + 30 * SEC, 10 * MIN, false, { action: 'serve' }],
+    ['retrying, short of the minimum, a retry interval later', sRetrying, DUE + cfg.retryMs, 10 * MIN, false, { action: 'refresh' }],
+    ['retrying, the clock went back before the failure', sRetryingPastExpiry, EXP + SEC, 0, false, { action: 'refresh' }],
+    ['just refreshed, asked for more than the new token lives', sFreshRefresh, DUE + 30 * SEC, 2 * HOUR, false, { action: 'serve' }],
+    ['refreshed a retry interval ago, asked for more than it lives', sFreshRefresh, DUE + cfg.retryMs, 2 * HOUR, false, { action: 'refresh' }],
+    ['refresh in flight within a retry interval of a failure: join it', run([[ev.started(), DUE + SEC]], sRetrying), DUE + 2 * SEC, 10 * MIN, false, { action: 'refresh' }],
     ['after a failed attempt, still valid but short', sValid, EXP - 5 * MIN, 10 * MIN, true, { action: 'serve' }],
     ['after a failed attempt, 1 ms left', sValid, EXP - 1, 10 * MIN, true, { action: 'serve' }],
     ['after a failed attempt, exactly at expiry', sValid, EXP, 0, true, { action: 'fail', reason: 'expired' }],
     ['after a failed attempt, past expiry', sRetryingPastExpiry, EXP + MIN, 0, true, { action: 'fail', reason: 'expired' }],
     ['after an attempt, plenty left', sValid, T0, 0, true, { action: 'serve' }],
   ])('%s', (_label, state, now, minValidityMs, after, expected) => {
-    expect(decideTokenRequest(state, now, minValidityMs, after)).toEqual(expected);
+    expect(decideTokenRequest(state, cfg, now, minValidityMs, after)).toEqual(expected);
   });
 
   it('afterRefreshAttempt defaults to false', () => {
-    expect(decideTokenRequest(sValid, EXP + MIN, 0)).toEqual({ action: 'refresh' });
+    expect(decideTokenRequest(sValid, cfg, EXP + MIN, 0)).toEqual({ action: 'refresh' });
   });
 });
 

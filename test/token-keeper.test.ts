@@ -54,6 +54,15 @@ function seeded(expiresIn: number): Credentials {
   return { access_token: t.access_token, refresh_token: t.refresh_token, token_type: 'Bearer', resource_url: t.resource_url, expiry_date: t.expiry_date };
 }
 
+/** Resolves once `check` holds (polled every 10 ms, for up to 5 s). */
+async function until(check: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error('the condition never held');
+}
+
 /** Holds every write of `file` until the returned function is called: a slow disk. */
 function holdWrites(file: CredentialFile): () => void {
   let release!: () => void;
@@ -239,5 +248,126 @@ describe('TokenKeeper', () => {
     expect(server.counts.refresh).toBe(0);
     // The other holder's lock is untouched.
     expect((await stat(join(dir, 'qwen', 'oauth_creds.lock'))).isFile()).toBe(true);
+  });
+
+  it('requests after a failed refresh wait for the 60 s retry instead of each starting a refresh', async () => {
+    const { keeper: k, own } = makeKeeper();
+    // Valid for 30 s: inside every request's 60 s minimum, so each one wants a refresh.
+    await own.write(seeded(30));
+    await k.start();
+    server.injectFault({ kind: '5xx', times: 100 });
+    const served = [];
+    for (let i = 0; i < 20; i++) served.push(await k.getAccessToken(60_000));
+    // One attempt; the other nineteen get the still-valid token without asking the server.
+    expect(server.counts.refresh).toBe(1);
+    expect(new Set(served.map((c) => c.access_token)).size).toBe(1);
+    expect(k.snapshot().retryCount).toBe(1);
+    // A forced refresh (`qwen-token refresh`) still asks at once.
+    await expect(k.refresh()).rejects.toThrow();
+    expect(server.counts.refresh).toBe(2);
+  });
+
+  it('an expired token after a failed refresh fails at once, naming the next attempt', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write({ ...seeded(3600), expiry_date: Date.now() - 1_000 });
+    server.injectFault({ kind: '5xx', times: 100 });
+    await k.start();
+    await expect(k.getAccessToken()).rejects.toThrow(/could not be refreshed/);
+    const attempts = server.counts.refresh;
+    const err = await k.getAccessToken().catch((e: Error) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toMatch(/the next attempt is at \d{4}-\d\d-\d\dT/);
+    expect(server.counts.refresh).toBe(attempts);
+  });
+
+  it('asking for more validity than a fresh token has refreshes once, not on every call', async () => {
+    const { keeper: k, own } = makeKeeper();
+    await own.write(seeded(3600));
+    await k.start();
+    const tokens = [];
+    // Refreshed tokens live 6 h here; 7 h cannot be had, and asking again must not rotate the grant each time.
+    for (let i = 0; i < 3; i++) {
+      const token = await k.getAccessToken(7 * 3600_000);
+      tokens.push(token);
+      // Each call after the last one's write, so none joins a refresh still in progress.
+      await until(async () => {
+        const onDisk = await own.read();
+        return onDisk.status === 'ok' && onDisk.credentials.access_token === token.access_token;
+      });
+    }
+    expect(server.counts.refresh).toBe(1);
+    expect(new Set(tokens.map((c) => c.access_token)).size).toBe(1);
+  });
+
+  it('a refresh that answers after a login is dropped: the login stays in memory and on disk', async () => {
+    const { keeper: k, own } = makeKeeper();
+    const first = seeded(3600);
+    await own.write(first);
+    await k.start();
+    server.injectFault({ kind: 'delay', delayMs: 300, times: 1 });
+    const refreshing = k.refresh();
+    await new Promise((r) => setTimeout(r, 50));
+    const login = seeded(7200);
+    await k.installCredentials(login);
+    const answer = await refreshing;
+    expect(server.counts.refresh).toBe(1);
+    // The caller of the refresh gets what is current: the login.
+    expect(answer.refresh_token).toBe(login.refresh_token);
+    expect(k.snapshot().credentials?.refresh_token).toBe(login.refresh_token);
+    const onDisk = await own.read();
+    expect(onDisk.status === 'ok' && onDisk.credentials.refresh_token).toBe(login.refresh_token);
+  });
+
+  it("a Qwen CLI file that cannot be read does not keep our own token from refreshing", async () => {
+    const { keeper: k, own, cli } = makeKeeper(true);
+    const first = seeded(3600);
+    await own.write(first);
+    await k.start();
+    // The CLI's directory becomes writable by others: its file is refused from then on.
+    await cli!.write(first);
+    const { chmod } = await import('node:fs/promises');
+    await chmod(join(dir, 'qwen'), 0o777);
+    await expect(cli!.read()).rejects.toThrow();
+    const refreshed = await k.refresh();
+    expect(server.counts.refresh).toBe(1);
+    expect(refreshed.refresh_token).not.toBe(first.refresh_token);
+    const onDisk = await own.read();
+    expect(onDisk.status === 'ok' && onDisk.credentials.refresh_token).toBe(refreshed.refresh_token);
+  });
+
+  describe('refreshAfterRejection (an upstream refused the access token)', () => {
+    it('refreshes once; refusals within the retry interval get null instead of another refresh', async () => {
+      const { keeper: k, own } = makeKeeper();
+      const first = seeded(3600);
+      await own.write(first);
+      await k.start();
+      const fresh = await k.refreshAfterRejection(first.access_token);
+      expect(fresh?.access_token).not.toBe(first.access_token);
+      expect(server.counts.refresh).toBe(1);
+      // The fresh token is refused too (a model the account may not use): no second refresh.
+      expect(await k.refreshAfterRejection(fresh!.access_token)).toBeNull();
+      expect(server.counts.refresh).toBe(1);
+    });
+
+    it('hands out the current token when the refused one was already replaced', async () => {
+      const { keeper: k, own } = makeKeeper();
+      const first = seeded(3600);
+      await own.write(first);
+      await k.start();
+      const current = await k.refresh();
+      expect((await k.refreshAfterRejection(first.access_token))?.access_token).toBe(current.access_token);
+      expect(server.counts.refresh).toBe(1);
+    });
+
+    it('after a failed refresh, refusals within the retry interval get null', async () => {
+      const { keeper: k, own } = makeKeeper();
+      const first = seeded(3600);
+      await own.write(first);
+      await k.start();
+      server.injectFault({ kind: '5xx', times: 100 });
+      await expect(k.refreshAfterRejection(first.access_token)).rejects.toThrow();
+      expect(await k.refreshAfterRejection(first.access_token)).toBeNull();
+      expect(server.counts.refresh).toBe(1);
+    });
   });
 });
