@@ -3,6 +3,7 @@
  * pure functions of the parsed file (no I/O), so every rule is a one-line test. A secret never
  * belongs here: a field that looks like one is refused with a message saying where it goes.
  */
+import { createHash } from 'node:crypto';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError } from '../shared/errors.js';
 import {
@@ -125,4 +126,13 @@ export function grantIdentity(settings: ProfileSettings): string {
   if (settings.kind !== 'oauth-device') return settings.kind;
   const s: OAuthDeviceSettings = settings;
   return JSON.stringify([s.kind, s.issuer ?? null, s.device_authorization_endpoint ?? null, s.token_endpoint ?? null, s.client_id]);
+}
+
+/**
+ * The grant a token file records (`grant` in `profiles/<name>.token.json`): a SHA-256 digest of
+ * `grantIdentity`, so a file names its provider and client without spelling them out. Tokens
+ * whose file names another grant are deleted at load (see daemon/credential-store.ts).
+ */
+export function grantDigest(settings: ProfileSettings): string {
+  return createHash('sha256').update(grantIdentity(settings)).digest('hex');
 }

@@ -20,6 +20,7 @@ import type { WatchedFile } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import type { Logger } from './logger.js';
 import { QwenOAuthClient } from './oauth.js';
+import { grantDigest } from './profile-config.js';
 import type { ProfileRuntime, ProfileRuntimeEvents, ProfileStatus } from './profile-runtime.js';
 import { profilePaths, readSecretFile } from './profile-secrets.js';
 import { TokenKeeper, type KeeperWording } from './token-keeper.js';
@@ -44,6 +45,8 @@ interface OAuthProfileParts {
   baseUrl: (credentials: Credentials | null) => string;
   /** What `profiles.list` shows as its settings. */
   shownSettings: Record<string, unknown>;
+  /** Runs before the keeper loads its file (an `oauth-device` profile marks a token file of an older version with its grant). */
+  beforeStart?: () => Promise<void>;
   /** Files besides the token file that hold its secrets (a client secret). */
   secretFiles: string[];
   wording: KeeperWording;
@@ -126,6 +129,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   }
 
   async start(): Promise<void> {
+    await this.parts.beforeStart?.();
     await this.keeper.start();
   }
 
@@ -311,6 +315,7 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     logger.error({ path: paths.secret, err: errorText(err) }, `cannot use the client secret: ${errorText(err)}`);
   }
   const oauth = deps.createDeviceFlow(name, settings, clientSecret);
+  const loginCommand = () => cliCommand(`login --profile ${name}`);
   const ownFile = new CredentialFile(paths.token, {
     logger,
     clock,
@@ -318,9 +323,12 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     ownsDirectory: true,
     label: `profile ${name}`,
     parse: parseProfileCredentials,
+    // Tokens are used only by the provider and client they were issued for, whatever happened
+    // to the config file while the daemon was not running.
+    grant: { id: grantDigest(settings), advice: () => `run \`${loginCommand()}\`` },
   });
   const wording: KeeperWording = {
-    loginCommand: () => cliCommand(`login --profile ${name}`),
+    loginCommand,
     statusCommand: () => cliCommand(`status --profile ${name}`),
     otherWays: '',
     issuer: `the provider of profile "${name}"`,
@@ -344,6 +352,13 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     cliLink: { enabled: false, path: '' },
     baseUrl: () => settings.base_url,
     shownSettings: { ...settings, has_client_secret: clientSecret !== undefined },
+    beforeStart: async () => {
+      // Trust on first use: a token file from before grants were recorded was written for the
+      // settings the profile had then, the ones it starts with now unless the config file was
+      // also edited while the daemon was stopped for the upgrade. Refusing such files would log
+      // every oauth-device profile out on upgrade. See docs/profiles.md.
+      if (await ownFile.stampGrant()) logger.info({ path: paths.token }, 'the token file recorded no provider or client (an older version wrote it); recorded this profile\'s');
+    },
     secretFiles: clientSecret === undefined ? [] : [paths.secret],
     wording,
     logger,
