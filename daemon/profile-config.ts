@@ -136,3 +136,27 @@ export function grantIdentity(settings: ProfileSettings): string {
 export function grantDigest(settings: ProfileSettings): string {
   return createHash('sha256').update(grantIdentity(settings)).digest('hex');
 }
+
+/**
+ * Settings a running profile takes without a restart, by kind: they change what is shown (and,
+ * for `oauth-device`, the base URL clients and the gateway get), never the grant, the OAuth
+ * client's requests, the refresh schedule or the credential. A restart abandons a refresh in
+ * flight after a grace period, and a provider may already have rotated the refresh token.
+ * An `api-key` profile's `base_url`, `auth` and `models` restart it: it has nothing to refresh,
+ * and the gateway reads them once per runtime.
+ */
+const IN_PLACE_FIELDS: Readonly<Record<ProfileSettings['kind'], readonly string[]>> = {
+  'oauth-device': ['description', 'base_url'],
+  'api-key': ['description', 'preset', 'region'],
+};
+
+/** True when a running profile must be restarted to go from `previous` to `next` settings. */
+export function settingsNeedRestart(previous: ProfileSettings, next: ProfileSettings): boolean {
+  if (previous.kind !== next.kind) return true;
+  const without = (s: ProfileSettings): string => {
+    const rest: Record<string, unknown> = { ...s };
+    for (const field of IN_PLACE_FIELDS[s.kind]) delete rest[field];
+    return settingsKey(rest as ProfileSettings);
+  };
+  return without(previous) !== without(next);
+}
