@@ -41,7 +41,19 @@ export interface CredentialFileOptions {
    * `QwenCredentialsFileError` when it is not a credential record.
    */
   parse?: (text: string, source: string) => Credentials;
+  /**
+   * The grant the tokens must belong to, for a file only the daemon writes (a profile's token
+   * file; never the Qwen CLI's, whose format is shared). `id` (a digest of provider and client,
+   * no secret) is written into every write as `grant`. A file that names another grant is
+   * deleted when read and reads as missing: its refresh token must never reach another
+   * provider. A file that names none (written before grants were recorded) reads as usual;
+   * `stampGrant` marks it. `advice` ends the warning (how to log in again).
+   */
+  grant?: { id: string; advice: () => string };
 }
+
+/** The field of a token file that names the grant its tokens belong to (see `CredentialFileOptions.grant`). */
+export const GRANT_FIELD = 'grant';
 
 /** The text we last wrote and the file's mtime right after that write. */
 export interface LastWrite {
@@ -198,6 +210,31 @@ export function writeDurably(path: string, text: string, mode: number = FILE_MOD
   return serialized(path, () => writeDurablyNow(path, text, mode));
 }
 
+// ---- the grant a token file belongs to ---------------------------------------------------
+
+/**
+ * The grant a token file's text names; undefined when it names none. A `grant` that is not a
+ * string names no grant we could match: '' (never a grant's id).
+ */
+function grantNamedIn(text: string): string | undefined {
+  try {
+    const data: unknown = JSON.parse(text);
+    if (data === null || typeof data !== 'object') return undefined;
+    const value = (data as Record<string, unknown>)[GRANT_FIELD];
+    if (value === undefined) return undefined;
+    return typeof value === 'string' ? value : '';
+  } catch {
+    return undefined;
+  }
+}
+
+/** The file text for credentials with the grant they belong to (the Qwen CLI's fields, plus `grant`). */
+function stampedText(c: Credentials, grant: string): string {
+  const record = JSON.parse(serializeCredentials(c)) as Record<string, unknown>;
+  record[GRANT_FIELD] = grant;
+  return `${JSON.stringify(record, null, 2)}\n`;
+}
+
 // ---- the credential file ------------------------------------------------------------------
 
 /** One credential file on disk (ours or the Qwen CLI's): validated reads, atomic 0600 writes. */
@@ -215,6 +252,7 @@ export class CredentialFile {
   private warnedAboutDirectory = false;
   private readonly chatUrlPolicy: ChatUrlPolicy | undefined;
   private readonly parse: (text: string, source: string) => Credentials;
+  private readonly grant: { id: string; advice: () => string } | undefined;
   /** `resource_url` values already reported as refused (reported once each). */
   private readonly refusedResourceUrls = new Set<string>();
 
@@ -229,6 +267,7 @@ export class CredentialFile {
     this.label = options.label;
     this.chatUrlPolicy = options.chatUrlPolicy;
     this.parse = options.parse ?? parseCredentialsText;
+    this.grant = options.grant;
   }
 
   /** True when `text` is exactly what this instance wrote last. */
@@ -299,6 +338,10 @@ export class CredentialFile {
       }
       return this.reportCorrupt(error, info);
     }
+    if (this.grant) {
+      const named = grantNamedIn(text);
+      if (named !== undefined && named !== this.grant.id) return this.discardForeignGrant(info);
+    }
     return { status: 'ok', credentials: this.withTrustedResourceUrl(credentials), mtimeMs: info.mtimeMs, text };
   }
 
@@ -348,9 +391,9 @@ export class CredentialFile {
     return rest;
   }
 
-  /** Writes the credentials atomically and durably as a 0600 file in a 0700 directory. */
+  /** Writes the credentials atomically and durably as a 0600 file in a 0700 directory (with the grant, when set). */
   write(c: Credentials): Promise<void> {
-    const text = serializeCredentials(c);
+    const text = this.grant ? stampedText(c, this.grant.id) : serializeCredentials(c);
     return serialized(this.path, async () => {
       await this.prepareDirectory();
       this.writing = text;
@@ -360,6 +403,43 @@ export class CredentialFile {
         this.writing = undefined;
       }
     });
+  }
+
+  /**
+   * Marks a file that names no grant (written before grants were recorded) as this file's grant,
+   * keeping its tokens; true when it did. Only while nothing else writes the file (before its
+   * keeper starts): the text stamped is the text just read.
+   */
+  async stampGrant(): Promise<boolean> {
+    if (!this.grant) return false;
+    const read = await this.read();
+    if (read.status !== 'ok' || grantNamedIn(read.text) !== undefined) return false;
+    await this.write(read.credentials);
+    return true;
+  }
+
+  /** Deletes a file whose tokens belong to another grant (only the very file judged); reads as missing. */
+  private async discardForeignGrant(read: Stats): Promise<FileRead> {
+    const advice = this.grant?.advice() ?? '';
+    await serialized(this.path, async () => {
+      try {
+        const current = await stat(this.path);
+        if (current.ino !== read.ino || current.dev !== read.dev) return;
+        await unlink(this.path);
+        this.lastWrite = undefined;
+        this.logger.warn(
+          { file: this.label, path: this.path },
+          `${this.label} credential file ${this.path} holds tokens issued to another provider or client than the settings now name; deleted them, so its refresh token never reaches the new one: ${advice}`,
+        );
+      } catch (err) {
+        if (errnoCode(err) === 'ENOENT') return;
+        this.logger.error(
+          { file: this.label, path: this.path, reason: describeFsError(err) },
+          `${this.label} credential file ${this.path} holds tokens issued to another provider or client and could not be deleted (${describeFsError(err)}); they are not used: ${advice}`,
+        );
+      }
+    });
+    return { status: 'missing' };
   }
 
   /** Deletes the file; false when it was already missing. */

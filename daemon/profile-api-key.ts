@@ -8,10 +8,11 @@ import type { Clock } from '../shared/clock.js';
 import { errorText } from '../shared/diagnostics.js';
 import { QwenConfigError, QwenCredentialsFileError, QwenError, QwenTokenNotAvailableError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
-import type { ApiKeySettings, ProfileInfo } from '../shared/profiles.js';
+import type { ApiKeySettings, ProfileInfo, ProfileSettings } from '../shared/profiles.js';
 import type { LastError, LoginStartResult, TokenResult } from '../shared/protocol.js';
 import type { WatchedFile } from './credential-watch.js';
 import type { Logger } from './logger.js';
+import { settingsNeedRestart } from './profile-config.js';
 import type { ProfileRuntime, ProfileRuntimeEvents, ProfileStatus } from './profile-runtime.js';
 import { profilePaths, readSecretFile, removeFiles } from './profile-secrets.js';
 
@@ -31,14 +32,31 @@ export class ApiKeyProfile extends EventEmitter<ProfileRuntimeEvents> implements
   private current: TokenResult | null = null;
   private lastError: LastError | null = null;
 
+  /** Its settings; replaced in place only for fields that change no answer (see `applySettings`). */
+  private applied: ApiKeySettings;
+
   constructor(
     readonly name: string,
-    readonly settings: ApiKeySettings,
+    settings: ApiKeySettings,
     private readonly deps: ApiKeyProfileDeps,
   ) {
     super();
+    this.applied = settings;
     this.secretPath = profilePaths(deps.profilesDir, name).secret;
     this.logger = deps.logger.child({ profile: name });
+  }
+
+  get settings(): ApiKeySettings {
+    return this.applied;
+  }
+
+  /** Takes display-only settings (description, preset, region): the key's answer stays the same. */
+  applySettings(settings: ProfileSettings): boolean {
+    if (settings.kind !== 'api-key' || settingsNeedRestart(this.applied, settings)) {
+      throw new Error(`profile "${this.name}": this settings change needs a restart`);
+    }
+    this.applied = settings;
+    return false;
   }
 
   /** The command that replaces the key, as a person runs it here. */

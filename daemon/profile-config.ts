@@ -3,6 +3,7 @@
  * pure functions of the parsed file (no I/O), so every rule is a one-line test. A secret never
  * belongs here: a field that looks like one is refused with a message saying where it goes.
  */
+import { createHash } from 'node:crypto';
 import { describeIssues } from '../shared/diagnostics.js';
 import { QwenConfigError } from '../shared/errors.js';
 import {
@@ -125,4 +126,37 @@ export function grantIdentity(settings: ProfileSettings): string {
   if (settings.kind !== 'oauth-device') return settings.kind;
   const s: OAuthDeviceSettings = settings;
   return JSON.stringify([s.kind, s.issuer ?? null, s.device_authorization_endpoint ?? null, s.token_endpoint ?? null, s.client_id]);
+}
+
+/**
+ * The grant a token file records (`grant` in `profiles/<name>.token.json`): a SHA-256 digest of
+ * `grantIdentity`, so a file names its provider and client without spelling them out. Tokens
+ * whose file names another grant are deleted at load (see daemon/credential-store.ts).
+ */
+export function grantDigest(settings: ProfileSettings): string {
+  return createHash('sha256').update(grantIdentity(settings)).digest('hex');
+}
+
+/**
+ * Settings a running profile takes without a restart, by kind: they change what is shown (and,
+ * for `oauth-device`, the base URL clients and the gateway get), never the grant, the OAuth
+ * client's requests, the refresh schedule or the credential. A restart abandons a refresh in
+ * flight after a grace period, and a provider may already have rotated the refresh token.
+ * An `api-key` profile's `base_url`, `auth` and `models` restart it: it has nothing to refresh,
+ * and the gateway reads them once per runtime.
+ */
+const IN_PLACE_FIELDS: Readonly<Record<ProfileSettings['kind'], readonly string[]>> = {
+  'oauth-device': ['description', 'base_url'],
+  'api-key': ['description', 'preset', 'region'],
+};
+
+/** True when a running profile must be restarted to go from `previous` to `next` settings. */
+export function settingsNeedRestart(previous: ProfileSettings, next: ProfileSettings): boolean {
+  if (previous.kind !== next.kind) return true;
+  const without = (s: ProfileSettings): string => {
+    const rest: Record<string, unknown> = { ...s };
+    for (const field of IN_PLACE_FIELDS[s.kind]) delete rest[field];
+    return settingsKey(rest as ProfileSettings);
+  };
+  return without(previous) !== without(next);
 }

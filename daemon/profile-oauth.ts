@@ -13,13 +13,14 @@ import { chatBaseUrl, parseCredentials, type Credentials } from '../shared/crede
 import { errorText } from '../shared/diagnostics.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
-import type { OAuthDeviceSettings, ProfileInfo, ProfileKind } from '../shared/profiles.js';
+import type { OAuthDeviceSettings, ProfileInfo, ProfileKind, ProfileSettings } from '../shared/profiles.js';
 import type { LoginStartResult, TokenResult } from '../shared/protocol.js';
 import { CredentialFile } from './credential-store.js';
 import type { WatchedFile } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import type { Logger } from './logger.js';
 import { QwenOAuthClient } from './oauth.js';
+import { grantDigest, settingsNeedRestart } from './profile-config.js';
 import type { ProfileRuntime, ProfileRuntimeEvents, ProfileStatus } from './profile-runtime.js';
 import { profilePaths, readSecretFile } from './profile-secrets.js';
 import { TokenKeeper, type KeeperWording } from './token-keeper.js';
@@ -40,10 +41,12 @@ interface OAuthProfileParts {
   ownFile: CredentialFile;
   cliFile: CredentialFile | null;
   cliLink: { enabled: boolean; path: string };
-  /** The chat API's base URL for these credentials. */
-  baseUrl: (credentials: Credentials | null) => string;
+  /** The chat API's base URL for these credentials, under these settings. */
+  baseUrl: (credentials: Credentials | null, settings: OAuthDeviceSettings | null) => string;
   /** What `profiles.list` shows as its settings. */
-  shownSettings: Record<string, unknown>;
+  shownSettings: (settings: OAuthDeviceSettings | null) => Record<string, unknown>;
+  /** Runs before the keeper loads its file (an `oauth-device` profile marks a token file of an older version with its grant). */
+  beforeStart?: () => Promise<void>;
   /** Files besides the token file that hold its secrets (a client secret). */
   secretFiles: string[];
   wording: KeeperWording;
@@ -55,21 +58,22 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   readonly name: string;
   readonly kind: OAuthProfileParts['kind'];
   readonly builtin: boolean;
-  readonly settings: OAuthDeviceSettings | null;
   /** The token's owner (the gateway asks it directly; see gateway/registry-profiles.ts). */
   readonly keeper: TokenKeeper;
   private readonly login: DeviceLogin;
-  /** Built once per credential record (frozen, so the socket server serializes it once too). */
-  private readonly results = new WeakMap<Credentials, TokenResult>();
+  /** Its settings; replaced in place only for fields that touch no grant or request (see `applySettings`). */
+  private applied: OAuthDeviceSettings | null;
+  /** Built once per credential record (frozen, so the socket server serializes it once too); renewed when the base URL changes. */
+  private results = new WeakMap<Credentials, TokenResult>();
   /** Callers waiting on one refresh share the keeper's promise; they share its answer too. */
-  private readonly answers = new WeakMap<Promise<Credentials>, Promise<TokenResult>>();
+  private answers = new WeakMap<Promise<Credentials>, Promise<TokenResult>>();
 
   constructor(private readonly parts: OAuthProfileParts) {
     super();
     this.name = parts.name;
     this.kind = parts.kind;
     this.builtin = parts.builtin;
-    this.settings = parts.settings;
+    this.applied = parts.settings;
     this.keeper = parts.keeper;
     this.login = parts.login;
     const { keeper, login, logger } = parts;
@@ -96,6 +100,24 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
     login.on('failed', (err) => this.emit('login_failed', err));
   }
 
+  get settings(): OAuthDeviceSettings | null {
+    return this.applied;
+  }
+
+  /** Takes a new description or base URL; true when the base URL changed (clients get the token again). */
+  applySettings(settings: ProfileSettings): boolean {
+    const previous = this.applied;
+    if (previous === null || settings.kind !== 'oauth-device' || settingsNeedRestart(previous, settings)) {
+      throw new Error(`profile "${this.name}": this settings change needs a restart`);
+    }
+    this.applied = settings;
+    if (settings.base_url === previous.base_url) return false;
+    // Answers already built name the old base URL.
+    this.results = new WeakMap();
+    this.answers = new WeakMap();
+    return true;
+  }
+
   /** The command that logs this profile in, as a person runs it here. */
   loginCommand(): string {
     return this.parts.wording.loginCommand();
@@ -103,7 +125,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
 
   /** The chat API's base URL for `credentials` (the current ones when omitted). */
   baseUrlFor(credentials: Credentials | null = this.keeper.snapshot().credentials): string {
-    return this.parts.baseUrl(credentials);
+    return this.parts.baseUrl(credentials, this.applied);
   }
 
   /** What clients receive for a credential record. */
@@ -114,7 +136,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
       access_token: c.access_token,
       token_type: c.token_type,
       expiry_date: c.expiry_date,
-      base_url: this.parts.baseUrl(c),
+      base_url: this.parts.baseUrl(c, this.applied),
     };
     if (c.resource_url && this.kind === 'qwen-oauth') result.resource_url = c.resource_url;
     result.profile = this.name;
@@ -126,6 +148,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   }
 
   async start(): Promise<void> {
+    await this.parts.beforeStart?.();
     await this.keeper.start();
   }
 
@@ -204,8 +227,8 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
       kind: this.kind,
       builtin: this.builtin,
       default: isDefault,
-      settings: this.parts.shownSettings,
-      base_url: this.parts.baseUrl(creds),
+      settings: this.parts.shownSettings(this.applied),
+      base_url: this.parts.baseUrl(creds, this.applied),
       has_secret: creds !== null,
       secret_fingerprint: status.token_fingerprint,
       state: status.state,
@@ -258,7 +281,7 @@ export function createQwenProfile({ config, logger, clock }: RuntimeDeps): OAuth
     cliFile,
     cliLink: { enabled: config.qwenCliSync, path: config.qwenCliCredsPath },
     baseUrl: (c) => chatBaseUrl(c?.resource_url),
-    shownSettings: { oauth_base_url: config.oauthBaseUrl, client_id: config.clientId, scope: config.scope, qwen_cli_link: config.qwenCliSync },
+    shownSettings: () => ({ oauth_base_url: config.oauthBaseUrl, client_id: config.clientId, scope: config.scope, qwen_cli_link: config.qwenCliSync }),
     secretFiles: [],
     wording: {
       loginCommand: () => cliCommand('login'),
@@ -311,6 +334,7 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     logger.error({ path: paths.secret, err: errorText(err) }, `cannot use the client secret: ${errorText(err)}`);
   }
   const oauth = deps.createDeviceFlow(name, settings, clientSecret);
+  const loginCommand = () => cliCommand(`login --profile ${name}`);
   const ownFile = new CredentialFile(paths.token, {
     logger,
     clock,
@@ -318,9 +342,12 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     ownsDirectory: true,
     label: `profile ${name}`,
     parse: parseProfileCredentials,
+    // Tokens are used only by the provider and client they were issued for, whatever happened
+    // to the config file while the daemon was not running.
+    grant: { id: grantDigest(settings), advice: () => `run \`${loginCommand()}\`` },
   });
   const wording: KeeperWording = {
-    loginCommand: () => cliCommand(`login --profile ${name}`),
+    loginCommand,
     statusCommand: () => cliCommand(`status --profile ${name}`),
     otherWays: '',
     issuer: `the provider of profile "${name}"`,
@@ -342,8 +369,15 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     ownFile,
     cliFile: null,
     cliLink: { enabled: false, path: '' },
-    baseUrl: () => settings.base_url,
-    shownSettings: { ...settings, has_client_secret: clientSecret !== undefined },
+    baseUrl: (_credentials, current) => (current ?? settings).base_url,
+    shownSettings: (current) => ({ ...(current ?? settings), has_client_secret: clientSecret !== undefined }),
+    beforeStart: async () => {
+      // Trust on first use: a token file from before grants were recorded was written for the
+      // settings the profile had then, the ones it starts with now unless the config file was
+      // also edited while the daemon was stopped for the upgrade. Refusing such files would log
+      // every oauth-device profile out on upgrade. See docs/profiles.md.
+      if (await ownFile.stampGrant()) logger.info({ path: paths.token }, 'the token file recorded no provider or client (an older version wrote it); recorded this profile\'s');
+    },
     secretFiles: clientSecret === undefined ? [] : [paths.secret],
     wording,
     logger,

@@ -2,6 +2,7 @@
  * The set of credential profiles: the built-in `qwen` profile plus those of the config file.
  * It maps names to runtimes, applies the config file (at start, on a hand edit, after
  * `profiles.add`/`profiles.remove`): a new profile is started, a removed one stopped, a changed one
+ * updated in place when only display settings changed (see `settingsNeedRestart`), else
  * restarted (keeping its tokens while they belong to the same grant). An invalid config file is
  * reported (one log line, `config_error`) and the profiles already running are kept.
  * Applying is serialized; handing out tokens never waits for it.
@@ -19,7 +20,7 @@ import { parseConfigObject, readConfigText, updateConfigFile } from './config-fi
 import { CredentialWatcher } from './credential-watch.js';
 import type { Logger } from './logger.js';
 import { ApiKeyProfile } from './profile-api-key.js';
-import { grantIdentity, parseProfileSettings, readProfilesConfig, settingsKey, type ProfilesConfig } from './profile-config.js';
+import { grantIdentity, parseProfileSettings, readProfilesConfig, settingsKey, settingsNeedRestart, type ProfilesConfig } from './profile-config.js';
 import { createOAuthDeviceProfile, createQwenProfile, type DeviceFlowFactory, type OAuthProfile } from './profile-oauth.js';
 import type { ProfileRuntime, RuntimeRefreshFailure } from './profile-runtime.js';
 import { profilePaths, readSecretFile, removeFiles, writeSecretFile, type SecretFile } from './profile-secrets.js';
@@ -312,12 +313,23 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       changed = true;
     }
     const started: ProfileRuntime[] = [];
+    /** Profiles updated in place whose token answer changed (a new base URL). */
+    const reanswered: ProfileRuntime[] = [];
     for (const [name, settings] of wanted.profiles) {
       const key = settingsKey(settings);
       const entry = this.entries.get(name);
       if (entry?.key === key) continue;
+      const previous = entry?.runtime.settings;
+      if (entry && previous && !settingsNeedRestart(previous, settings)) {
+        // No restart: a refresh in flight would be abandoned, and a refresh token the provider
+        // already rotated lost with it.
+        if (entry.runtime.applySettings(settings)) reanswered.push(entry.runtime);
+        entry.key = key;
+        changed = true;
+        logger.info({ profile: name }, 'profile settings changed; applied without a restart');
+        continue;
+      }
       if (entry) {
-        const previous = entry.runtime.settings;
         await this.detachAndStop(name);
         if (previous && grantIdentity(previous) !== grantIdentity(settings)) {
           // Tokens of another grant: presented to the new provider, a refresh token would leak to it.
@@ -355,7 +367,7 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       this.defaultName = wanted.defaultProfile;
       changed = true;
     }
-    for (const runtime of started) {
+    for (const runtime of [...started, ...reanswered]) {
       const ready = runtime.servableNow(0);
       if (ready) this.emit('token_refreshed', runtime.name, ready);
     }

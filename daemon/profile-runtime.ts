@@ -49,6 +49,13 @@ export interface ProfileRuntime extends EventEmitter<ProfileRuntimeEvents> {
   readonly builtin: boolean;
   /** The settings it runs with; null for the built-in profile (its settings come from the environment). */
   readonly settings: ProfileSettings | null;
+  /**
+   * Takes new settings while running, without a restart. Only for a change that
+   * `settingsNeedRestart` (profile-config.ts) allows: the same kind, differing only in fields
+   * that touch no grant, request, schedule or credential. True when the token answer clients
+   * get changed (its base URL), so they are sent it again.
+   */
+  applySettings(settings: ProfileSettings): boolean;
   /** Loads what is on disk and starts its schedule; never waits for the network. */
   start(): Promise<void>;
   /** Stops timers and abandons what is in flight (a write in progress completes). */

@@ -9,14 +9,19 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { systemClock } from '../shared/clock.js';
 import { resolveConfig } from '../shared/config.js';
-import { QwenConfigError, QwenCredentialsFileError } from '../shared/errors.js';
-import { presetSettings } from '../shared/profiles.js';
+import { serializeCredentials } from '../shared/credentials.js';
+import { QwenConfigError, QwenCredentialsFileError, QwenRefreshTokenInvalidError } from '../shared/errors.js';
+import { fingerprint } from '../shared/fingerprint.js';
+import { presetSettings, type ProfileSettings } from '../shared/profiles.js';
 import { readConfigObject, readConfigText, updateConfigFile } from '../daemon/config-file.js';
 import { updateGatewaySettings } from '../daemon/gateway/settings.js';
 import { silentLogger } from '../daemon/logger.js';
-import { grantIdentity, readProfilesConfig, secretFields, settingsKey } from '../daemon/profile-config.js';
+import type { TokenGrant } from '../daemon/oauth.js';
+import { grantIdentity, readProfilesConfig, secretFields, settingsKey, settingsNeedRestart } from '../daemon/profile-config.js';
+import type { DeviceFlow } from '../daemon/profile-oauth.js';
 import { ProfileRegistry } from '../daemon/profile-registry.js';
 import { readSecretFile, writeSecretFile } from '../daemon/profile-secrets.js';
+import { until } from './support/wait.js';
 
 const PATH = '/home/u/.config/qwen-tokend/config.json';
 const DIR = '/home/u/.one_dragon_alpha/profiles';
@@ -89,6 +94,38 @@ describe('the profiles part of the config file', () => {
     expect(grantIdentity({ ...device, base_url: 'https://other.example/v1' } as never)).toBe(grantIdentity(device as never));
     expect(grantIdentity({ ...device, client_id: 'other' } as never)).not.toBe(grantIdentity(device as never));
     expect(grantIdentity({ ...device, issuer: 'https://evil.example' } as never)).not.toBe(grantIdentity(device as never));
+  });
+
+  it('a running profile is restarted only for what its grant, requests, schedule or credential depend on', () => {
+    const d = device as ProfileSettings;
+    const key = presetSettings('coding-plan');
+    const restarts = (from: ProfileSettings, change: Record<string, unknown>) => settingsNeedRestart(from, { ...from, ...change } as ProfileSettings);
+    // Taken in place: what is shown, and the base URL clients and the gateway get.
+    expect(restarts(d, { description: 'work' })).toBe(false);
+    expect(restarts({ ...d, description: 'work' } as ProfileSettings, { description: undefined })).toBe(false);
+    expect(restarts(d, { base_url: 'https://api2.example.com/v1' })).toBe(false);
+    expect(restarts(key, { description: 'mine', preset: 'dashscope', region: 'beijing' })).toBe(false);
+    // Restarted: the OAuth client's requests, the refresh schedule, the grant, the kind.
+    for (const change of [
+      { scope: 'openid' },
+      { audience: 'api' },
+      { resource: 'https://api.example.com' },
+      { pkce: false },
+      { token_endpoint_auth_method: 'client_secret_basic' },
+      { refresh_lead_seconds: 60 },
+      { token_lifetime_seconds: 600 },
+      { issuer: 'https://login.example.net' },
+      { token_endpoint: 'https://login.example.com/token' },
+      { device_authorization_endpoint: 'https://login.example.com/device' },
+      { client_id: 'other' },
+    ]) {
+      expect(restarts(d, change), JSON.stringify(Object.keys(change))).toBe(true);
+    }
+    // An api-key profile's answer and the gateway's view of it: restarted (it has nothing to refresh).
+    for (const change of [{ base_url: 'https://x.example.com/v1' }, { auth: 'x-api-key' }, { models: ['m'] }]) {
+      expect(restarts(key, change), JSON.stringify(Object.keys(change))).toBe(true);
+    }
+    expect(settingsNeedRestart(d, key)).toBe(true);
   });
 });
 
@@ -203,4 +240,107 @@ describe('the registry', () => {
     expect(registry.names()).toEqual(['qwen', 'plan']);
     expect(registry.resolve('plan').servableNow(0)?.access_token).toBe('sk-sp-registry-test-key');
   });
+  it('a description or base URL edit is applied without a restart: a refresh in flight, its token already rotated by the provider, completes and is kept', async () => {
+    const home = join(root, 'home');
+    await mkdir(home, { mode: 0o700 });
+    const config = resolveConfig({ HOME: home, QWEN_TOKEND_SOCKET: join(root, 's.sock'), QWEN_TOKEND_QWEN_CLI_SYNC: 'off' }, { homedir: home });
+    const provider = rotatingProvider();
+    const first = provider.issue();
+    await mkdir(config.profilesDir, { recursive: true, mode: 0o700 });
+    await writeFile(join(config.profilesDir, 'corp.token.json'), serializeCredentials({ ...first, expiry_date: Date.now() + 3_600_000 }), { mode: 0o600 });
+    await updateConfigFile(config.configPath, () => ({ profiles: { corp: device } }));
+    registry = new ProfileRegistry({ config, logger: silentLogger(), clock: systemClock, createDeviceFlow: () => provider.flow });
+    await registry.start();
+    const pushed: string[] = [];
+    registry.on('token_refreshed', (_profile, result) => pushed.push(result.base_url));
+
+    // A refresh reaches the provider, which rotates at once and answers only when released.
+    provider.holdNext();
+    const refreshing = registry.resolve('corp').refresh().then(
+      (r) => fingerprint(r.access_token),
+      () => 'failed',
+    );
+    await until(() => provider.presented.length === 1, 'the refresh at the provider');
+    await updateConfigFile(config.configPath, (current) => ({ ...current, profiles: { corp: { ...device, description: 'work laptop' } } }));
+    await registry.reloadConfig();
+    expect(registry.infos().find((i) => i.name === 'corp')?.settings.description).toBe('work laptop');
+    provider.release();
+    const firstOutcome = await refreshing;
+    const rotated = fingerprint(provider.latest().access_token);
+
+    // The next refresh presents the rotated token, never the retired one.
+    const second = await registry.resolve('corp').refresh().then(
+      () => 'refreshed',
+      (err: { code?: string }) => err.code,
+    );
+    expect(provider.retiredPresented).toBe(0);
+    expect(second).toBe('refreshed');
+    expect(registry.resolve('corp').status().state).toBe('valid');
+    expect(firstOutcome).toBe(rotated);
+
+    // A new base URL: in place too, and clients are sent the token again with it.
+    await updateConfigFile(config.configPath, (current) => ({ ...current, profiles: { corp: { ...device, description: 'work laptop', base_url: 'https://api2.example.com/v1' } } }));
+    await registry.reloadConfig();
+    expect(registry.resolve('corp').servableNow(0)?.base_url).toBe('https://api2.example.com/v1');
+    expect(pushed.at(-1)).toBe('https://api2.example.com/v1');
+    expect(provider.presented).toHaveLength(2);
+  });
 });
+
+/**
+ * An OAuth provider in process that rotates refresh tokens the moment a refresh arrives (as a
+ * real one does before its answer reaches the client) and counts presentations of retired ones.
+ * `holdNext` keeps the next answer until `release`; an abort of the request ends the wait.
+ */
+function rotatingProvider() {
+  const state = new Map<string, 'active' | 'retired'>();
+  const presented: string[] = [];
+  let retiredPresented = 0;
+  let n = 0;
+  let hold = false;
+  let release: (() => void) | null = null;
+  let latest: TokenGrant | null = null;
+  const mint = (): TokenGrant => {
+    n += 1;
+    const grant = { access_token: `registry-test-at-${n}-${Math.random().toString(36).slice(2)}`, refresh_token: `registry-test-rt-${n}-${Math.random().toString(36).slice(2)}`, token_type: 'Bearer', expires_in: 3600 };
+    state.set(grant.refresh_token, 'active');
+    latest = grant;
+    return grant;
+  };
+  const flow: DeviceFlow = {
+    deviceAuthorizationRequest: () => Promise.reject(new Error('no login in this test')),
+    waitForDeviceToken: () => Promise.reject(new Error('no login in this test')),
+    async refreshTokenGrant(refreshToken: string, signal?: AbortSignal): Promise<TokenGrant> {
+      presented.push(refreshToken);
+      const was = state.get(refreshToken);
+      if (was === 'retired') retiredPresented += 1;
+      if (was !== 'active') throw new QwenRefreshTokenInvalidError('invalid_grant: the refresh token is not active');
+      state.set(refreshToken, 'retired');
+      const grant = mint();
+      if (hold) {
+        hold = false;
+        await new Promise<void>((resolve, reject) => {
+          release = resolve;
+          signal?.addEventListener('abort', () => reject(new Error('aborted')), { once: true });
+        });
+      }
+      return grant;
+    },
+  };
+  return {
+    flow,
+    presented,
+    get retiredPresented() {
+      return retiredPresented;
+    },
+    issue: () => {
+      const g = mint();
+      return { access_token: g.access_token, refresh_token: g.refresh_token!, token_type: 'Bearer' };
+    },
+    latest: () => latest!,
+    holdNext: () => {
+      hold = true;
+    },
+    release: () => release?.(),
+  };
+}
