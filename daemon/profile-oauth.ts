@@ -152,8 +152,8 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
     await this.keeper.start();
   }
 
-  async stop(): Promise<void> {
-    await this.keeper.stop();
+  async stop(options?: { letRefreshFinish?: boolean }): Promise<void> {
+    await this.keeper.stop(options);
     await this.login.stop();
   }
 

@@ -330,8 +330,11 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
         continue;
       }
       if (entry) {
-        await this.detachAndStop(name);
-        if (previous && grantIdentity(previous) !== grantIdentity(settings)) {
+        const sameGrant = previous != null && grantIdentity(previous) === grantIdentity(settings);
+        // On the same grant the new runtime reads the tokens the old one leaves: let a refresh
+        // the provider may already have rotated finish and be saved first.
+        await this.detachAndStop(name, { letRefreshFinish: sameGrant });
+        if (previous && !sameGrant) {
           // Tokens of another grant: presented to the new provider, a refresh token would leak to it.
           const removed = await removeFiles([profilePaths(this.options.config.profilesDir, name).token]);
           if (removed.length) logger.info({ profile: name, removed }, 'the profile now names another provider or client; removed its tokens');
@@ -407,13 +410,13 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
     this.entries.set(name, entry);
   }
 
-  private async detachAndStop(name: string): Promise<void> {
+  private async detachAndStop(name: string, options?: { letRefreshFinish?: boolean }): Promise<void> {
     const entry = this.entries.get(name);
     if (!entry) return;
     this.entries.delete(name);
     this.order = this.order.filter((n) => n !== name);
     entry.detach();
-    await entry.runtime.stop();
+    await entry.runtime.stop(options);
   }
 
   /**

@@ -58,8 +58,12 @@ export interface ProfileRuntime extends EventEmitter<ProfileRuntimeEvents> {
   applySettings(settings: ProfileSettings): boolean;
   /** Loads what is on disk and starts its schedule; never waits for the network. */
   start(): Promise<void>;
-  /** Stops timers and abandons what is in flight (a write in progress completes). */
-  stop(): Promise<void>;
+  /**
+   * Stops timers and abandons what is in flight (a write in progress completes).
+   * `letRefreshFinish`: replaced by a runtime on the same grant, so a refresh in flight may
+   * finish (within its HTTP timeout) rather than lose a refresh token the provider rotated.
+   */
+  stop(options?: { letRefreshFinish?: boolean }): Promise<void>;
   /** The token when it can be handed out right now, valid longer than `minValidityMs`; else null. */
   servableNow(minValidityMs: number): TokenResult | null;
   /** A token valid longer than `minValidityMs`, refreshing first when needed. */

@@ -296,15 +296,20 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     };
   }
 
-  /** Stops timers and abandons an in-flight refresh; a credential write in progress completes. */
-  async stop(): Promise<void> {
+  /**
+   * Stops timers and abandons an in-flight refresh; a credential write in progress completes.
+   * `letRefreshFinish`: the keeper is being replaced, not shut down (a profile restarted for a
+   * new setting), so a refresh in flight gets its whole HTTP timeout to finish and be saved.
+   */
+  async stop({ letRefreshFinish = false }: { letRefreshFinish?: boolean } = {}): Promise<void> {
     this.stopped = true;
     this.clearTimer();
     for (const timer of this.settleTimers.values()) this.deps.clock.clearTimeout(timer);
     this.settleTimers.clear();
     // Give a refresh already at the server a moment to finish and be saved: abandoned after
     // the server rotated, it would leave only a retired refresh token on disk.
-    if (this.inflight) await Promise.race([this.inflight.finished, sleep(STOP_GRACE_MS)]);
+    const graceMs = letRefreshFinish ? this.deps.config.httpTimeoutMs + STOP_GRACE_MS : STOP_GRACE_MS;
+    if (this.inflight) await Promise.race([this.inflight.finished, sleep(graceMs)]);
     this.abortRefresh?.abort();
     await this.inflight?.finished;
     await this.fileWork;

@@ -285,6 +285,36 @@ describe('the registry', () => {
     expect(pushed.at(-1)).toBe('https://api2.example.com/v1');
     expect(provider.presented).toHaveLength(2);
   });
+
+  it('a scope edit restarts the profile, but a refresh in flight on the same grant finishes and is saved first', async () => {
+    const home = join(root, 'home');
+    await mkdir(home, { mode: 0o700 });
+    const config = resolveConfig({ HOME: home, QWEN_TOKEND_SOCKET: join(root, 's.sock'), QWEN_TOKEND_QWEN_CLI_SYNC: 'off' }, { homedir: home });
+    const provider = rotatingProvider();
+    const first = provider.issue();
+    await mkdir(config.profilesDir, { recursive: true, mode: 0o700 });
+    await writeFile(join(config.profilesDir, 'corp.token.json'), serializeCredentials({ ...first, expiry_date: Date.now() + 3_600_000 }), { mode: 0o600 });
+    await updateConfigFile(config.configPath, () => ({ profiles: { corp: device } }));
+    registry = new ProfileRegistry({ config, logger: silentLogger(), clock: systemClock, createDeviceFlow: () => provider.flow });
+    await registry.start();
+
+    provider.holdNext();
+    const refreshing = registry.resolve('corp').refresh().catch(() => undefined);
+    await until(() => provider.presented.length === 1, 'the refresh at the provider');
+    await updateConfigFile(config.configPath, (current) => ({ ...current, profiles: { corp: { ...device, scope: 'openid offline_access other' } } }));
+    const reloading = registry.reloadConfig();
+    // Longer than the grace a shutting-down keeper gives a refresh: the restart must wait longer.
+    await new Promise((r) => setTimeout(r, 1_500));
+    provider.release();
+    await reloading;
+    await refreshing;
+    expect(registry.infos().find((i) => i.name === 'corp')?.settings.scope).toBe('openid offline_access other');
+
+    // The restarted profile holds the rotated token: its refresh never presents the retired one.
+    await registry.resolve('corp').refresh();
+    expect(provider.retiredPresented).toBe(0);
+    expect(registry.resolve('corp').status().state).toBe('valid');
+  });
 });
 
 /**
