@@ -12,7 +12,17 @@ export interface LifecycleConfig {
   refreshLeadMs: number;
   /** After a retryable failure, try again after this long. */
   retryMs: number;
+  /**
+   * After a failed refresh, a token request starts another at most this often (shorter than
+   * the schedule's `retryMs`, so a client is not kept waiting long once the network is back,
+   * but a busy client cannot turn an outage into a refresh per request). Default: 5 s, or
+   * `retryMs` when that is shorter.
+   */
+  requestRetryMs?: number;
 }
+
+/** `LifecycleConfig.requestRetryMs` when not set. */
+export const REQUEST_RETRY_MS = 5_000;
 
 export interface LifecycleState {
   credentials: Credentials | null;
@@ -149,22 +159,23 @@ export type TokenDecision =
   | { action: 'fail'; reason: 'no_credentials' | 'needs_login' | 'expired' };
 
 /**
- * Whether a refresh ended within the last retry interval: one that failed, or one that gave
- * the credentials held now. Another attempt that soon would only repeat it, so requests wait
- * for the schedule (a failure is retried every `retryMs`) instead of each starting one.
+ * Whether a refresh ended so recently that a request should not start another: one that failed
+ * within `requestRetryMs`, or one that gave the credentials held now within `retryMs` (another
+ * would give a token of the same lifetime, and rotate the refresh token for nothing).
  */
 export function refreshedRecently(state: LifecycleState, config: LifecycleConfig, now: number): boolean {
-  const within = (at: number | null) => at !== null && at <= now && now - at < config.retryMs;
-  if (state.failures > 0 && within(state.lastFailureAt)) return true;
-  return state.lastRefreshAt === state.credentialsSince && within(state.lastRefreshAt);
+  const within = (at: number | null, ms: number) => at !== null && at <= now && now - at < ms;
+  const afterFailure = config.requestRetryMs ?? Math.min(REQUEST_RETRY_MS, config.retryMs);
+  if (state.failures > 0 && within(state.lastFailureAt, afterFailure)) return true;
+  return state.lastRefreshAt === state.credentialsSince && within(state.lastRefreshAt, config.retryMs);
 }
 
 /**
  * What to do with a request for a token that must stay valid for `minValidityMs`.
  * `afterRefreshAttempt`: a refresh for this request already ran (and failed), so serve what
- * is still valid or fail, rather than refreshing again. A refresh that ended within the retry
- * interval counts as that attempt: requests never start refreshes faster than the schedule
- * retries (a minimum longer than the provider's tokens live is met as far as a fresh token can).
+ * is still valid or fail, rather than refreshing again. A refresh that ended very recently
+ * (`refreshedRecently`) counts as that attempt: requests cannot turn an outage into a refresh
+ * each, and a minimum longer than the provider's tokens live is met as far as a fresh token can.
  */
 export function decideTokenRequest(
   state: LifecycleState,

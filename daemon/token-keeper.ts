@@ -82,7 +82,7 @@ export const QWEN_WORDING: KeeperWording = {
 };
 
 export interface TokenKeeperDeps {
-  config: Pick<TokendConfig, 'refreshLeadMs' | 'retryMs' | 'qwenCliLockPath' | 'qwenCliLockStaleMs' | 'httpTimeoutMs'>;
+  config: Pick<TokendConfig, 'refreshLeadMs' | 'retryMs' | 'qwenCliLockPath' | 'qwenCliLockStaleMs' | 'httpTimeoutMs'> & Partial<Pick<TokendConfig, 'requestRetryMs'>>;
   oauth: Pick<QwenOAuthClient, 'refreshTokenGrant'>;
   ownFile: CredentialFile;
   /** The Qwen CLI's file, or null when the link is off. */

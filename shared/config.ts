@@ -24,6 +24,8 @@ export interface TokendConfig {
   scope: string;
   refreshLeadMs: number;
   retryMs: number;
+  /** After a failed refresh, a token request starts another at most this often (`QWEN_TOKEND_REQUEST_RETRY_MS`). */
+  requestRetryMs: number;
   httpTimeoutMs: number;
   qwenCliLockStaleMs: number;
   /** A client connection that sends nothing at all this long is closed (`QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS`). */
@@ -47,6 +49,7 @@ export const DEFAULTS = {
   scope: 'openid profile email model.completion',
   refreshLeadMs: 5 * 60_000,
   retryMs: 60_000,
+  requestRetryMs: 5_000,
   httpTimeoutMs: 15_000,
   qwenCliLockStaleMs: 35_000,
   silentConnectionTimeoutMs: 30_000,
@@ -156,6 +159,7 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
     scope: env.QWEN_OAUTH_SCOPE?.trim() || DEFAULTS.scope,
     refreshLeadMs: readInt(env, 'QWEN_TOKEND_REFRESH_LEAD_MS', DEFAULTS.refreshLeadMs, 0),
     retryMs: readInt(env, 'QWEN_TOKEND_RETRY_MS', DEFAULTS.retryMs, 100),
+    requestRetryMs: readInt(env, 'QWEN_TOKEND_REQUEST_RETRY_MS', DEFAULTS.requestRetryMs, 0),
     httpTimeoutMs: readInt(env, 'QWEN_TOKEND_HTTP_TIMEOUT_MS', DEFAULTS.httpTimeoutMs, 100),
     qwenCliLockStaleMs: readInt(env, 'QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS', DEFAULTS.qwenCliLockStaleMs, 1000),
     silentConnectionTimeoutMs: readInt(env, 'QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS', DEFAULTS.silentConnectionTimeoutMs, 100),

@@ -11,6 +11,7 @@ import { spawn } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ExitCodes } from '../client/cli/exit-codes.js';
 import { CLI_BIN, assertNoSecrets, createFixture, credsFrom, type DaemonFixture } from './support/daemon.js';
+import { fingerprint } from '../shared/fingerprint.js';
 import { until } from './support/wait.js';
 
 interface CliResult {
@@ -78,8 +79,13 @@ describe('qwen-token token', () => {
     await until(async () => (await fx.readOwn())?.access_token !== before, 'the refreshed credentials on disk', 5000);
     const refreshed = (await fx.readOwn())!.access_token;
     expect(short).toEqual({ code: ExitCodes.ok, stdout: `${refreshed}\n`, stderr: '' });
+    // Right after a refresh the daemon would not refresh again for a minimum its tokens cannot
+    // meet (see decideTokenRequest): another process's newer login makes the next call refresh.
+    const other = credsFrom(fx.server, 3600);
+    await fx.writeOwn(other);
+    await until(async () => (await fx.client().status()).token_fingerprint === fingerprint(other.access_token), 'the file adopted', 5000);
     const full = await runCli(['token', '--min-validity', '24h', '--socket', fx.socketPath, '--socket', fx.socketPath], fx.env);
-    await until(async () => (await fx.readOwn())?.access_token !== refreshed, 'the refreshed credentials on disk', 5000);
+    await until(async () => (await fx.readOwn())?.access_token !== other.access_token, 'the refreshed credentials on disk', 5000);
     expect(full).toEqual({ code: ExitCodes.ok, stdout: `${(await fx.readOwn())!.access_token}\n`, stderr: '' });
   });
 

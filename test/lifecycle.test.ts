@@ -525,11 +525,12 @@ describe('decideTokenRequest', () => {
     ['past expiry: refresh now, not when the timer fires', sValid, EXP + MIN, 0, false, { action: 'refresh' }],
     ['refresh in flight and token expired: join it', sRefreshing, EXP + MIN, 0, false, { action: 'refresh' }],
     ['retrying, token still valid', sRetrying, DUE + MIN, 0, false, { action: 'serve' }],
-    // Requests do not start refreshes faster than the schedule retries (every retryMs).
-    ['retrying past expiry, within a retry interval of the failure', sRetryingPastExpiry, EXP + MIN, 0, false, { action: 'fail', reason: 'expired' }],
-    ['retrying past expiry, a retry interval after the failure', sRetryingPastExpiry, EXP + 5 * SEC + cfg.retryMs, 0, false, { action: 'refresh' }],
-    ['retrying, short of the minimum, within a retry interval', sRetrying, DUE + 30 * SEC, 10 * MIN, false, { action: 'serve' }],
-    ['retrying, short of the minimum, a retry interval later', sRetrying, DUE + cfg.retryMs, 10 * MIN, false, { action: 'refresh' }],
+    // After a failure, a request starts another refresh at most every REQUEST_RETRY_MS (5 s).
+    ['retrying past expiry, within 5 s of the failure', sRetryingPastExpiry, EXP + 9 * SEC, 0, false, { action: 'fail', reason: 'expired' }],
+    ['retrying past expiry, 5 s after the failure', sRetryingPastExpiry, EXP + 10 * SEC, 0, false, { action: 'refresh' }],
+    ['retrying past expiry, long after the failure', sRetryingPastExpiry, EXP + MIN, 0, false, { action: 'refresh' }],
+    ['retrying, short of the minimum, within 5 s', sRetrying, DUE + 4 * SEC, 10 * MIN, false, { action: 'serve' }],
+    ['retrying, short of the minimum, 5 s later', sRetrying, DUE + 5 * SEC, 10 * MIN, false, { action: 'refresh' }],
     ['retrying, the clock went back before the failure', sRetryingPastExpiry, EXP + SEC, 0, false, { action: 'refresh' }],
     ['just refreshed, asked for more than the new token lives', sFreshRefresh, DUE + 30 * SEC, 2 * HOUR, false, { action: 'serve' }],
     ['refreshed a retry interval ago, asked for more than it lives', sFreshRefresh, DUE + cfg.retryMs, 2 * HOUR, false, { action: 'refresh' }],
@@ -541,6 +542,14 @@ describe('decideTokenRequest', () => {
     ['after an attempt, plenty left', sValid, T0, 0, true, { action: 'serve' }],
   ])('%s', (_label, state, now, minValidityMs, after, expected) => {
     expect(decideTokenRequest(state, cfg, now, minValidityMs, after)).toEqual(expected);
+  });
+
+  it.each<[string, LifecycleConfig, number, TokenDecision]>([
+    ['requestRetryMs 0: a request may refresh right after a failure', { ...cfg, requestRetryMs: 0 }, EXP + 6 * SEC, { action: 'refresh' }],
+    ['requestRetryMs 30 s: not 25 s after the failure', { ...cfg, requestRetryMs: 30 * SEC }, EXP + 30 * SEC, { action: 'fail', reason: 'expired' }],
+    ['retryMs shorter than 5 s bounds the default', { ...cfg, retryMs: 2 * SEC }, EXP + 7 * SEC, { action: 'refresh' }],
+  ])('%s', (_label, config, now, expected) => {
+    expect(decideTokenRequest(sRetryingPastExpiry, config, now, 0)).toEqual(expected);
   });
 
   it('afterRefreshAttempt defaults to false', () => {

@@ -250,7 +250,7 @@ describe('TokenKeeper', () => {
     expect((await stat(join(dir, 'qwen', 'oauth_creds.lock'))).isFile()).toBe(true);
   });
 
-  it('requests after a failed refresh wait for the 60 s retry instead of each starting a refresh', async () => {
+  it('requests right after a failed refresh do not each start one (at most one per 5 s)', async () => {
     const { keeper: k, own } = makeKeeper();
     // Valid for 30 s: inside every request's 60 s minimum, so each one wants a refresh.
     await own.write(seeded(30));

@@ -114,13 +114,15 @@ async function coldValidation(env, kind, frames) {
 
 /**
  * A daemon started on an expired token whose start-up refresh was answered 503, with the retry
- * 10 minutes away: the next getAccessToken is what makes it refresh.
+ * 10 minutes away and requests free to refresh at once after a failure
+ * (`QWEN_TOKEND_REQUEST_RETRY_MS=0`; 5 s by default): the next getAccessToken is what makes it
+ * refresh.
  */
 async function startExpiredDaemon(server) {
   server.clearFaults();
   server.injectFault({ kind: '5xx', endpoint: 'token', times: 1 });
   const refreshesAtStart = server.counts.refresh;
-  const d = await startBenchDaemon(server, { creds: expiredCredsFrom(server), env: { QWEN_TOKEND_RETRY_MS: '600000' } });
+  const d = await startBenchDaemon(server, { creds: expiredCredsFrom(server), env: { QWEN_TOKEND_RETRY_MS: '600000', QWEN_TOKEND_REQUEST_RETRY_MS: '0' } });
   try {
     await until(async () => {
       const s = await d.status();
