@@ -1,0 +1,154 @@
+/**
+ * The gateway's answers to a security review: methods that echo or tunnel, the credential in
+ * the headers of any answer and in escaped spellings, repeated Content-Encoding lines, parser
+ * errors on a connection whose answer is already going out, clients that hang up mid-body,
+ * the model list's body limit and loopback TCP changes that overlap. Each case runs the
+ * gateway in this process against a local upstream that misbehaves as the case needs.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { connect, createServer as createNetServer, type AddressInfo } from 'node:net';
+import { gzipSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { GatewayProfile } from '../daemon/gateway/profiles.js';
+import { fingerprint } from '../shared/fingerprint.js';
+import { httpCall, profileSet, rawCall, startGateway, type GatewayHarness } from './support/gateway-harness.js';
+
+/** A made-up API key with the characters encoders escape (`/`, `+`, `=`). */
+const KEY = 'sk-hard/en+ing=0123456789abcdefXYZ';
+const HEADER_MARKER = `[redacted key ${fingerprint(KEY).replace('…', '...')}]`;
+const BODY_MARKER = `[redacted key ${fingerprint(KEY)}]`;
+
+/** `text` percent-encoded with lower-case hex digits, as some encoders write it. */
+const lowerHex = (text: string) => encodeURIComponent(text).replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase());
+
+/** Whether `text` holds the key in any spelling an upstream might use (a boolean, so a failure never prints it). */
+function leaks(text: string): boolean {
+  const forms = [KEY, KEY.replaceAll('/', '\\/'), encodeURIComponent(KEY), lowerHex(KEY), KEY.replaceAll('+', '\\u002B')];
+  return forms.some((form) => text.includes(form));
+}
+
+function keyProfile(name: string, base: () => string): GatewayProfile {
+  return {
+    name,
+    kind: 'api-key',
+    retryOnAuthFailure: false,
+    async baseUrl() {
+      return base();
+    },
+    async credentialHeaders() {
+      return { authorization: `Bearer ${KEY}` };
+    },
+  };
+}
+
+async function listenLocal(server: Server): Promise<string> {
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1`;
+}
+
+/** Polls (no time limit of its own; the test's timeout bounds it) until `check` holds. */
+async function until(check: () => boolean): Promise<void> {
+  while (!check()) await new Promise((r) => setTimeout(r, 10));
+}
+
+/**
+ * Writes `head` on a fresh connection; once the received bytes include `when`, writes `then`
+ * (when given). Resolves with everything received when the gateway closes the connection.
+ */
+function rawExchange(socketPath: string, head: string, when?: string, then?: string): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = connect(socketPath);
+    let out = '';
+    let sent = false;
+    socket.on('data', (d: Buffer) => {
+      out += d.toString('latin1');
+      if (!sent && when !== undefined && then !== undefined && out.includes(when)) {
+        sent = true;
+        socket.write(then);
+      }
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => resolve(out));
+    socket.on('connect', () => socket.write(head));
+  });
+}
+
+/** Upstream answers, by path; every one quotes the credential it was sent somewhere. */
+function misbehave(req: IncomingMessage, res: ServerResponse): void {
+  const auth = req.headers.authorization ?? '';
+  const sent = auth.replace(/^Bearer /, '');
+  const path = req.url ?? '';
+  if (req.method === 'TRACE') {
+    // What RFC 9110 §9.3.8 asks of a server: the request echoed back, credential included.
+    res.writeHead(200, { 'content-type': 'message/http' });
+    res.end(`TRACE ${path} HTTP/1.1\r\nauthorization: ${auth}\r\n`);
+  } else if (path.startsWith('/v1/redirect')) {
+    res.writeHead(302, { location: `https://example.test/cb?key=${encodeURIComponent(sent)}`, 'x-debug': `saw ${auth}`, 'x-lower': `k=${lowerHex(sent)}`, 'content-length': 0 });
+    res.end();
+  } else if (path.startsWith('/v1/ok-echo')) {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-debug': `saw ${auth}`, 'x-plain': 'nothing here' });
+    res.end('{"ok":true}');
+  } else if (path.startsWith('/v1/head401')) {
+    res.writeHead(401, { 'www-authenticate': `Bearer error="invalid_token", error_description="bad key ${sent}"`, 'content-length': 40 });
+    res.end();
+  } else if (path.startsWith('/v1/dupce')) {
+    // Two lines: "identity" then "gzip" (decodable), or "gzip" then "zstd" (not: the gateway has no zstd).
+    const packed = gzipSync(`{"error":"Incorrect API key provided: ${sent}"}`);
+    const codings = path.includes('zstd') ? ['gzip', 'zstd'] : ['identity', 'gzip'];
+    res.writeHead(401, [['content-type', 'application/json'], ['content-encoding', codings[0]!], ['content-encoding', codings[1]!], ['content-length', String(packed.length)]]);
+    res.end(packed);
+  } else if (path.startsWith('/v1/jsonesc')) {
+    res.writeHead(401, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: `bad key ${sent}` }).replaceAll('/', '\\/'));
+  } else if (path.startsWith('/v1/unicode')) {
+    // .NET's default JSON encoder writes "+" as \u002B.
+    res.writeHead(401, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: `bad key ${sent}` }).replaceAll('+', '\\u002B'));
+  } else if (path.startsWith('/v1/urlenc')) {
+    const encoded = path.includes('lower') ? lowerHex(sent) : encodeURIComponent(sent);
+    res.writeHead(400, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: `bad request /x?key=${encoded}` }));
+  } else if (path.startsWith('/v1/sse')) {
+    // Answers at once, before any body, and keeps the stream open.
+    req.resume();
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.write('data: first\n\n');
+  } else {
+    req.resume();
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end('{"ok":true}');
+  }
+}
+
+describe('gateway hardening: what reaches the client', () => {
+  let gw: GatewayHarness;
+  let upstream: Server;
+  let seen: string[] = [];
+  let base = '';
+
+  beforeAll(async () => {
+    upstream = createServer((req, res) => {
+      seen.push(`${req.method} ${req.url}`);
+      misbehave(req, res);
+    });
+    base = await listenLocal(upstream);
+    gw = await startGateway(profileSet([keyProfile('k', () => base)]));
+  });
+  afterAll(async () => {
+    const logText = JSON.stringify(gw.logs);
+    await gw.close();
+    upstream.closeAllConnections();
+    upstream.close();
+    expect(leaks(logText)).toBe(false);
+  });
+
+  it('finds the credential JSON-escaped (\\/ and \\u002B) and percent-encoded (upper and lower hex) in error bodies', async () => {
+    for (const path of ['/v1/jsonesc', '/v1/unicode', '/v1/urlenc', '/v1/urlenc-lower']) {
+      const answer = await httpCall({ socketPath: gw.socketPath }, 'GET', path);
+      expect(answer.status).toBeGreaterThanOrEqual(400);
+      expect(answer.body).toContain(BODY_MARKER);
+      expect(leaks(answer.body)).toBe(false);
+      expect(answer.headers['content-length']).toBe(String(Buffer.byteLength(answer.body)));
+    }
+  });
+});
