@@ -142,6 +142,41 @@ describe('gateway hardening: what reaches the client', () => {
     expect(leaks(logText)).toBe(false);
   });
 
+  it('refuses TRACE, TRACK and CONNECT with 405 in the OpenAI shape; nothing is forwarded', async () => {
+    seen = [];
+    for (const head of ['TRACE /v1/x HTTP/1.1\r\nHost: a\r\n\r\n', 'TRACK /v1/x HTTP/1.1\r\nHost: a\r\n\r\n', 'CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n']) {
+      const out = await rawCall(gw.socketPath, [head]);
+      expect(out.split('\r\n')[0]).toBe('HTTP/1.1 405 Method Not Allowed');
+      expect(out.toLowerCase()).toContain('\r\nallow: get, head, post');
+      const body = JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)) as { error: { code: string; type: string; message: string } };
+      expect(body.error.code).toBe('method_not_allowed');
+      expect(body.error.type).toBe('invalid_request_error');
+      expect(leaks(out)).toBe(false);
+    }
+    expect(seen).toEqual([]);
+  });
+
+  it('replaces the credential in the headers of answers that are not errors: a redirect\'s Location, a 200\'s header', async () => {
+    const redirect = await httpCall({ socketPath: gw.socketPath }, 'GET', '/v1/redirect');
+    expect(redirect.status).toBe(302);
+    expect(redirect.headers.location).toBe(`https://example.test/cb?key=${HEADER_MARKER}`);
+    expect(redirect.headers['x-debug']).toBe(`saw Bearer ${HEADER_MARKER}`);
+    expect(redirect.headers['x-lower']).toBe(`k=${HEADER_MARKER}`);
+    const ok = await httpCall({ socketPath: gw.socketPath }, 'GET', '/v1/ok-echo');
+    expect(ok.status).toBe(200);
+    expect(ok.headers['x-debug']).toBe(`saw Bearer ${HEADER_MARKER}`);
+    expect(ok.headers['x-plain']).toBe('nothing here');
+    expect(ok.body).toBe('{"ok":true}');
+    expect(leaks(JSON.stringify([redirect.headers, ok.headers]))).toBe(false);
+  });
+
+  it('replaces the credential in the headers of an error answer to HEAD (no body to read)', async () => {
+    const out = await rawCall(gw.socketPath, ['HEAD /v1/head401 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n']);
+    expect(out.split('\r\n')[0]).toBe('HTTP/1.1 401 Unauthorized');
+    expect(out).toContain(`error_description="bad key ${HEADER_MARKER}"`);
+    expect(leaks(out)).toBe(false);
+  });
+
   it('finds the credential JSON-escaped (\\/ and \\u002B) and percent-encoded (upper and lower hex) in error bodies', async () => {
     for (const path of ['/v1/jsonesc', '/v1/unicode', '/v1/urlenc', '/v1/urlenc-lower']) {
       const answer = await httpCall({ socketPath: gw.socketPath }, 'GET', path);

@@ -4,7 +4,7 @@
  */
 import { brotliCompressSync, deflateRawSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue } from '../daemon/gateway/redact.js';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactFieldValues, redactHeaderValue } from '../daemon/gateway/redact.js';
 import { fingerprint } from '../shared/fingerprint.js';
 
 const key = 'sk-0123456789abcdefghijklmnopqrstuv';
@@ -71,6 +71,11 @@ describe('error body redaction', () => {
         const text = redact(start + tail, true);
         expect(text.startsWith(`${start}\n[the gateway cut`)).toBe(true);
       }
+    });
+
+    it('header fields are changed in place only where a value holds it', () => {
+      const fields = ['location', `https://x.test/?k=${encodeURIComponent(slashy)}`, 'x-plain', 'nothing'];
+      expect(redactFieldValues(fields, [slashy])).toEqual(['location', `https://x.test/?k=${headerMarker}`, 'x-plain', 'nothing']);
     });
   });
 });

@@ -19,7 +19,7 @@ import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js'
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from './forward.js';
 import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
-import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue, type RedactedBody } from './redact.js';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactFieldValues, type RedactedBody } from './redact.js';
 import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
 import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
 import { DEFAULT_GATEWAY_PORT, readGatewaySettings, updateGatewaySettings } from './settings.js';
@@ -252,6 +252,8 @@ export class Gateway {
       },
     );
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => this.onClientError(err, socket, listener));
+    // Node hands CONNECT to this event instead of the request handler; refused like TRACE.
+    server.on('connect', (_req: IncomingMessage, socket: Socket) => this.refuseConnect(socket, listener));
     // Idle keep-alive connections are cheap but not free: a bound on them too, with room for pools.
     server.maxConnections = limits.maxConcurrent + 256;
     return server;
@@ -273,10 +275,22 @@ export class Gateway {
       message = 'the request was not received in time';
     } else if (err.code === 'HPE_INVALID_TRANSFER_ENCODING' || err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH') {
       message = `ambiguous request framing (${err.code === 'HPE_INVALID_TRANSFER_ENCODING' ? 'Content-Length with Transfer-Encoding' : 'more than one Content-Length'})`;
+    } else if (err.code === 'HPE_INVALID_METHOD' && (err as { rawPacket?: Buffer }).rawPacket?.subarray(0, 6).toString('latin1') === 'TRACK ') {
+      // Node's parser does not know IIS's TRACE; answered as TRACE is.
+      code = 'method_not_allowed';
+      message = 'the gateway does not forward TRACK requests';
     }
     this.count(code);
     this.options.logger.info({ listener, status: code === 'request_timeout' ? 408 : code === 'headers_too_large' ? 431 : 400, error: code }, 'gateway refused a malformed request');
     socket.end(rawErrorResponse(code, message));
+    socket.destroySoon?.();
+  }
+
+  /** CONNECT asks for a tunnel: answered 405 on the raw socket, nothing forwarded. */
+  private refuseConnect(socket: Socket, listener: Listener): void {
+    this.count('method_not_allowed');
+    this.options.logger.info({ listener, method: 'CONNECT', status: 405, error: 'method_not_allowed' }, 'gateway refused a request');
+    socket.end(rawErrorResponse('method_not_allowed', 'the gateway does not forward CONNECT requests'));
     socket.destroySoon?.();
   }
 
@@ -434,6 +448,7 @@ export class Gateway {
         this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
         continue;
       }
+      const secrets = credentialSecrets(credential);
       if (status >= 400 && upstream.framing !== 'none') {
         // Error bodies are read (up to a cap) before they go on: they may quote the credential.
         const read = await readCapped(upstream, ERROR_BODY_CAP);
@@ -441,7 +456,6 @@ export class Gateway {
           if (cancel.cancelled) return;
           return fail('upstream_unreachable', `the upstream ${url.host} broke off its ${status} answer`);
         }
-        const secrets = credentialSecrets(credential);
         const redacted = redactErrorBody(read.bytes, upstream.field('content-encoding'), read.cut, secrets);
         if (mayRetry && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
           retried = true;
@@ -451,7 +465,7 @@ export class Gateway {
         this.relayError(upstream, res, ex, redacted, secrets);
         return;
       }
-      this.relay(upstream, res, ex);
+      this.relay(upstream, res, ex, secrets);
       return;
     }
   }
@@ -477,17 +491,19 @@ export class Gateway {
   }
 
   /**
-   * Sends the upstream's answer on: status and headers as they are, the body streamed as it
-   * comes. The exchange ends when the response closes (`finish`), which also cuts the upstream
-   * when the client went away first.
+   * Sends the upstream's answer on: status as it is, headers with the credential replaced in
+   * their values (a redirect's `Location` or a 401's `WWW-Authenticate` may quote it, whatever
+   * the status), the body streamed as it comes. The exchange ends when the response closes
+   * (`finish`), which also cuts the upstream when the client went away first.
    */
-  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange): void {
+  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, secrets: readonly string[]): void {
     if (!this.answering(upstream, res)) return;
     ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
     if (ex.stream) this.streams += 1;
     // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
     // where it tells the length the body would have had.
-    res.writeHead(upstream.status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
+    const fields = clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none');
+    res.writeHead(upstream.status, redactFieldValues(fields, secrets));
     ex.relayed = upstream;
     upstream.relay(this.bodySink(upstream, res, ex));
   }
@@ -497,16 +513,16 @@ export class Gateway {
    * fingerprint, in its body and its header values; status and other headers as they came,
    * the body decoded when it was compressed, and its length set to what is sent.
    */
-  private relayError(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, { body, decoded }: RedactedBody, secrets: string[]): void {
+  private relayError(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, { body, decoded }: RedactedBody, secrets: readonly string[]): void {
     if (!this.answering(upstream, res)) return;
     const fields = clientResponseFields(upstream.fields, false);
     const out: string[] = [];
     for (let i = 0; i < fields.length; i += 2) {
       if (decoded && fields[i] === 'content-encoding') continue;
-      out.push(fields[i]!, redactHeaderValue(fields[i + 1]!, secrets));
+      out.push(fields[i]!, fields[i + 1]!);
     }
     out.push('content-length', String(body.length));
-    res.writeHead(upstream.status, out);
+    res.writeHead(upstream.status, redactFieldValues(out, secrets));
     ex.bytesOut += body.length;
     res.end(body);
   }

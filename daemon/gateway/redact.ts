@@ -3,7 +3,7 @@
  * quotes it back ("Incorrect API key provided: sk-…"); relayed as it came, that would hand the
  * key to a client that should only ever hold the gateway key. Error bodies are therefore read
  * (up to a cap), decoded when compressed, and every credential value the gateway sent is
- * replaced by its fingerprint, in the body and the header values. A secret is found
+ * replaced by its fingerprint; so are the header values of every answer. A secret is found
  * however it was written: as it is, JSON-escaped (`\/`, `\u002B`) or percent-encoded.
  */
 import { brotliDecompressSync, constants, gunzipSync, inflateRawSync, inflateSync } from 'node:zlib';
@@ -105,6 +105,18 @@ export function redactHeaderValue(value: string, secrets: readonly string[]): st
     if (out.includes(s.anchor)) out = replaceInHeader(out, secret, s);
   }
   return out;
+}
+
+/**
+ * Answer fields (`[name, value, ...]`) with each secret replaced in their values, in place.
+ * One `includes` per value and secret when none holds it, which is every ordinary answer.
+ */
+export function redactFieldValues(fields: string[], secrets: readonly string[]): string[] {
+  for (const secret of secrets) {
+    const s = spellingsOf(secret);
+    for (let i = 1; i < fields.length; i += 2) if (fields[i]!.includes(s.anchor)) fields[i] = replaceInHeader(fields[i]!, secret, s);
+  }
+  return fields;
 }
 
 function replaceInHeader(value: string, secret: string, s: SecretSpellings): string {
