@@ -177,6 +177,19 @@ describe('gateway hardening: what reaches the client', () => {
     expect(leaks(out)).toBe(false);
   });
 
+  it('decodes an error body whose Content-Encoding comes in two lines; withholds one it cannot decode', async () => {
+    const identityGzip = await httpCall({ socketPath: gw.socketPath }, 'GET', '/v1/dupce');
+    expect(identityGzip.status).toBe(401);
+    expect(identityGzip.headers['content-encoding']).toBeUndefined();
+    expect(identityGzip.body).toBe(`{"error":"Incorrect API key provided: ${BODY_MARKER}"}`);
+    const gzipZstd = await rawCall(gw.socketPath, ['GET /v1/dupce-zstd HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n']);
+    expect(gzipZstd.split('\r\n')[0]).toBe('HTTP/1.1 401 Unauthorized');
+    expect(gzipZstd.toLowerCase()).not.toContain('content-encoding');
+    expect(gzipZstd).toContain('[the gateway withheld this error body');
+    // Raw, the gzip member would still be there for the client to decode.
+    expect(gzipZstd.includes('\x1f\x8b')).toBe(false);
+  });
+
   it('finds the credential JSON-escaped (\\/ and \\u002B) and percent-encoded (upper and lower hex) in error bodies', async () => {
     for (const path of ['/v1/jsonesc', '/v1/unicode', '/v1/urlenc', '/v1/urlenc-lower']) {
       const answer = await httpCall({ socketPath: gw.socketPath }, 'GET', path);

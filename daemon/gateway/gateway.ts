@@ -456,7 +456,8 @@ export class Gateway {
           if (cancel.cancelled) return;
           return fail('upstream_unreachable', `the upstream ${url.host} broke off its ${status} answer`);
         }
-        const redacted = redactErrorBody(read.bytes, upstream.field('content-encoding'), read.cut, secrets);
+        // Every Content-Encoding line counts: a second one would otherwise leave the body encoded, unsearched.
+        const redacted = redactErrorBody(read.bytes, upstream.fieldList('content-encoding'), read.cut, secrets);
         if (mayRetry && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
           retried = true;
           this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
