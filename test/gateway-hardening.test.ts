@@ -200,3 +200,75 @@ describe('gateway hardening: what reaches the client', () => {
     }
   });
 });
+
+describe('gateway hardening: connections and their accounting', () => {
+  let upstream: Server;
+  let base = '';
+
+  beforeAll(async () => {
+    upstream = createServer(misbehave);
+    base = await listenLocal(upstream);
+  });
+  afterAll(() => {
+    upstream.closeAllConnections();
+    upstream.close();
+  });
+
+  async function withGateway(limits: Parameters<typeof startGateway>[1], run: (gw: GatewayHarness) => Promise<void>): Promise<void> {
+    const gw = await startGateway(profileSet([keyProfile('k', () => base)]), limits);
+    try {
+      await run(gw);
+    } finally {
+      await gw.close();
+    }
+  }
+
+  const accessLines = (gw: GatewayHarness) => gw.logs.filter((l) => l.msg === 'gateway request');
+
+  it('an oversized head pipelined behind a stream cuts the connection instead of writing a 431 into the stream; counted once', async () => {
+    await withGateway({}, async (gw) => {
+      const stream = 'POST /v1/sse HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}';
+      const oversized = `GET /v1/x HTTP/1.1\r\nHost: a\r\nX-Big: ${'a'.repeat(40_000)}\r\n\r\n`;
+      const out = await rawExchange(gw.socketPath, stream, 'data: first', oversized);
+      expect(out.startsWith('HTTP/1.1 200 OK')).toBe(true);
+      expect(out).toContain('data: first');
+      // One answer on the connection: nothing was written after the stream's own bytes.
+      expect(out.match(/HTTP\/1\.1 /g)).toHaveLength(1);
+      await until(() => gw.gateway.status().active_requests === 0);
+      expect(gw.gateway.status().errors).toEqual({ headers_too_large: 1 });
+    });
+  });
+
+  it('a request timeout while the answer to a streamed upload flows cuts the connection instead of writing a 408 into it', async () => {
+    await withGateway({ replayBytes: 1024, headersTimeoutMs: 200, requestTimeoutMs: 400 }, async (gw) => {
+      // More than the replay size, so the body streams and the upstream answers before it ends; then the client stalls.
+      const head = `POST /v1/sse HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n${'a'.repeat(2048)}\r\n`;
+      const out = await rawExchange(gw.socketPath, head);
+      expect(out.startsWith('HTTP/1.1 200 OK')).toBe(true);
+      expect(out).toContain('data: first');
+      expect(out).not.toContain('HTTP/1.1 408');
+      await until(() => gw.gateway.status().active_requests === 0);
+      expect(gw.gateway.status().errors).toEqual({ request_timeout: 1 });
+      expect(accessLines(gw).at(-1)).toMatchObject({ status: 200, error: 'request_timeout' });
+    });
+  });
+
+  it('a client that hangs up mid-body is counted once, as client_aborted, and its log line has no status', async () => {
+    await withGateway({}, async (gw) => {
+      const out = await new Promise<string>((resolve) => {
+        const socket = connect(gw.socketPath);
+        let got = '';
+        socket.on('data', (d: Buffer) => (got += d.toString('latin1')));
+        socket.on('error', () => undefined);
+        socket.on('close', () => resolve(got));
+        // Half a body, then the end of the connection, as a process that exits mid-upload.
+        socket.on('connect', () => socket.end('POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mo'));
+      });
+      expect(out).toBe('');
+      await until(() => accessLines(gw).length === 1);
+      expect(gw.gateway.status().errors).toEqual({ client_aborted: 1 });
+      expect(gw.logs.some((l) => l.msg === 'gateway refused a malformed request')).toBe(false);
+      expect(accessLines(gw)[0]).toMatchObject({ method: 'POST', status: null, error: 'client_aborted' });
+    });
+  });
+});

@@ -15,7 +15,7 @@ import { QwenConfigError, QwenError } from '../../shared/errors.js';
 import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-protocol.js';
 import { prepareSocketDirectory, removeStaleSocket } from '../socket-file.js';
 import type { Logger } from '../logger.js';
-import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
+import { GatewayErrors, rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from './forward.js';
 import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
@@ -59,6 +59,16 @@ interface Exchange {
   error: string | null;
   stream: boolean;
 }
+
+/** The exchange a response belongs to, for the parser's errors on its connection. */
+const EXCHANGE = Symbol('gateway exchange');
+type TaggedResponse = ServerResponse & { [EXCHANGE]?: Exchange };
+
+/**
+ * Parser errors that mean the client went away, not that it sent something malformed: the
+ * connection ended in the middle of a request (a process exiting mid-upload), or was reset.
+ */
+const CLIENT_GONE = new Set(['ECONNRESET', 'EPIPE', 'HPE_INVALID_EOF_STATE']);
 
 const ModelListSchema = z.object({ data: z.array(z.object({ id: z.string().min(1).max(200) }).passthrough()).max(10_000) }).passthrough();
 
@@ -259,9 +269,15 @@ export class Gateway {
     return server;
   }
 
-  /** A request the HTTP parser refused, or a client too slow: answered 4xx on the raw socket, nothing forwarded. */
+  /**
+   * A request the HTTP parser refused, or a client too slow: answered 4xx on the raw socket,
+   * nothing forwarded. When an answer is already going out on the connection (an SSE stream
+   * with a bad request pipelined behind it, an upload that timed out while its answer flows),
+   * bytes written now would land inside that answer: the connection is cut instead.
+   */
   private onClientError(err: NodeJS.ErrnoException, socket: Socket, listener: Listener): void {
-    if (err.code === 'ECONNRESET' || !socket.writable) {
+    if (CLIENT_GONE.has(err.code ?? '') || !socket.writable) {
+      // The exchange in flight, if any, is counted as client_aborted when its response closes.
       socket.destroy();
       return;
     }
@@ -281,7 +297,16 @@ export class Gateway {
       message = 'the gateway does not forward TRACK requests';
     }
     this.count(code);
-    this.options.logger.info({ listener, status: code === 'request_timeout' ? 408 : code === 'headers_too_large' ? 431 : 400, error: code }, 'gateway refused a malformed request');
+    const inFlight = (socket as Socket & { _httpMessage?: TaggedResponse | null })._httpMessage;
+    const ex = inFlight?.[EXCHANGE];
+    // Its access log line names why it ended, and it is not counted a second time as client_aborted.
+    if (ex && ex.error === null) ex.error = code;
+    if (inFlight?.headersSent) {
+      this.options.logger.info({ listener, error: code }, 'gateway cut a connection: a malformed request arrived while an answer was being sent');
+      socket.destroy();
+      return;
+    }
+    this.options.logger.info({ listener, status: GatewayErrors[code].status, error: code }, 'gateway refused a malformed request');
     socket.end(rawErrorResponse(code, message));
     socket.destroySoon?.();
   }
@@ -315,6 +340,7 @@ export class Gateway {
       stream: false,
     };
     this.active += 1;
+    (res as TaggedResponse)[EXCHANGE] = ex;
     res.once('close', () => this.finish(ex, res));
     const fail = (code: GatewayErrorCode, message: string): void => {
       ex.error = code;
@@ -635,7 +661,8 @@ export class Gateway {
         method: ex.method,
         path: ex.path,
         profile: ex.profile,
-        status: res.statusCode,
+        // Null when no answer was sent (the client left first, or the connection was cut).
+        status: res.headersSent ? res.statusCode : null,
         duration_ms: Math.round((performance.now() - ex.started) * 10) / 10,
         bytes_in: ex.bytesIn,
         bytes_out: ex.bytesOut + (ex.relayed?.bodyBytes ?? 0),
