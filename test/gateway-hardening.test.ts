@@ -271,4 +271,30 @@ describe('gateway hardening: connections and their accounting', () => {
       expect(accessLines(gw)[0]).toMatchObject({ method: 'POST', status: null, error: 'client_aborted' });
     });
   });
+
+  it('GET /v1/models holds its body to the size limit (413), with a length or chunked', async () => {
+    await withGateway({ maxBodyBytes: 64 * 1024 }, async (gw) => {
+      const big = 'z'.repeat(200 * 1024);
+      const sized = await rawCall(gw.socketPath, [`GET /v1/models HTTP/1.1\r\nHost: a\r\nContent-Length: ${big.length}\r\n\r\n`, big]);
+      expect(sized.split('\r\n')[0]).toBe('HTTP/1.1 413 Payload Too Large');
+      const chunks = ['GET /v1/models HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n'];
+      for (let i = 0; i < 16; i++) chunks.push(`2000\r\n${'y'.repeat(8192)}\r\n`);
+      chunks.push('0\r\n\r\n');
+      const chunked = await rawCall(gw.socketPath, chunks);
+      expect(chunked.split('\r\n')[0]).toBe('HTTP/1.1 413 Payload Too Large');
+      expect(JSON.parse(chunked.slice(chunked.indexOf('\r\n\r\n') + 4)).error.code).toBe('body_too_large');
+      // A small body is still read and dropped.
+      const small = await httpCall({ socketPath: gw.socketPath }, 'GET', '/v1/models', { headers: { 'content-length': 100 }, body: 'x'.repeat(100) });
+      expect(small.status).toBe(200);
+    });
+  });
+
+  it('GET /v1/models: a client that hangs up mid-body is client_aborted, not an error-level failure', async () => {
+    await withGateway({}, async (gw) => {
+      await rawCall(gw.socketPath, ['GET /v1/models HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n', 'abc'], { waitMs: 200 });
+      await until(() => accessLines(gw).length === 1);
+      expect(gw.gateway.status().errors).toEqual({ client_aborted: 1 });
+      expect(gw.logs.filter((l) => l.level >= 50)).toEqual([]);
+    });
+  });
 });
