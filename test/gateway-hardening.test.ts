@@ -298,3 +298,51 @@ describe('gateway hardening: connections and their accounting', () => {
     });
   });
 });
+
+describe('gateway hardening: loopback TCP changes that overlap', () => {
+  async function freePort(): Promise<number> {
+    const server = createNetServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const { port } = server.address() as AddressInfo;
+    await new Promise((r) => server.close(r));
+    return port;
+  }
+
+  function probe(port: number): Promise<'open' | 'refused'> {
+    return new Promise((resolve) => {
+      const socket = connect(port, '127.0.0.1');
+      socket.on('connect', () => {
+        socket.destroy();
+        resolve('open');
+      });
+      socket.on('error', () => resolve('refused'));
+    });
+  }
+
+  it('two enables at once leave one listener, which disable closes', async () => {
+    const gw = await startGateway(profileSet([keyProfile('k', () => 'http://127.0.0.1:9/v1')]));
+    try {
+      const [p1, p2] = [await freePort(), await freePort()];
+      const results = await Promise.all([gw.gateway.enableTcp(p1), gw.gateway.enableTcp(p2)]);
+      expect(results.map((s) => s.tcp.address)).toEqual([`127.0.0.1:${p1}`, `127.0.0.1:${p2}`]);
+      expect([await probe(p1), await probe(p2)]).toEqual(['refused', 'open']);
+      await gw.gateway.disableTcp();
+      expect([await probe(p1), await probe(p2)]).toEqual(['refused', 'refused']);
+    } finally {
+      await gw.close();
+    }
+  });
+
+  it('a close that overlaps an enable leaves no listener', async () => {
+    const gw = await startGateway(profileSet([keyProfile('k', () => 'http://127.0.0.1:9/v1')]));
+    const port = await freePort();
+    try {
+      const enabling = gw.gateway.enableTcp(port).catch(() => null);
+      await gw.gateway.close();
+      await enabling;
+      expect(await probe(port)).toBe('refused');
+    } finally {
+      await gw.close();
+    }
+  });
+});

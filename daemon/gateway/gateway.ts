@@ -76,6 +76,13 @@ const ModelListSchema = z.object({ data: z.array(z.object({ id: z.string().min(1
 export class Gateway {
   private readonly unixServer: Server;
   private tcpServer: Server | null = null;
+  /**
+   * Every TCP server not yet closed, the listening one and earlier ones whose requests are
+   * still finishing, with the promise of its end: none is ever out of reach of `close()`.
+   */
+  private readonly tcpServers = new Map<Server, Promise<void>>();
+  /** Listener changes (start, enable, disable, close) run one at a time, in order. */
+  private tcpTurn: Promise<unknown> = Promise.resolve();
   private tcpAddress: string | null = null;
   private tcpError: string | null = null;
   private tcpEnabled = false;
@@ -124,48 +131,58 @@ export class Gateway {
       this.options.logger.error({ err: (err as Error).message }, 'gateway settings unreadable; loopback TCP stays off');
       return;
     }
-    if (settings.tcp?.enabled) {
-      this.tcpEnabled = true;
-      this.configuredPort = settings.tcp.port;
-      try {
-        await this.openTcp(settings.tcp.port);
-      } catch (err) {
-        this.tcpError = (err as Error).message;
-        this.options.logger.error({ err: this.tcpError }, 'gateway could not listen on loopback TCP');
-      }
+    const tcp = settings.tcp;
+    if (tcp?.enabled) {
+      await this.tcpChange(async () => {
+        this.tcpEnabled = true;
+        this.configuredPort = tcp.port;
+        try {
+          await this.openTcp(tcp.port);
+        } catch (err) {
+          this.tcpError = (err as Error).message;
+          this.options.logger.error({ err: this.tcpError }, 'gateway could not listen on loopback TCP');
+        }
+      });
     }
   }
 
   /** Turns on loopback TCP (stored in the config, applied now); makes the gateway key when there is none. */
-  async enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
-    if (this.tcpServer && this.configuredPort === port) {
-      await this.saveTcp(true, port);
+  enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
+    return this.tcpChange(async () => {
+      if (this.tcpServer && this.configuredPort === port) {
+        await this.saveTcp(true, port);
+        this.tcpEnabled = true;
+        return this.status();
+      }
+      const previous = this.tcpServer ? this.configuredPort : null;
+      // The old listener stops at once (its port is free again); its requests finish on their own.
+      void this.closeTcp();
+      try {
+        await this.openTcp(port);
+        await this.saveTcp(true, port);
+      } catch (err) {
+        // Nothing changes when the new port cannot be had or the setting cannot be stored.
+        void this.closeTcp();
+        if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
+        throw err;
+      }
       this.tcpEnabled = true;
+      this.tcpError = null;
+      this.configuredPort = port;
       return this.status();
-    }
-    const previous = this.tcpServer ? this.configuredPort : null;
-    await this.closeTcp();
-    try {
-      await this.openTcp(port);
-      await this.saveTcp(true, port);
-    } catch (err) {
-      // Nothing changes when the new port cannot be had or the setting cannot be stored.
-      await this.closeTcp();
-      if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
-      throw err;
-    }
-    this.tcpEnabled = true;
-    this.tcpError = null;
-    this.configuredPort = port;
-    return this.status();
+    });
   }
 
-  /** Turns off loopback TCP (stored in the config); requests in flight finish. */
+  /** Turns off loopback TCP (stored in the config); resolves once the requests in flight have finished. */
   async disableTcp(): Promise<GatewayStatus> {
-    await this.saveTcp(false, this.configuredPort ?? DEFAULT_GATEWAY_PORT);
-    this.tcpEnabled = false;
-    this.tcpError = null;
-    await this.closeTcp();
+    const { finished } = await this.tcpChange(async () => {
+      await this.saveTcp(false, this.configuredPort ?? DEFAULT_GATEWAY_PORT);
+      this.tcpEnabled = false;
+      this.tcpError = null;
+      // Waited for outside the turn, so a long stream does not hold up the next enable.
+      return { finished: this.closeTcp() };
+    });
+    await finished;
     return this.status();
   }
 
@@ -201,7 +218,12 @@ export class Gateway {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.closeTcp(true);
+    // After any change in progress, so a listener it opens is closed too.
+    await this.tcpChange(() => {
+      void this.closeTcp();
+      for (const server of this.tcpServers.keys()) server.closeAllConnections();
+      return Promise.all(this.tcpServers.values());
+    });
     await closeServer(this.unixServer, true);
     await unlink(this.options.env.socketPath).catch(() => undefined);
     this.upstreams.close();
@@ -211,7 +233,18 @@ export class Gateway {
     await updateGatewaySettings(this.options.env.configPath, (current) => ({ ...current, tcp: { enabled, port } }));
   }
 
+  /** Runs `change` after every listener change asked for before it. */
+  private tcpChange<T>(change: () => Promise<T>): Promise<T> {
+    const turn = this.tcpTurn.then(change, change);
+    this.tcpTurn = turn.catch(() => undefined);
+    return turn;
+  }
+
+  /** Listens on loopback TCP; only inside `tcpChange`, with no TCP listener open. */
   private async openTcp(port: number): Promise<void> {
+    if (this.closed) throw new QwenConfigError('the gateway is shutting down');
+    // A listener left open here could never be closed by `disable`: stop it first.
+    if (this.tcpServer) void this.closeTcp();
     this.key = await loadOrCreateGatewayKey(gatewayKeyPath(this.options.stateDir));
     this.keyHash = keyDigest(this.key);
     const server = this.createHttpServer('tcp');
@@ -228,16 +261,23 @@ export class Gateway {
     server.on('error', (err) => this.options.logger.error({ err: err.message }, 'gateway TCP error'));
     const address = server.address();
     const actual = address && typeof address === 'object' ? address.port : port;
+    this.tcpServers.set(server, new Promise((resolve) => server.once('close', () => resolve())));
+    void this.tcpServers.get(server)!.then(() => this.tcpServers.delete(server));
     this.tcpServer = server;
     this.tcpAddress = `${LOOPBACK}:${actual}`;
     this.options.logger.info({ address: this.tcpAddress }, 'gateway listening on loopback TCP');
   }
 
-  private async closeTcp(force = false): Promise<void> {
+  /**
+   * Stops the TCP listener at once (its port is free when this returns); resolves when its
+   * open connections have ended.
+   */
+  private closeTcp(): Promise<void> {
     const server = this.tcpServer;
     this.tcpServer = null;
     this.tcpAddress = null;
-    if (server) await closeServer(server, force);
+    if (!server) return Promise.resolve();
+    return closeServer(server, false);
   }
 
   private createHttpServer(listener: Listener): Server {
