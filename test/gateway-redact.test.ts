@@ -4,7 +4,7 @@
  */
 import { brotliCompressSync, deflateRawSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue } from '../daemon/gateway/redact.js';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactFieldValues, redactHeaderValue } from '../daemon/gateway/redact.js';
 import { fingerprint } from '../shared/fingerprint.js';
 
 const key = 'sk-0123456789abcdefghijklmnopqrstuv';
@@ -36,5 +36,46 @@ describe('error body redaction', () => {
 
   it('header values get an ASCII marker', () => {
     expect(redactHeaderValue(`Bearer error="invalid_token", token=${key}`, [key])).toBe(`Bearer error="invalid_token", token=[redacted key ${fingerprint(key).replace('…', '...')}]`);
+  });
+
+  describe('a key with characters encoders escape', () => {
+    const slashy = 'sk-ab/cd+ef=gh%ij0123456789';
+    const bodyMarker = `[redacted key ${fingerprint(slashy)}]`;
+    const headerMarker = `[redacted key ${fingerprint(slashy).replace('…', '...')}]`;
+    const redact = (text: string, cut = false) => redactErrorBody(Buffer.from(text, 'latin1'), undefined, cut, [slashy]).body.toString('utf8');
+
+    it('is found as it is, JSON-escaped, percent-encoded in either case, and with escapes mixed', () => {
+      const spellings = [
+        slashy,
+        slashy.replaceAll('/', '\\/'),
+        encodeURIComponent(slashy),
+        encodeURIComponent(slashy).replace(/%[0-9A-F]{2}/g, (e) => e.toLowerCase()),
+        'sk-ab\\u002Fcd\\u002bef\\u003Dgh\\u0025ij0123456789',
+        'sk-ab\\/cd%2Bef=gh%25ij0123456789',
+      ];
+      for (const spelling of spellings) {
+        expect(redact(`a ${spelling} b ${spelling}`)).toBe(`a ${bodyMarker} b ${bodyMarker}`);
+        expect(redactHeaderValue(`k=${spelling}`, [slashy])).toBe(`k=${headerMarker}`);
+      }
+    });
+
+    it('leaves text that only looks like part of it', () => {
+      const near = 'sk-ab/cd+ef=gh%ij012345678 and sk-ab%2Fcd';
+      expect(redact(near)).toBe(near);
+      expect(redactHeaderValue(near, [slashy])).toBe(near);
+    });
+
+    it('a cut inside an escaped spelling keeps none of it', () => {
+      const start = 'x'.repeat(ERROR_BODY_CAP - 12);
+      for (const tail of ['sk-ab%2Fcd%2', 'sk-ab\\u002', 'sk-ab\\/cd+e']) {
+        const text = redact(start + tail, true);
+        expect(text.startsWith(`${start}\n[the gateway cut`)).toBe(true);
+      }
+    });
+
+    it('header fields are changed in place only where a value holds it', () => {
+      const fields = ['location', `https://x.test/?k=${encodeURIComponent(slashy)}`, 'x-plain', 'nothing'];
+      expect(redactFieldValues(fields, [slashy])).toEqual(['location', `https://x.test/?k=${headerMarker}`, 'x-plain', 'nothing']);
+    });
   });
 });

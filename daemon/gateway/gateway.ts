@@ -15,11 +15,11 @@ import { QwenConfigError, QwenError } from '../../shared/errors.js';
 import type { GatewayEnvResult, GatewayStatus } from '../../shared/gateway-protocol.js';
 import { prepareSocketDirectory, removeStaleSocket } from '../socket-file.js';
 import type { Logger } from '../logger.js';
-import { rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
+import { GatewayErrors, rawErrorResponse, sendError, type GatewayErrorCode } from './errors.js';
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from './forward.js';
 import { gatewayKeyPath, keyDigest, keyMatches, loadOrCreateGatewayKey } from './key.js';
 import type { GatewayEnvConfig } from './limits.js';
-import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactHeaderValue, type RedactedBody } from './redact.js';
+import { credentialSecrets, ERROR_BODY_CAP, redactErrorBody, redactFieldValues, type RedactedBody } from './redact.js';
 import { ProfileNeedsLoginError, type GatewayProfile, type GatewayProfiles } from './profiles.js';
 import { profileFromModel, routeRequest, upstreamUrl, type ForwardRoute } from './routing.js';
 import { DEFAULT_GATEWAY_PORT, readGatewaySettings, updateGatewaySettings } from './settings.js';
@@ -60,12 +60,29 @@ interface Exchange {
   stream: boolean;
 }
 
+/** The exchange a response belongs to, for the parser's errors on its connection. */
+const EXCHANGE = Symbol('gateway exchange');
+type TaggedResponse = ServerResponse & { [EXCHANGE]?: Exchange };
+
+/**
+ * Parser errors that mean the client went away, not that it sent something malformed: the
+ * connection ended in the middle of a request (a process exiting mid-upload), or was reset.
+ */
+const CLIENT_GONE = new Set(['ECONNRESET', 'EPIPE', 'HPE_INVALID_EOF_STATE']);
+
 const ModelListSchema = z.object({ data: z.array(z.object({ id: z.string().min(1).max(200) }).passthrough()).max(10_000) }).passthrough();
 
 /** The gateway: its listeners, counters and settings. */
 export class Gateway {
   private readonly unixServer: Server;
   private tcpServer: Server | null = null;
+  /**
+   * Every TCP server not yet closed, the listening one and earlier ones whose requests are
+   * still finishing, with the promise of its end: none is ever out of reach of `close()`.
+   */
+  private readonly tcpServers = new Map<Server, Promise<void>>();
+  /** Listener changes (start, enable, disable, close) run one at a time, in order. */
+  private tcpTurn: Promise<unknown> = Promise.resolve();
   private tcpAddress: string | null = null;
   private tcpError: string | null = null;
   private tcpEnabled = false;
@@ -114,48 +131,58 @@ export class Gateway {
       this.options.logger.error({ err: (err as Error).message }, 'gateway settings unreadable; loopback TCP stays off');
       return;
     }
-    if (settings.tcp?.enabled) {
-      this.tcpEnabled = true;
-      this.configuredPort = settings.tcp.port;
-      try {
-        await this.openTcp(settings.tcp.port);
-      } catch (err) {
-        this.tcpError = (err as Error).message;
-        this.options.logger.error({ err: this.tcpError }, 'gateway could not listen on loopback TCP');
-      }
+    const tcp = settings.tcp;
+    if (tcp?.enabled) {
+      await this.tcpChange(async () => {
+        this.tcpEnabled = true;
+        this.configuredPort = tcp.port;
+        try {
+          await this.openTcp(tcp.port);
+        } catch (err) {
+          this.tcpError = (err as Error).message;
+          this.options.logger.error({ err: this.tcpError }, 'gateway could not listen on loopback TCP');
+        }
+      });
     }
   }
 
   /** Turns on loopback TCP (stored in the config, applied now); makes the gateway key when there is none. */
-  async enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
-    if (this.tcpServer && this.configuredPort === port) {
-      await this.saveTcp(true, port);
+  enableTcp(port: number = DEFAULT_GATEWAY_PORT): Promise<GatewayStatus> {
+    return this.tcpChange(async () => {
+      if (this.tcpServer && this.configuredPort === port) {
+        await this.saveTcp(true, port);
+        this.tcpEnabled = true;
+        return this.status();
+      }
+      const previous = this.tcpServer ? this.configuredPort : null;
+      // The old listener stops at once (its port is free again); its requests finish on their own.
+      void this.closeTcp();
+      try {
+        await this.openTcp(port);
+        await this.saveTcp(true, port);
+      } catch (err) {
+        // Nothing changes when the new port cannot be had or the setting cannot be stored.
+        void this.closeTcp();
+        if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
+        throw err;
+      }
       this.tcpEnabled = true;
+      this.tcpError = null;
+      this.configuredPort = port;
       return this.status();
-    }
-    const previous = this.tcpServer ? this.configuredPort : null;
-    await this.closeTcp();
-    try {
-      await this.openTcp(port);
-      await this.saveTcp(true, port);
-    } catch (err) {
-      // Nothing changes when the new port cannot be had or the setting cannot be stored.
-      await this.closeTcp();
-      if (previous !== null) await this.openTcp(previous).catch((reopen: Error) => (this.tcpError = reopen.message));
-      throw err;
-    }
-    this.tcpEnabled = true;
-    this.tcpError = null;
-    this.configuredPort = port;
-    return this.status();
+    });
   }
 
-  /** Turns off loopback TCP (stored in the config); requests in flight finish. */
+  /** Turns off loopback TCP (stored in the config); resolves once the requests in flight have finished. */
   async disableTcp(): Promise<GatewayStatus> {
-    await this.saveTcp(false, this.configuredPort ?? DEFAULT_GATEWAY_PORT);
-    this.tcpEnabled = false;
-    this.tcpError = null;
-    await this.closeTcp();
+    const { finished } = await this.tcpChange(async () => {
+      await this.saveTcp(false, this.configuredPort ?? DEFAULT_GATEWAY_PORT);
+      this.tcpEnabled = false;
+      this.tcpError = null;
+      // Waited for outside the turn, so a long stream does not hold up the next enable.
+      return { finished: this.closeTcp() };
+    });
+    await finished;
     return this.status();
   }
 
@@ -191,7 +218,12 @@ export class Gateway {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.closeTcp(true);
+    // After any change in progress, so a listener it opens is closed too.
+    await this.tcpChange(() => {
+      void this.closeTcp();
+      for (const server of this.tcpServers.keys()) server.closeAllConnections();
+      return Promise.all(this.tcpServers.values());
+    });
     await closeServer(this.unixServer, true);
     await unlink(this.options.env.socketPath).catch(() => undefined);
     this.upstreams.close();
@@ -201,7 +233,18 @@ export class Gateway {
     await updateGatewaySettings(this.options.env.configPath, (current) => ({ ...current, tcp: { enabled, port } }));
   }
 
+  /** Runs `change` after every listener change asked for before it. */
+  private tcpChange<T>(change: () => Promise<T>): Promise<T> {
+    const turn = this.tcpTurn.then(change, change);
+    this.tcpTurn = turn.catch(() => undefined);
+    return turn;
+  }
+
+  /** Listens on loopback TCP; only inside `tcpChange`, with no TCP listener open. */
   private async openTcp(port: number): Promise<void> {
+    if (this.closed) throw new QwenConfigError('the gateway is shutting down');
+    // A listener left open here could never be closed by `disable`: stop it first.
+    if (this.tcpServer) void this.closeTcp();
     this.key = await loadOrCreateGatewayKey(gatewayKeyPath(this.options.stateDir));
     this.keyHash = keyDigest(this.key);
     const server = this.createHttpServer('tcp');
@@ -218,16 +261,23 @@ export class Gateway {
     server.on('error', (err) => this.options.logger.error({ err: err.message }, 'gateway TCP error'));
     const address = server.address();
     const actual = address && typeof address === 'object' ? address.port : port;
+    this.tcpServers.set(server, new Promise((resolve) => server.once('close', () => resolve())));
+    void this.tcpServers.get(server)!.then(() => this.tcpServers.delete(server));
     this.tcpServer = server;
     this.tcpAddress = `${LOOPBACK}:${actual}`;
     this.options.logger.info({ address: this.tcpAddress }, 'gateway listening on loopback TCP');
   }
 
-  private async closeTcp(force = false): Promise<void> {
+  /**
+   * Stops the TCP listener at once (its port is free when this returns); resolves when its
+   * open connections have ended.
+   */
+  private closeTcp(): Promise<void> {
     const server = this.tcpServer;
     this.tcpServer = null;
     this.tcpAddress = null;
-    if (server) await closeServer(server, force);
+    if (!server) return Promise.resolve();
+    return closeServer(server, false);
   }
 
   private createHttpServer(listener: Listener): Server {
@@ -252,14 +302,22 @@ export class Gateway {
       },
     );
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => this.onClientError(err, socket, listener));
+    // Node hands CONNECT to this event instead of the request handler; refused like TRACE.
+    server.on('connect', (_req: IncomingMessage, socket: Socket) => this.refuseConnect(socket, listener));
     // Idle keep-alive connections are cheap but not free: a bound on them too, with room for pools.
     server.maxConnections = limits.maxConcurrent + 256;
     return server;
   }
 
-  /** A request the HTTP parser refused, or a client too slow: answered 4xx on the raw socket, nothing forwarded. */
+  /**
+   * A request the HTTP parser refused, or a client too slow: answered 4xx on the raw socket,
+   * nothing forwarded. When an answer is already going out on the connection (an SSE stream
+   * with a bad request pipelined behind it, an upload that timed out while its answer flows),
+   * bytes written now would land inside that answer: the connection is cut instead.
+   */
   private onClientError(err: NodeJS.ErrnoException, socket: Socket, listener: Listener): void {
-    if (err.code === 'ECONNRESET' || !socket.writable) {
+    if (CLIENT_GONE.has(err.code ?? '') || !socket.writable) {
+      // The exchange in flight, if any, is counted as client_aborted when its response closes.
       socket.destroy();
       return;
     }
@@ -273,10 +331,31 @@ export class Gateway {
       message = 'the request was not received in time';
     } else if (err.code === 'HPE_INVALID_TRANSFER_ENCODING' || err.code === 'HPE_UNEXPECTED_CONTENT_LENGTH') {
       message = `ambiguous request framing (${err.code === 'HPE_INVALID_TRANSFER_ENCODING' ? 'Content-Length with Transfer-Encoding' : 'more than one Content-Length'})`;
+    } else if (err.code === 'HPE_INVALID_METHOD' && (err as { rawPacket?: Buffer }).rawPacket?.subarray(0, 6).toString('latin1') === 'TRACK ') {
+      // Node's parser does not know IIS's TRACE; answered as TRACE is.
+      code = 'method_not_allowed';
+      message = 'the gateway does not forward TRACK requests';
     }
     this.count(code);
-    this.options.logger.info({ listener, status: code === 'request_timeout' ? 408 : code === 'headers_too_large' ? 431 : 400, error: code }, 'gateway refused a malformed request');
+    const inFlight = (socket as Socket & { _httpMessage?: TaggedResponse | null })._httpMessage;
+    const ex = inFlight?.[EXCHANGE];
+    // Its access log line names why it ended, and it is not counted a second time as client_aborted.
+    if (ex && ex.error === null) ex.error = code;
+    if (inFlight?.headersSent) {
+      this.options.logger.info({ listener, error: code }, 'gateway cut a connection: a malformed request arrived while an answer was being sent');
+      socket.destroy();
+      return;
+    }
+    this.options.logger.info({ listener, status: GatewayErrors[code].status, error: code }, 'gateway refused a malformed request');
     socket.end(rawErrorResponse(code, message));
+    socket.destroySoon?.();
+  }
+
+  /** CONNECT asks for a tunnel: answered 405 on the raw socket, nothing forwarded. */
+  private refuseConnect(socket: Socket, listener: Listener): void {
+    this.count('method_not_allowed');
+    this.options.logger.info({ listener, method: 'CONNECT', status: 405, error: 'method_not_allowed' }, 'gateway refused a request');
+    socket.end(rawErrorResponse('method_not_allowed', 'the gateway does not forward CONNECT requests'));
     socket.destroySoon?.();
   }
 
@@ -301,6 +380,7 @@ export class Gateway {
       stream: false,
     };
     this.active += 1;
+    (res as TaggedResponse)[EXCHANGE] = ex;
     res.once('close', () => this.finish(ex, res));
     const fail = (code: GatewayErrorCode, message: string): void => {
       ex.error = code;
@@ -320,7 +400,11 @@ export class Gateway {
     if (route.kind === 'error') return fail(route.code, route.message);
     if (route.kind === 'models') {
       ex.profile = route.profile ?? null;
-      await this.drain(req, ex);
+      // A body means nothing here, but it is read (and bounded) so the connection can serve the next request.
+      const { maxBodyBytes } = this.options.env.limits;
+      const drained = Number(req.headers['content-length'] ?? 0) > maxBodyBytes ? 'too_large' : await drain(req, ex, maxBodyBytes);
+      if (drained === 'gone') return; // counted as client_aborted when the response closes
+      if (drained === 'too_large') return fail('body_too_large', `the request body is larger than ${maxBodyBytes} bytes`);
       return this.answerModels(res, route.profile);
     }
     await this.forward(req, res, route, ex, fail);
@@ -434,6 +518,7 @@ export class Gateway {
         this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
         continue;
       }
+      const secrets = credentialSecrets(credential);
       if (status >= 400 && upstream.framing !== 'none') {
         // Error bodies are read (up to a cap) before they go on: they may quote the credential.
         const read = await readCapped(upstream, ERROR_BODY_CAP);
@@ -441,8 +526,8 @@ export class Gateway {
           if (cancel.cancelled) return;
           return fail('upstream_unreachable', `the upstream ${url.host} broke off its ${status} answer`);
         }
-        const secrets = credentialSecrets(credential);
-        const redacted = redactErrorBody(read.bytes, upstream.field('content-encoding'), read.cut, secrets);
+        // Every Content-Encoding line counts: a second one would otherwise leave the body encoded, unsearched.
+        const redacted = redactErrorBody(read.bytes, upstream.fieldList('content-encoding'), read.cut, secrets);
         if (mayRetry && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
           retried = true;
           this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
@@ -451,7 +536,7 @@ export class Gateway {
         this.relayError(upstream, res, ex, redacted, secrets);
         return;
       }
-      this.relay(upstream, res, ex);
+      this.relay(upstream, res, ex, secrets);
       return;
     }
   }
@@ -477,17 +562,19 @@ export class Gateway {
   }
 
   /**
-   * Sends the upstream's answer on: status and headers as they are, the body streamed as it
-   * comes. The exchange ends when the response closes (`finish`), which also cuts the upstream
-   * when the client went away first.
+   * Sends the upstream's answer on: status as it is, headers with the credential replaced in
+   * their values (a redirect's `Location` or a 401's `WWW-Authenticate` may quote it, whatever
+   * the status), the body streamed as it comes. The exchange ends when the response closes
+   * (`finish`), which also cuts the upstream when the client went away first.
    */
-  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange): void {
+  private relay(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, secrets: readonly string[]): void {
     if (!this.answering(upstream, res)) return;
     ex.stream = (upstream.field('content-type') ?? '').startsWith('text/event-stream');
     if (ex.stream) this.streams += 1;
     // The length goes on with a body relayed as it is framed, and with no body (HEAD, 304),
     // where it tells the length the body would have had.
-    res.writeHead(upstream.status, clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none'));
+    const fields = clientResponseFields(upstream.fields, upstream.framing === 'length' || upstream.framing === 'none');
+    res.writeHead(upstream.status, redactFieldValues(fields, secrets));
     ex.relayed = upstream;
     upstream.relay(this.bodySink(upstream, res, ex));
   }
@@ -497,16 +584,16 @@ export class Gateway {
    * fingerprint, in its body and its header values; status and other headers as they came,
    * the body decoded when it was compressed, and its length set to what is sent.
    */
-  private relayError(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, { body, decoded }: RedactedBody, secrets: string[]): void {
+  private relayError(upstream: UpstreamResponse, res: ServerResponse, ex: Exchange, { body, decoded }: RedactedBody, secrets: readonly string[]): void {
     if (!this.answering(upstream, res)) return;
     const fields = clientResponseFields(upstream.fields, false);
     const out: string[] = [];
     for (let i = 0; i < fields.length; i += 2) {
       if (decoded && fields[i] === 'content-encoding') continue;
-      out.push(fields[i]!, redactHeaderValue(fields[i + 1]!, secrets));
+      out.push(fields[i]!, fields[i + 1]!);
     }
     out.push('content-length', String(body.length));
-    res.writeHead(upstream.status, out);
+    res.writeHead(upstream.status, redactFieldValues(out, secrets));
     ex.bytesOut += body.length;
     res.end(body);
   }
@@ -596,10 +683,6 @@ export class Gateway {
     }
   }
 
-  private async drain(req: IncomingMessage, ex: Exchange): Promise<void> {
-    for await (const chunk of req) ex.bytesIn += (chunk as Buffer).length;
-  }
-
   /** Counts the exchange and writes its access log line (never a header, query or body). */
   private finish(ex: Exchange, res: ServerResponse): void {
     this.active -= 1;
@@ -618,7 +701,8 @@ export class Gateway {
         method: ex.method,
         path: ex.path,
         profile: ex.profile,
-        status: res.statusCode,
+        // Null when no answer was sent (the client left first, or the connection was cut).
+        status: res.headersSent ? res.statusCode : null,
         duration_ms: Math.round((performance.now() - ex.started) * 10) / 10,
         bytes_in: ex.bytesIn,
         bytes_out: ex.bytesOut + (ex.relayed?.bodyBytes ?? 0),
@@ -666,6 +750,37 @@ function readUpTo(req: IncomingMessage, limit: number): Promise<{ whole: true; b
       if (req.complete) return;
       cleanup();
       resolve(null);
+    };
+    req.on('data', onData);
+    req.on('end', onEnd);
+    req.on('close', onClose);
+    req.on('error', onClose);
+  });
+}
+
+/**
+ * Reads a request body only to drop it, up to `limit` bytes: 'too_large' past it (the request
+ * left paused), 'gone' when the client went away first.
+ */
+function drain(req: IncomingMessage, ex: Exchange, limit: number): Promise<'done' | 'too_large' | 'gone'> {
+  return new Promise((resolve) => {
+    const settle = (how: 'done' | 'too_large' | 'gone') => {
+      req.off('data', onData);
+      req.off('end', onEnd);
+      req.off('close', onClose);
+      req.off('error', onClose);
+      resolve(how);
+    };
+    const onData = (chunk: Buffer) => {
+      ex.bytesIn += chunk.length;
+      if (ex.bytesIn > limit) {
+        req.pause();
+        settle('too_large');
+      }
+    };
+    const onEnd = () => settle('done');
+    const onClose = () => {
+      if (!req.complete) settle('gone');
     };
     req.on('data', onData);
     req.on('end', onEnd);

@@ -27,8 +27,8 @@ export interface ForwardRoute {
 
 export interface RouteFailure {
   kind: 'error';
-  status: 400 | 404;
-  code: 'unknown_route' | 'unknown_profile' | 'invalid_path';
+  status: 400 | 404 | 405;
+  code: 'unknown_route' | 'unknown_profile' | 'invalid_path' | 'method_not_allowed';
   message: string;
 }
 
@@ -36,8 +36,15 @@ export type Route = ModelsRoute | ForwardRoute | RouteFailure;
 
 const PROFILE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+/**
+ * Methods never forwarded: an upstream answers TRACE (and IIS's TRACK) by echoing the request
+ * it received, the credential the gateway added included; CONNECT asks for a tunnel.
+ */
+const REFUSED_METHODS = new Set(['TRACE', 'TRACK', 'CONNECT']);
+
 /** Routes a request target (`req.url`) for `method`; `known` tells whether a profile exists. */
 export function routeRequest(method: string, target: string, defaultProfile: string, known: (name: string) => boolean): Route {
+  if (REFUSED_METHODS.has(method)) return { kind: 'error', status: 405, code: 'method_not_allowed', message: `the gateway does not forward ${method} requests` };
   if (!target.startsWith('/')) return { kind: 'error', status: 400, code: 'invalid_path', message: 'the request target must be a path' };
   const q = target.indexOf('?');
   const path = q === -1 ? target : target.slice(0, q);

@@ -189,6 +189,18 @@ export class UpstreamResponse implements Dispatcher.DispatchHandler {
     return undefined;
   }
 
+  /**
+   * Every value of the answer's field `name` (lower-case), joined with `, ` as RFC 9110 §5.3
+   * combines repeated list fields; for fields where the second line matters (Content-Encoding).
+   */
+  fieldList(name: string): string | undefined {
+    let joined: string | undefined;
+    for (let i = 0; i < this.fields.length; i += 2) {
+      if (this.fields[i] === name) joined = joined === undefined ? this.fields[i + 1] : `${joined}, ${this.fields[i + 1]}`;
+    }
+    return joined;
+  }
+
   /** Hands the body, decoded, to `sink` as it is read. */
   relay(sink: BodySink): void {
     this.sink = sink;
