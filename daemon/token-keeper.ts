@@ -232,11 +232,11 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
    * is about something else (a model the account may not use, say), and a refresh per refused
    * request would rotate the refresh token on every call.
    */
-  async refreshAfterRejection(rejected: string): Promise<Credentials | null> {
+  async refreshAfterRejection(rejected: string, minValidityMs = 0): Promise<Credentials | null> {
     while (this.inflight) await this.inflight.finished;
     const creds = this.state.credentials;
     if (!creds) throw this.unavailableError('no_credentials');
-    if (creds.access_token !== rejected) return this.getAccessToken();
+    if (creds.access_token !== rejected) return this.getAccessToken(minValidityMs);
     if (this.state.needsLogin) throw this.unavailableError('needs_login');
     if (refreshedRecently(this.state, this.deps.config, this.deps.clock.now())) return null;
     return this.refresh();

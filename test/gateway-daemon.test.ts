@@ -107,6 +107,27 @@ describe('gateway on the Unix socket of the daemon', () => {
     expect(fx.server.counts.chat).toBe(chats + 2);
     expect((await fx.readOwn())!.access_token).not.toBe(own!.access_token);
   });
+
+  it('a 403 a fresh token does not cure costs one refresh for a run of requests, not one each', async () => {
+    // Say, a model the account may not use: every answer is 403 whatever the token.
+    fx.server.injectFault({ kind: '5xx', endpoint: 'chat', status: 403, body: '{"error":{"message":"access denied","code":"AccessDenied"}}', times: 10 });
+    try {
+      const refreshes = fx.server.counts.refresh;
+      const chats = fx.server.counts.chat;
+      const body = JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: 'not allowed' }] });
+      for (let i = 0; i < 3; i++) {
+        const r = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '--unix-socket', gatewaySocket, '-H', 'content-type: application/json', '-d', body, 'http://localhost/v1/chat/completions'], fx.env);
+        expect(r.stdout).toBe('403');
+      }
+      // At most the first refusal refreshes and retries (none when the test before just
+      // refreshed); the next ones, moments after a refresh, pass through as they came.
+      const made = fx.server.counts.refresh - refreshes;
+      expect(made).toBeLessThanOrEqual(1);
+      expect(fx.server.counts.chat).toBe(chats + 3 + made);
+    } finally {
+      fx.server.clearFaults();
+    }
+  });
 });
 
 describe('gateway on loopback TCP through the CLI', () => {

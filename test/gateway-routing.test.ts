@@ -149,15 +149,19 @@ describe('the qwen profile over the token keeper', () => {
   const creds = (token: string) => ({ access_token: token, refresh_token: 'r', token_type: 'Bearer', expiry_date: Date.now() + 3600_000, resource_url: 'portal.qwen.ai' });
 
   function fakeKeeper() {
-    const state = { current: creds('token-1'), refreshes: 0, fail: null as Error | null };
+    const state = { current: creds('token-1'), refreshes: 0, fail: null as Error | null, declined: false };
     const keeper = {
       servableNow: () => (state.fail ? null : state.current),
       getAccessToken: async () => {
         if (state.fail) throw state.fail;
         return state.current;
       },
-      refresh: async () => {
+      // As TokenKeeper.refreshAfterRejection: the current token when the refused one was
+      // replaced; null when a refresh cannot help (`declined`); else a refresh.
+      refreshAfterRejection: async (refused: string) => {
         if (state.fail) throw state.fail;
+        if (refused !== state.current.access_token) return state.current;
+        if (state.declined) return null;
         state.refreshes += 1;
         state.current = creds(`token-${state.refreshes + 1}`);
         return state.current;
@@ -183,14 +187,24 @@ describe('the qwen profile over the token keeper', () => {
     const { keeper, state } = fakeKeeper();
     const profile = keeperProfile(keeper, 'ua');
     const rejected = await profile.credentialHeaders();
-    const first = await profile.credentialHeaders({ forceRefresh: true, rejected });
-    const second = await profile.credentialHeaders({ forceRefresh: true, rejected });
+    const first = await profile.renewedCredentialHeaders!(rejected);
+    const second = await profile.renewedCredentialHeaders!(rejected);
     expect(state.refreshes).toBe(1);
-    expect(first.authorization).toBe('Bearer token-2');
-    expect(second.authorization).toBe('Bearer token-2');
-    // The new token rejected in turn: refreshed again.
-    await profile.credentialHeaders({ forceRefresh: true, rejected: first });
+    expect(first?.authorization).toBe('Bearer token-2');
+    expect(second?.authorization).toBe('Bearer token-2');
+    // The new token rejected in turn: the keeper decides (here it refreshes again).
+    await profile.renewedCredentialHeaders!(first!);
     expect(state.refreshes).toBe(2);
+  });
+
+  it('a refusal a refresh cannot help with, or of a token it cannot name, renews nothing', async () => {
+    const { keeper, state } = fakeKeeper();
+    const profile = keeperProfile(keeper, 'ua');
+    const rejected = await profile.credentialHeaders();
+    state.declined = true;
+    expect(await profile.renewedCredentialHeaders!(rejected)).toBeNull();
+    expect(await profile.renewedCredentialHeaders!({ 'x-api-key': 'something' })).toBeNull();
+    expect(state.refreshes).toBe(0);
   });
 
   it('no credentials or a rejected refresh token: needs login, naming the command', async () => {
@@ -199,7 +213,7 @@ describe('the qwen profile over the token keeper', () => {
     state.fail = new QwenTokenNotAvailableError('none');
     await expect(profile.credentialHeaders()).rejects.toThrow(ProfileNeedsLoginError);
     state.fail = new QwenRefreshTokenInvalidError('rejected');
-    await expect(profile.credentialHeaders({ forceRefresh: true })).rejects.toThrow(/qwen-token login/);
+    await expect(profile.renewedCredentialHeaders!({ authorization: 'Bearer token-1' })).rejects.toThrow(/qwen-token login/);
     state.fail = new QwenTokenExpiredError('expired, refresh failing');
     await expect(profile.credentialHeaders()).rejects.toThrow(QwenTokenExpiredError);
   });

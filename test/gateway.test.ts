@@ -23,9 +23,12 @@ afterAll(async () => {
   await server?.close();
 });
 
-/** An OAuth-kind profile whose token the test controls; counts forced refreshes. */
+/**
+ * An OAuth-kind profile whose token the test controls; counts renewals (forced refreshes).
+ * `declined`: renewals answer null, as a keeper does when a refresh ended moments ago.
+ */
 function oauthProfile(name: string, base: () => string = () => `${server.baseUrl}/v1`) {
-  const state = { token: server.issueTokens().access_token, refreshes: 0, next: null as string | null, needsLogin: false };
+  const state = { token: server.issueTokens().access_token, refreshes: 0, next: null as string | null, needsLogin: false, declined: false };
   const profile: GatewayProfile = {
     name,
     kind: 'qwen-oauth',
@@ -33,12 +36,15 @@ function oauthProfile(name: string, base: () => string = () => `${server.baseUrl
     async baseUrl() {
       return base();
     },
-    async credentialHeaders(options = {}) {
+    async credentialHeaders() {
       if (state.needsLogin) throw new ProfileNeedsLoginError(name, 'qwen-token login', 'no credentials');
-      if (options.forceRefresh) {
-        state.refreshes += 1;
-        state.token = state.next ?? server.issueTokens().access_token;
-      }
+      return { authorization: `Bearer ${state.token}`, 'x-dashscope-authtype': 'qwen-oauth' };
+    },
+    async renewedCredentialHeaders() {
+      if (state.needsLogin) throw new ProfileNeedsLoginError(name, 'qwen-token login', 'no credentials');
+      if (state.declined) return null;
+      state.refreshes += 1;
+      state.token = state.next ?? server.issueTokens().access_token;
       return { authorization: `Bearer ${state.token}`, 'x-dashscope-authtype': 'qwen-oauth' };
     },
     async models() {
@@ -50,7 +56,7 @@ function oauthProfile(name: string, base: () => string = () => `${server.baseUrl
 
 /** An API-key profile (never retried); `header` picks Bearer or x-api-key. */
 function keyProfile(name: string, header: 'bearer' | 'x-api-key' = 'bearer') {
-  const state = { key: server.issueTokens().access_token, refreshes: 0 };
+  const state = { key: server.issueTokens().access_token };
   const profile: GatewayProfile = {
     name,
     kind: 'api-key',
@@ -58,8 +64,7 @@ function keyProfile(name: string, header: 'bearer' | 'x-api-key' = 'bearer') {
     async baseUrl() {
       return `${server.baseUrl}/v1`;
     },
-    async credentialHeaders(options = {}) {
-      if (options.forceRefresh) state.refreshes += 1;
+    async credentialHeaders() {
       return header === 'bearer' ? { authorization: `Bearer ${state.key}` } : { 'x-api-key': state.key };
     },
   };
@@ -246,8 +251,20 @@ describe('gateway credential failures and retries', () => {
     const before = server.counts.chat;
     const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/p/keyed/v1/chat/completions', { headers: json, body: chatBody('coder-model') });
     expect(answer.status).toBe(401);
-    expect(keyed.state.refreshes).toBe(0);
     expect(server.counts.chat).toBe(before + 1);
+  });
+
+  it('OAuth: a refusal a refresh cannot help with (one ended moments ago) passes through once, unretried', async () => {
+    server.revokeAccessToken(qwen.state.token);
+    const before = server.counts.chat;
+    const refreshes = qwen.state.refreshes;
+    qwen.state.declined = true;
+    const answer = await httpCall({ socketPath: gw.socketPath }, 'POST', '/v1/chat/completions', { headers: json, body: chatBody('coder-model') });
+    qwen.state.declined = false;
+    expect(answer.status).toBe(401);
+    expect(JSON.parse(answer.body).error.message).toBe('invalid access token or token expired');
+    expect(server.counts.chat).toBe(before + 1);
+    expect(qwen.state.refreshes).toBe(refreshes);
   });
 
   it('OAuth: a body larger than the replay size streams once and is not retried', async () => {

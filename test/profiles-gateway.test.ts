@@ -21,8 +21,11 @@ function keeper(initial: string) {
     keeper: {
       servableNow: () => state.current,
       getAccessToken: async () => state.current,
-      refresh: async () => {
+      // As TokenKeeper.refreshAfterRejection: the current token when the refused one was
+      // replaced, else a refresh.
+      refreshAfterRejection: async (refused: string) => {
         if (state.fail) throw state.fail;
+        if (refused !== state.current.access_token) return state.current;
         state.refreshes += 1;
         state.current = creds(`${initial}-${state.refreshes}`);
         return state.current;
@@ -84,12 +87,12 @@ describe('the gateway over the profiles', () => {
     expect(other.models).toBeUndefined();
     // A rejection refreshes that profile only, once for a burst.
     const rejected = await other.credentialHeaders();
-    await other.credentialHeaders({ forceRefresh: true, rejected });
-    await other.credentialHeaders({ forceRefresh: true, rejected });
+    expect(await other.renewedCredentialHeaders!(rejected)).toEqual({ authorization: 'Bearer corp-token-1' });
+    expect(await other.renewedCredentialHeaders!(rejected)).toEqual({ authorization: 'Bearer corp-token-1' });
     expect(corp.state.refreshes).toBe(1);
     expect(qwen.state.refreshes).toBe(0);
     corp.state.fail = new QwenRefreshTokenInvalidError('rejected');
-    await expect(other.credentialHeaders({ forceRefresh: true })).rejects.toThrow(/login --profile corp/);
+    await expect(other.renewedCredentialHeaders!(rejected)).rejects.toThrow(/login --profile corp/);
   });
 
   it('an API key goes in Authorization or x-api-key, is never refreshed, and lists its models when it has them', async () => {

@@ -477,12 +477,14 @@ export class Gateway {
 
     const replayable = body !== null;
     let retried = false;
+    /** The credential to retry with, after the upstream refused the first one. */
+    let renewed: Record<string, string> | null = null;
     let credential: Record<string, string> | undefined;
     for (;;) {
       let url: URL;
       let fields: string[];
       try {
-        credential = await profile.credentialHeaders(retried ? { forceRefresh: true, ...(credential ? { rejected: credential } : {}) } : {});
+        credential = renewed ?? (await profile.credentialHeaders());
         url = upstreamUrl(await profile.baseUrl(), route.rest);
         fields = upstreamRequestFields(req.rawHeaders, credential);
       } catch (err) {
@@ -511,12 +513,18 @@ export class Gateway {
       else ex.bytesIn = body.length;
 
       const status = upstream.status;
-      const mayRetry = profile.retryOnAuthFailure && replayable && !retried;
+      const mayRetry = profile.retryOnAuthFailure && profile.renewedCredentialHeaders !== undefined && replayable && !retried;
       if (mayRetry && (status === 401 || status === 403)) {
-        upstream.discard();
-        retried = true;
-        this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; refreshing and retrying once');
-        continue;
+        // A refusal a refresh cannot cure (one ended moments ago) goes to the client as it came.
+        const next = await this.renewal(profile, credential, upstream, fail);
+        if (next === undefined) return;
+        if (next) {
+          upstream.discard();
+          retried = true;
+          renewed = next;
+          this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream rejected the credential; retrying once with a renewed one');
+          continue;
+        }
       }
       const secrets = credentialSecrets(credential);
       if (status >= 400 && upstream.framing !== 'none') {
@@ -528,16 +536,41 @@ export class Gateway {
         }
         // Every Content-Encoding line counts: a second one would otherwise leave the body encoded, unsearched.
         const redacted = redactErrorBody(read.bytes, upstream.fieldList('content-encoding'), read.cut, secrets);
-        if (mayRetry && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
-          retried = true;
-          this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; refreshing and retrying once');
-          continue;
+        if (mayRetry && status !== 401 && status !== 403 && status < 500 && looksLikeExpiredToken(redacted.body.toString('latin1'))) {
+          const next = await this.renewal(profile, credential, null, fail);
+          if (next === undefined) return;
+          if (next) {
+            retried = true;
+            renewed = next;
+            this.options.logger.info({ profile: profile.name, status }, 'gateway: upstream says the token expired; retrying once with a renewed one');
+            continue;
+          }
         }
         this.relayError(upstream, res, ex, redacted, secrets);
         return;
       }
       this.relay(upstream, res, ex, secrets);
       return;
+    }
+  }
+
+  /**
+   * The credential to retry with after the upstream refused `refused`: new headers, null when a
+   * refresh cannot help (the refusal stands), undefined when the profile needs a login or has
+   * no credential (answered here; `upstream`, when still open, is dropped).
+   */
+  private async renewal(
+    profile: GatewayProfile,
+    refused: Record<string, string>,
+    upstream: UpstreamResponse | null,
+    fail: (code: GatewayErrorCode, message: string) => void,
+  ): Promise<Record<string, string> | null | undefined> {
+    try {
+      return await profile.renewedCredentialHeaders!(refused);
+    } catch (err) {
+      upstream?.discard();
+      this.credentialFailure(err, profile, fail);
+      return undefined;
     }
   }
 

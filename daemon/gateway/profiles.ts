@@ -8,17 +8,6 @@ import { QwenTokenNotAvailableError } from '../../shared/errors.js';
 /** How a profile authenticates; OAuth kinds can be refreshed and retried after a 401. */
 export type GatewayProfileKind = 'qwen-oauth' | 'oauth-device' | 'api-key';
 
-export interface CredentialHeaderOptions {
-  /** Refresh the credential before answering (after the upstream rejected the current one). */
-  forceRefresh?: boolean;
-  /**
-   * With `forceRefresh`: the headers the upstream rejected. A profile whose credential has
-   * changed since (another request's refresh) answers with the new one instead of refreshing
-   * again, so a burst of rejections costs one refresh.
-   */
-  rejected?: Record<string, string>;
-}
-
 /** One profile as the gateway uses it. */
 export interface GatewayProfile {
   readonly name: string;
@@ -30,9 +19,17 @@ export interface GatewayProfile {
    * portal's `X-DashScope-*` headers for `qwen-oauth`). Throws `ProfileNeedsLoginError` when
    * the profile has no usable credential.
    */
-  credentialHeaders(options?: CredentialHeaderOptions): Promise<Record<string, string>>;
+  credentialHeaders(): Promise<Record<string, string>>;
   /** True for OAuth kinds: a 401/403 is answered by one forced refresh and one retry. */
   readonly retryOnAuthFailure: boolean;
+  /**
+   * (OAuth kinds) The headers to retry with after the upstream refused `rejected`: the current
+   * credential when it changed since (another request's refresh: a burst of refusals costs one
+   * refresh), else a refreshed one. Null when a refresh would not help, because one ended
+   * moments ago (it failed, or it gave the credential refused): the refusal then stands, and is
+   * not turned into a refresh per request. Throws `ProfileNeedsLoginError` like `credentialHeaders`.
+   */
+  renewedCredentialHeaders?(rejected: Record<string, string>): Promise<Record<string, string> | null>;
   /** The profile's models, when it knows them without asking the upstream. */
   models?(): Promise<string[]>;
 }

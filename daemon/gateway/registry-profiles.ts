@@ -18,7 +18,7 @@ const MIN_VALIDITY_MS = 30_000;
 /** The models the Qwen portal serves (it offers no model list to ask). */
 export const QWEN_PORTAL_MODELS = ['coder-model', 'vision-model'];
 
-type KeeperLike = Pick<TokenKeeper, 'getAccessToken' | 'refresh' | 'servableNow'>;
+type KeeperLike = Pick<TokenKeeper, 'getAccessToken' | 'refreshAfterRejection' | 'servableNow'>;
 
 interface OAuthSource {
   name: string;
@@ -34,15 +34,10 @@ interface OAuthSource {
 /** A profile whose credential is an OAuth access token owned by `keeper`. */
 function oauthProfile(source: OAuthSource): GatewayProfile {
   const { keeper, name } = source;
-  const credentials = async (forceRefresh: boolean, rejected?: string): Promise<Credentials> => {
+  /** Runs `get`, with a missing or refused login reported as the profile needing one. */
+  const asProfile = async <T>(get: () => Promise<T>): Promise<T> => {
     try {
-      if (forceRefresh) {
-        const current = keeper.servableNow(MIN_VALIDITY_MS);
-        // Refreshed since the rejected request left: the new token is the answer.
-        if (current && rejected !== undefined && rejected !== `Bearer ${current.access_token}`) return current;
-        return await keeper.refresh();
-      }
-      return keeper.servableNow(MIN_VALIDITY_MS) ?? (await keeper.getAccessToken(MIN_VALIDITY_MS));
+      return await get();
     } catch (err) {
       if (err instanceof QwenTokenNotAvailableError || err instanceof QwenRefreshTokenInvalidError) {
         throw new ProfileNeedsLoginError(name, source.loginCommand, err instanceof QwenTokenNotAvailableError ? 'no credentials' : 'the refresh token was rejected');
@@ -50,18 +45,28 @@ function oauthProfile(source: OAuthSource): GatewayProfile {
       throw err;
     }
   };
+  const current = (): Promise<Credentials> => asProfile(async () => keeper.servableNow(MIN_VALIDITY_MS) ?? (await keeper.getAccessToken(MIN_VALIDITY_MS)));
   let last: Credentials | null = null;
   const profile: GatewayProfile = {
     name,
     kind: source.kind,
     retryOnAuthFailure: true,
-    async credentialHeaders(options = {}) {
-      const creds = await credentials(options.forceRefresh === true, options.rejected?.authorization);
+    async credentialHeaders() {
+      const creds = await current();
+      last = creds;
+      return source.headers(creds.access_token);
+    },
+    async renewedCredentialHeaders(rejected) {
+      // Which token was refused decides whether a refresh can help; unknown, the refusal stands.
+      const refused = /^Bearer (.+)$/.exec(rejected.authorization ?? '')?.[1];
+      if (refused === undefined) return null;
+      const creds = await asProfile(() => keeper.refreshAfterRejection(refused, MIN_VALIDITY_MS));
+      if (!creds) return null;
       last = creds;
       return source.headers(creds.access_token);
     },
     async baseUrl() {
-      return source.baseUrl(last ?? (await credentials(false)));
+      return source.baseUrl(last ?? (await current()));
     },
   };
   if (source.models) profile.models = source.models;
