@@ -240,7 +240,8 @@ describe('the registry', () => {
     expect(registry.names()).toEqual(['qwen', 'plan']);
     expect(registry.resolve('plan').servableNow(0)?.access_token).toBe('sk-sp-registry-test-key');
   });
-  it('a description or base URL edit is applied without a restart: a refresh in flight, its token already rotated by the provider, completes and is kept', async () => {
+  /** A registry with one oauth-device profile, `corp`, on a rotating provider, holding a token valid for an hour. */
+  async function startCorp() {
     const home = join(root, 'home');
     await mkdir(home, { mode: 0o700 });
     const config = resolveConfig({ HOME: home, QWEN_TOKEND_SOCKET: join(root, 's.sock'), QWEN_TOKEND_QWEN_CLI_SYNC: 'off' }, { homedir: home });
@@ -251,6 +252,11 @@ describe('the registry', () => {
     await updateConfigFile(config.configPath, () => ({ profiles: { corp: device } }));
     registry = new ProfileRegistry({ config, logger: silentLogger(), clock: systemClock, createDeviceFlow: () => provider.flow });
     await registry.start();
+    return { config, provider, registry };
+  }
+
+  it('a description or base URL edit is applied without a restart: a refresh in flight, its token already rotated by the provider, completes and is kept', async () => {
+    const { config, provider } = await startCorp();
     const pushed: string[] = [];
     registry.on('token_refreshed', (_profile, result) => pushed.push(result.base_url));
 
@@ -287,16 +293,7 @@ describe('the registry', () => {
   });
 
   it('a scope edit restarts the profile, but a refresh in flight on the same grant finishes and is saved first', async () => {
-    const home = join(root, 'home');
-    await mkdir(home, { mode: 0o700 });
-    const config = resolveConfig({ HOME: home, QWEN_TOKEND_SOCKET: join(root, 's.sock'), QWEN_TOKEND_QWEN_CLI_SYNC: 'off' }, { homedir: home });
-    const provider = rotatingProvider();
-    const first = provider.issue();
-    await mkdir(config.profilesDir, { recursive: true, mode: 0o700 });
-    await writeFile(join(config.profilesDir, 'corp.token.json'), serializeCredentials({ ...first, expiry_date: Date.now() + 3_600_000 }), { mode: 0o600 });
-    await updateConfigFile(config.configPath, () => ({ profiles: { corp: device } }));
-    registry = new ProfileRegistry({ config, logger: silentLogger(), clock: systemClock, createDeviceFlow: () => provider.flow });
-    await registry.start();
+    const { config, provider } = await startCorp();
 
     provider.holdNext();
     const refreshing = registry.resolve('corp').refresh().catch(() => undefined);
