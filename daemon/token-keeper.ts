@@ -227,10 +227,10 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
 
   /**
    * A token to try instead of `rejected`, which an upstream refused: the current one when it
-   * is already another, else a refresh. Null when a refresh ended within the retry interval
-   * (it failed, or it gave the token refused): refreshing again would not help, the refusal
-   * is about something else (a model the account may not use, say), and a refresh per refused
-   * request would rotate the refresh token on every call.
+   * is already another, else a refresh. Null when a refresh ended moments ago
+   * (`refreshedRecently`: one failed, or one gave the token refused): refreshing again would
+   * not help, the refusal is about something else (a model the account may not use, say), and
+   * a refresh per refused request would rotate the refresh token on every call.
    */
   async refreshAfterRejection(rejected: string, minValidityMs = 0): Promise<Credentials | null> {
     while (this.inflight) await this.inflight.finished;
@@ -685,6 +685,7 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
       logger.error({ path: ownFile.path, err: errorText(err) }, 'could not save credentials; keeping them in memory and retrying');
     }
   }
+
   /** Writes the Qwen CLI's file alone; a failure is logged (after the refresh's own lines). */
   private async saveQwenCliOnly(credentials: Credentials): Promise<void> {
     const { cliFile, logger } = this.deps;
