@@ -6,6 +6,7 @@ import { cliCommand } from '../shared/cli-command.js';
 import { describe, expect, it } from 'vitest';
 import { describeExpiry, formatDuration, formatRelative, parseDuration } from '../client/cli/duration.js';
 import { ExitCodes, exitCodeFor, hintFor } from '../client/cli/exit-codes.js';
+import { redactCommandLine } from '../client/cli/program.js';
 import { parseMinValidity } from '../client/cli/token.js';
 import {
   QwenConfigError,
@@ -111,5 +112,32 @@ describe('exit codes', () => {
     expect(hintFor(new QwenTokenNotAvailableError(`not logged in yet: run \`${cliCommand('login')}\``))).toBeUndefined();
     expect(hintFor(new QwenConfigError('x'))).toBeDefined();
     expect(hintFor(new Error('x'))).toBeUndefined();
+  });
+});
+
+describe('usage errors never echo an option value that may be a secret', () => {
+  // A stand-in, not a real secret.
+  const SECRET = 'not-a-real-secret-7f3a';
+
+  it('redacts what follows = in an option token, whatever it holds', () => {
+    for (const token of [`--client-secret=${SECRET}`, `--key=${SECRET}`, `-k=${SECRET}`, `--secret=a ${SECRET}'b`]) {
+      const text = redactCommandLine(`unknown option '${token}'\n`, ['profile', 'add', 'x', token]);
+      expect(text).not.toContain(SECRET);
+      expect(text).toBe(`unknown option '${token.slice(0, token.indexOf('='))}=<redacted>'\n`);
+    }
+    const invalid = redactCommandLine(`option '--port <n>' argument '${SECRET}' is invalid.`, [`--port=${SECRET}`]);
+    expect(invalid).toBe("option '--port <n>' argument '<redacted>' is invalid.");
+  });
+
+  it('redacts the value of an option named for a secret, and leaves other text alone', () => {
+    expect(redactCommandLine(`option '--api-key <k>' argument '${SECRET}' is invalid.`, ['--api-key', SECRET])).not.toContain(SECRET);
+    // Not a secret by name: the value helps the user and stays.
+    expect(redactCommandLine("option '--port <n>' argument 'abc' is invalid.", ['--port', 'abc'])).toContain("'abc'");
+    expect(redactCommandLine("option '--token-lifetime <seconds>' argument 'x' is invalid.", ['--token-lifetime', 'x'])).toContain("'x'");
+    // After `--` there are no options; nothing is taken for one.
+    expect(redactCommandLine("unknown command '--x=1'", ['--', '--x=1'])).toBe("unknown command '--x=1'");
+    expect(redactCommandLine("too many arguments for 'token'. Expected 0 arguments but got 1.", ['token', '--x=1'])).toBe(
+      "too many arguments for 'token'. Expected 0 arguments but got 1.",
+    );
   });
 });

@@ -366,4 +366,22 @@ describe('without a daemon', () => {
     expect(help.code).toBe(0);
     expect(help.stdout).toMatch(/Exit codes:[\s\S]*3\s+needs login[\s\S]*4\s+daemon unreachable/);
   });
+
+  it('a usage error never echoes a value given as --option=value, on the token path or any other', async () => {
+    const SECRET = 'not-a-real-secret-7f3a'; // a stand-in, not a real secret
+    const cases: Array<[string[], string]> = [
+      // `token` lines are looked at by main.ts before the command tree; these are left to it.
+      [['token', `--client-secret=${SECRET}`], "unknown option '--client-secret=<redacted>'"],
+      [['token', `--min-validity=${SECRET}`], "option '--min-validity <duration>' argument '<redacted>' is invalid."],
+      [['profile', 'add', 'work', `--client-secret=${SECRET}`], "unknown option '--client-secret=<redacted>'"],
+      [[`--key=${SECRET}`, 'status'], "unknown option '--key=<redacted>'"],
+      [['status', `--secret=${SECRET}`], "unknown option '--secret=<redacted>'"],
+    ];
+    const results = await Promise.all(cases.map(([args]) => runCli(args)));
+    results.forEach((r, i) => {
+      expect(r.code, cases[i]![0].join(' ')).toBe(ExitCodes.usage);
+      expect(r.stdout + r.stderr).not.toContain(SECRET);
+      expect(r.stderr.split('\n')[0]).toContain(cases[i]![1]);
+    });
+  });
 });

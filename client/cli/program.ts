@@ -35,8 +35,43 @@ export function addSubcommand(parent: Command, cmd: Command): Command {
   return cmd;
 }
 
-/** The root `qwen-token` command with every subcommand. */
-export function createProgram(): Command {
+/** Option names whose value is a secret: their last word says so (`--client-secret`, `--api-key`). */
+const SECRET_OPTION = /^--?(?:[a-z0-9-]*-)?(?:secret|key|apikey|token|password|passwd|passphrase|credentials?)$/i;
+const REDACTED = '<redacted>';
+
+/**
+ * Error text from argument parsing with no value from the command line in it that may be a
+ * secret: the part after `=` of every option token (`--client-secret=…` is an unknown option,
+ * echoed whole), and the value given to an option whose name says it holds a secret.
+ */
+export function redactCommandLine(text: string, argv: readonly string[]): string {
+  const tokens: Array<[string, string]> = [];
+  const values = new Set<string>();
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === '--') break;
+    if (!arg.startsWith('-')) continue;
+    const eq = arg.indexOf('=');
+    if (eq > 0 && eq < arg.length - 1) {
+      tokens.push([arg, `${arg.slice(0, eq)}=${REDACTED}`]);
+      values.add(arg.slice(eq + 1));
+    } else if (eq === -1 && SECRET_OPTION.test(arg) && argv[i + 1] !== undefined) {
+      values.add(argv[i + 1]!);
+    }
+  }
+  let redacted = text;
+  // Whole tokens first (commander echoes an unknown one as is), longest first.
+  for (const [token, shown] of tokens.sort((a, b) => b[0].length - a[0].length)) redacted = redacted.split(token).join(shown);
+  // Commander quotes an option's value in its messages (`argument 'VALUE' is invalid`).
+  for (const value of [...values].sort((a, b) => b.length - a.length)) redacted = redacted.split(`'${value}'`).join(`'${REDACTED}'`);
+  return redacted;
+}
+
+/**
+ * The root `qwen-token` command with every subcommand. `argv`, the command line it will parse,
+ * is what its usage errors must not echo (see `redactCommandLine`).
+ */
+export function createProgram(argv: readonly string[] = []): Command {
   const program = new Command('qwen-token')
     .description(
       'Check and drive qwen-tokend, the one owner of your credentials: Qwen OAuth, API keys and OAuth device-flow tokens, one profile each. Only `qwen-token token` prints a token or key.',
@@ -46,8 +81,8 @@ export function createProgram(): Command {
     .option('--socket <path>', "the daemon's socket (overrides QWEN_TOKEND_SOCKET)")
     .exitOverride()
     .configureOutput({
-      // One line in our own voice: `qwen-token: unknown command 'x'`.
-      outputError: (text, write) => write(`qwen-token: ${text.replace(/^error: /, '')}`),
+      // One line in our own voice: `qwen-token: unknown command 'x'`, never a secret typed as `--opt=value`.
+      outputError: (text, write) => write(`qwen-token: ${redactCommandLine(text.replace(/^error: /, ''), argv)}`),
     })
     .showHelpAfterError('(run `qwen-token --help` for usage)')
     .addHelpText('after', `\n${EXIT_CODES_HELP}\n`);
@@ -58,7 +93,7 @@ export function createProgram(): Command {
 }
 
 /** Parses `argv` (without node and script) and runs the command; resolves with the exit code. */
-export async function run(argv: string[], program: Command = createProgram()): Promise<number> {
+export async function run(argv: string[], program: Command = createProgram(argv)): Promise<number> {
   try {
     await program.parseAsync(argv, { from: 'user' });
     return ExitCodes.ok;

@@ -14,7 +14,7 @@ import { userInfo } from 'node:os';
 import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command, Option } from 'commander';
-import { resolveConfig, type TokendConfig } from '../../shared/config.js';
+import { expandHome, resolveConfig, type TokendConfig } from '../../shared/config.js';
 import { errorText } from '../../shared/diagnostics.js';
 import { packagedDaemonBin, packageRoot } from '../../shared/package.js';
 import { DAEMON_GLIBC_TUNABLES, DAEMON_NODE_FLAGS, SERVICE_LABEL, SYSTEMD_UNIT, serviceFilePath } from '../autostart.js';
@@ -23,7 +23,7 @@ import { CommandExit, ExitCodes } from './exit-codes.js';
 
 export type ServicePlatform = 'linux' | 'darwin';
 
-/** A QWEN_* setting carried into the service, in the order it appears in the file. */
+/** A daemon setting carried into the service, in the order it appears in the file. */
 export type EnvironmentEntry = readonly [name: string, value: string];
 
 export interface SystemdUnitOptions {
@@ -48,25 +48,40 @@ export interface LaunchdPlistOptions {
 }
 
 /**
- * The daemon settings a service carries over from the installing shell. An allow-list, not
- * every QWEN_* variable: other tools keep API keys in QWEN_* variables, and a unit file is
- * world-readable. Left out on purpose: QWEN_TOKEND_AUTOSTART and QWEN_TOKEND_BIN (client
- * settings) and QWEN_TOKEND_LOG_FILE (a service logs to the journal / launchd's files).
+ * The daemon settings a service carries over from the installing shell: every variable the
+ * daemon reads (shared/config.ts, shared/url-trust.ts, daemon/gateway/limits.ts) that holds no
+ * secret. An allow-list, not every QWEN_* variable: other tools keep API keys in QWEN_*
+ * variables, and a unit file is world-readable. Left out on purpose: QWEN_TOKEND_AUTOSTART,
+ * QWEN_TOKEND_BIN and QWEN_TOKEND_PROFILE (client settings the daemon never reads) and
+ * QWEN_TOKEND_LOG_FILE (a service logs to the journal / launchd's files).
  */
 export const CARRIED_SETTINGS = [
   'QWEN_TOKEN_PATH',
   'QWEN_HOME',
   'QWEN_TOKEND_SOCKET',
+  // The config file (profiles, gateway): the daemon must write the one the CLI reads.
+  'QWEN_TOKEND_CONFIG',
+  'XDG_CONFIG_HOME',
   'QWEN_OAUTH_BASE_URL',
   'QWEN_OAUTH_CLIENT_ID',
   'QWEN_OAUTH_SCOPE',
+  'QWEN_TOKEND_CHAT_HOSTS',
   'QWEN_TOKEND_REFRESH_LEAD_MS',
   'QWEN_TOKEND_RETRY_MS',
   'QWEN_TOKEND_REQUEST_RETRY_MS',
   'QWEN_TOKEND_HTTP_TIMEOUT_MS',
   'QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS',
+  'QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS',
   'QWEN_TOKEND_QWEN_CLI_SYNC',
   'QWEN_TOKEND_LOG_LEVEL',
+  'QWEN_TOKEND_GATEWAY_SOCKET',
+  'QWEN_TOKEND_GATEWAY_MAX_HEADER_BYTES',
+  'QWEN_TOKEND_GATEWAY_MAX_BODY_BYTES',
+  'QWEN_TOKEND_GATEWAY_REPLAY_BYTES',
+  'QWEN_TOKEND_GATEWAY_MAX_CONCURRENT',
+  'QWEN_TOKEND_GATEWAY_HEADERS_TIMEOUT_MS',
+  'QWEN_TOKEND_GATEWAY_REQUEST_TIMEOUT_MS',
+  'QWEN_TOKEND_GATEWAY_UPSTREAM_TIMEOUT_MS',
 ] as const;
 
 /** The systemd specifier for the socket directory the unit's RuntimeDirectory= creates. */
@@ -196,10 +211,15 @@ export function planService(env: NodeJS.ProcessEnv, platform: ServicePlatform, n
   const config = resolveConfig(env, { platform });
   const daemonPath = config.daemonBin ? resolve(config.daemonBin) : packagedDaemonBin();
   // Paths are written resolved: the service does not run in the installing shell's directory.
-  const resolved: Record<string, string> = {
+  const gatewaySocketRaw = env.QWEN_TOKEND_GATEWAY_SOCKET?.trim();
+  const gatewaySocket = gatewaySocketRaw ? expandHome(gatewaySocketRaw, config.home) : undefined;
+  const resolved: Record<string, string | undefined> = {
     QWEN_TOKEN_PATH: config.tokenPath,
     QWEN_HOME: config.qwenHome,
     QWEN_TOKEND_SOCKET: config.socketPath,
+    QWEN_TOKEND_CONFIG: config.configPath,
+    XDG_CONFIG_HOME: env.XDG_CONFIG_HOME?.trim() ? expandHome(env.XDG_CONFIG_HOME.trim(), config.home) : undefined,
+    QWEN_TOKEND_GATEWAY_SOCKET: gatewaySocket,
   };
   const environment: EnvironmentEntry[] = [];
   for (const name of CARRIED_SETTINGS) {
@@ -212,6 +232,8 @@ export function planService(env: NodeJS.ProcessEnv, platform: ServicePlatform, n
     // launchd does not promise the agent the shell's per-user TMPDIR, which the default
     // socket path depends on: pin the path the clients of this user look at.
     if (!customSocket) environment.push(['QWEN_TOKEND_SOCKET', config.socketPath]);
+    // No sandbox here (unlike the systemd unit): the daemon creates the config, socket and
+    // Qwen CLI directories itself when it first needs them.
     const logDir = join(config.home, 'Library', 'Logs', 'qwen-tokend');
     createDirs.push(logDir);
     const contents = renderLaunchdPlist({ nodePath, daemonPath, environment, logDir });
@@ -220,16 +242,18 @@ export function planService(env: NodeJS.ProcessEnv, platform: ServicePlatform, n
   // ProtectSystem=strict: only these directories are writable, and the daemon cannot create
   // them itself, so install creates the ones it will need.
   const writablePaths = [config.stateDir];
-  if (config.qwenCliSync) {
-    writablePaths.push(config.qwenHome);
-    createDirs.push(config.qwenHome);
-  }
-  const socketDir = dirname(config.socketPath);
+  const writable = (dir: string): void => {
+    if (writablePaths.some((p) => !p.startsWith('%') && isInside(p, dir))) return;
+    writablePaths.push(dir);
+    createDirs.push(dir);
+  };
+  if (config.qwenCliSync) writable(config.qwenHome);
+  // `profile add/remove/default` and `gateway enable` write the config file (temp file + rename).
+  writable(dirname(config.configPath));
   if (!customSocket) writablePaths.push(RUNTIME_SOCKET_DIR);
-  else if (!isInside(config.stateDir, socketDir)) {
-    writablePaths.push(socketDir);
-    createDirs.push(socketDir);
-  }
+  else writable(dirname(config.socketPath));
+  // The gateway's socket sits beside the token socket unless set apart.
+  if (gatewaySocket) writable(dirname(gatewaySocket));
   const contents = renderSystemdUnit({ nodePath, daemonPath, environment, writablePaths });
   return { platform, config, filePath: serviceFilePath(config.home, 'linux'), nodePath, daemonPath, environment, createDirs, contents };
 }
