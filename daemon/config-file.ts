@@ -89,7 +89,13 @@ export function updateConfigFile<T extends Record<string, unknown>>(path: string
   const previous = queues.get(path) ?? Promise.resolve();
   const run = previous.then(async () => {
     const next = change(await readConfigObject(path));
-    await writeFileAtomic(path, `${JSON.stringify(next, null, 2)}\n`);
+    try {
+      await writeFileAtomic(path, `${JSON.stringify(next, null, 2)}\n`);
+    } catch (err) {
+      // Said as a config problem, naming the file, not an internal error: a read-only home or
+      // a sandbox that does not let the daemon write there is for a person to fix.
+      throw new QwenConfigError(`cannot write the config file ${path}: ${errorText(err)}`);
+    }
     return next;
   });
   const tail = run.catch(() => undefined);

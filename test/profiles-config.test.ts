@@ -170,6 +170,18 @@ describe('config and secret files', () => {
     expect(await readConfigText(path)).toBe('{}');
   });
 
+  it('a config file that cannot be written is a config error naming it, not an internal error', async () => {
+    // A name the file may have but its temporary sibling, longer, may not: reading finds no
+    // file, writing fails (as on a read-only home or in a sandbox, which root in CI ignores).
+    const dir = join(root, 'long');
+    await mkdir(dir, { mode: 0o700 });
+    const path = join(dir, `${'c'.repeat(240)}.json`);
+    const err = await updateConfigFile(path, (w) => ({ ...w, x: 1 })).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(QwenConfigError);
+    expect((err as Error).message).toContain(`cannot write the config file ${path}`);
+    expect((err as Error).message).toMatch(/ENAMETOOLONG|name too long/);
+  });
+
   it('a secret file is 0600 in a 0700 directory; a looser file is tightened, a bad one refused without its content', async () => {
     const dir = join(root, 'profiles');
     const path = join(dir, 'plan.secret.json');
