@@ -9,7 +9,7 @@ import type { Credentials } from '../shared/credentials.js';
 import { QwenError, QwenOAuthError } from '../shared/errors.js';
 import type { LoginStartResult } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
-import { credentialsFromGrant, NETWORK_ADVICE, type QwenOAuthClient } from './oauth.js';
+import { cancelled, credentialsFromGrant, NETWORK_ADVICE, type QwenOAuthClient } from './oauth.js';
 import { errorText } from '../shared/diagnostics.js';
 
 export interface DeviceLoginEvents {
@@ -53,9 +53,16 @@ interface Running {
   done: Promise<void>;
 }
 
+/** The error a flow ends with once `signal` aborted: the reason `stop` gave, else `error` (a cancellation). */
+function endedBy(signal: AbortSignal, error: QwenError): QwenError {
+  return signal.aborted && signal.reason instanceof QwenError ? signal.reason : error;
+}
+
 export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
   private running: Running | null = null;
   private failure: LoginFailure | null = null;
+  /** Set by `stop`: why this login will not run again. */
+  private stopReason: QwenError | null = null;
 
   constructor(
     private readonly oauth: Pick<QwenOAuthClient, 'deviceAuthorizationRequest' | 'waitForDeviceToken'>,
@@ -114,6 +121,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
    */
   async start(): Promise<LoginStartResult> {
     if (this.running) return this.running.started;
+    if (this.stopReason) throw this.stopReason;
     const abort = new AbortController();
     let auth: Awaited<ReturnType<QwenOAuthClient['deviceAuthorizationRequest']>>;
     try {
@@ -145,8 +153,9 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
         }
         this.emit('completed', credentials);
       } catch (err) {
-        const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${errorText(err)}`);
-        this.recordFailure(error, error.message.startsWith('login failed') ? error.message : `login failed: ${error.message}`);
+        const caught = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${errorText(err)}`);
+        const error = endedBy(abort.signal, caught);
+        this.recordFailure(error, error.message.startsWith('login failed') || error === abort.signal.reason ? error.message : `login failed: ${error.message}`);
         this.emit('failed', error);
       } finally {
         this.running = null;
@@ -163,10 +172,15 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
     return true;
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Ends the flow for good (its profile is stopped): a running flow ends with `reason` (`failed`
+   * carries it), and no later `start` begins another.
+   */
+  async stop(reason: QwenError = cancelled('the login was cancelled')): Promise<void> {
+    this.stopReason ??= reason;
     const running = this.running;
     if (!running) return;
-    running.abort.abort();
+    running.abort.abort(this.stopReason);
     await running.done;
   }
 }
