@@ -9,7 +9,7 @@ import type { Credentials } from '../shared/credentials.js';
 import { QwenError, QwenOAuthError } from '../shared/errors.js';
 import type { LoginStartResult } from '../shared/protocol.js';
 import type { Logger } from './logger.js';
-import { credentialsFromGrant, NETWORK_ADVICE, type QwenOAuthClient } from './oauth.js';
+import { cancelled, credentialsFromGrant, NETWORK_ADVICE, type DeviceAuthorization, type QwenOAuthClient } from './oauth.js';
 import { errorText } from '../shared/diagnostics.js';
 
 export interface DeviceLoginEvents {
@@ -49,13 +49,22 @@ function isCancellation(error: QwenError): boolean {
 
 interface Running {
   abort: AbortController;
-  started: LoginStartResult;
+  /** The code to show; settles when the device authorization request does. */
+  started: Promise<LoginStartResult>;
+  /** Settles when the flow is over (its outcome emitted, or its start failed). */
   done: Promise<void>;
+}
+
+/** The error a flow ends with once `signal` aborted: the reason `stop` gave, else `error` (a cancellation). */
+function endedBy(signal: AbortSignal, error: QwenError): QwenError {
+  return signal.aborted && signal.reason instanceof QwenError ? signal.reason : error;
 }
 
 export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
   private running: Running | null = null;
   private failure: LoginFailure | null = null;
+  /** Set by `stop`: why this login will not run again. */
+  private stopReason: QwenError | null = null;
 
   constructor(
     private readonly oauth: Pick<QwenOAuthClient, 'deviceAuthorizationRequest' | 'waitForDeviceToken'>,
@@ -110,50 +119,75 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
 
   /**
    * Starts a device flow, or returns the one already running so two terminals show the same
-   * code instead of racing each other.
+   * code instead of racing each other. The flow is running from the moment the device
+   * authorization request is sent, so `cancel` and `stop` reach that request too: a flow that
+   * outlived its profile would go on to log in a profile that is gone.
    */
-  async start(): Promise<LoginStartResult> {
+  start(): Promise<LoginStartResult> {
     if (this.running) return this.running.started;
+    if (this.stopReason) return Promise.reject(this.stopReason);
     const abort = new AbortController();
-    let auth: Awaited<ReturnType<QwenOAuthClient['deviceAuthorizationRequest']>>;
-    try {
-      auth = await this.oauth.deviceAuthorizationRequest(abort.signal);
-    } catch (err) {
-      const error = this.startFailure(err);
-      this.recordFailure(error);
-      throw error;
-    }
-    if (this.running) return (this.running as Running).started;
-    const started: LoginStartResult = {
-      user_code: auth.user_code,
-      verification_uri: auth.verification_uri,
-      verification_uri_complete: auth.verification_uri_complete,
-      expires_in: auth.expires_in,
-      interval: auth.interval,
-    };
-    this.logger.info({ verification_uri: auth.verification_uri, expires_in: auth.expires_in }, 'login started; waiting for the user to approve');
-    const done = (async () => {
+    let authorized!: (auth: DeviceAuthorization) => void;
+    let refused!: (error: QwenError) => void;
+    const started = new Promise<LoginStartResult>((resolve, reject) => {
+      authorized = (auth) =>
+        resolve({
+          user_code: auth.user_code,
+          verification_uri: auth.verification_uri,
+          verification_uri_complete: auth.verification_uri_complete,
+          expires_in: auth.expires_in,
+          interval: auth.interval,
+        });
+      refused = reject;
+    });
+    const running: Running = { abort, started, done: Promise.resolve() };
+    this.running = running;
+    running.done = (async () => {
       try {
-        const grant = await this.oauth.waitForDeviceToken(auth, { clock: this.clock, signal: abort.signal });
-        const credentials = credentialsFromGrant(grant, null, this.clock.now(), { allowNoRefreshToken: this.options.allowNoRefreshToken === true });
-        await this.install(credentials);
-        this.failure = null;
-        this.logger.info({ expiry_date: credentials.expiry_date }, 'login completed');
-        // Reported after the save, like every line that follows a token response.
-        if (grant.rejected_resource_url) {
-          this.logger.warn({ reason: grant.rejected_resource_url }, `ignoring the resource_url of the token response (${grant.rejected_resource_url}); clients use the default chat base URL`);
+        let auth: DeviceAuthorization;
+        try {
+          auth = await this.oauth.deviceAuthorizationRequest(abort.signal);
+        } catch (err) {
+          const error = endedBy(abort.signal, this.startFailure(err));
+          this.recordFailure(error);
+          refused(error);
+          return;
         }
-        this.emit('completed', credentials);
-      } catch (err) {
-        const error = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${errorText(err)}`);
-        this.recordFailure(error, error.message.startsWith('login failed') ? error.message : `login failed: ${error.message}`);
-        this.emit('failed', error);
+        if (abort.signal.aborted) {
+          refused(endedBy(abort.signal, cancelled('the login was cancelled')));
+          return;
+        }
+        authorized(auth);
+        this.logger.info({ verification_uri: auth.verification_uri, expires_in: auth.expires_in }, 'login started; waiting for the user to approve');
+        await this.finish(auth, abort.signal);
       } finally {
-        this.running = null;
+        if (this.running === running) this.running = null;
       }
     })();
-    this.running = { abort, started, done };
     return started;
+  }
+
+  /** Polls until the user approves, installs the credentials, and emits the outcome. */
+  private async finish(auth: DeviceAuthorization, signal: AbortSignal): Promise<void> {
+    try {
+      const grant = await this.oauth.waitForDeviceToken(auth, { clock: this.clock, signal });
+      const credentials = credentialsFromGrant(grant, null, this.clock.now(), { allowNoRefreshToken: this.options.allowNoRefreshToken === true });
+      // Stopped while the approval was on its way: the credentials belong to no one now.
+      if (signal.aborted) throw cancelled('the login was cancelled');
+      await this.install(credentials);
+      this.failure = null;
+      this.logger.info({ expiry_date: credentials.expiry_date }, 'login completed');
+      // Reported after the save, like every line that follows a token response.
+      if (grant.rejected_resource_url) {
+        this.logger.warn({ reason: grant.rejected_resource_url }, `ignoring the resource_url of the token response (${grant.rejected_resource_url}); clients use the default chat base URL`);
+      }
+      this.emit('completed', credentials);
+    } catch (err) {
+      const caught = err instanceof QwenError ? err : new QwenOAuthError(`login failed: ${errorText(err)}`);
+      const error = endedBy(signal, caught);
+      this.recordFailure(error, error.message.startsWith('login failed') || error === signal.reason ? error.message : `login failed: ${error.message}`);
+      this.emit('failed', error);
+    }
   }
 
   /** Cancels the running flow; false when none was running. */
@@ -163,10 +197,16 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
     return true;
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Ends the flow for good (its profile is stopped): a running flow, or one still asking for its
+   * code, ends with `reason` (`login.start` rejects with it, or `failed` carries it), and no
+   * later `start` begins another.
+   */
+  async stop(reason: QwenError = cancelled('the login was cancelled')): Promise<void> {
+    this.stopReason ??= reason;
     const running = this.running;
     if (!running) return;
-    running.abort.abort();
+    running.abort.abort(this.stopReason);
     await running.done;
   }
 }

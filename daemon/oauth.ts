@@ -16,6 +16,7 @@ import {
   QwenError,
   QwenOAuthError,
   QwenRefreshTokenInvalidError,
+  type QwenOAuthErrorOptions,
 } from '../shared/errors.js';
 import { checkChatBaseUrl, isLoopbackHost, type ChatUrlPolicy } from '../shared/url-trust.js';
 import { chatBaseUrl } from '../shared/credentials.js';
@@ -27,6 +28,11 @@ export const DEFAULT_POLL_INTERVAL_S = 2;
 /** `slow_down` multiplies the interval by this, up to `MAX_POLL_INTERVAL_S` (the Qwen CLI's rule). */
 export const SLOW_DOWN_FACTOR = 1.5;
 export const MAX_POLL_INTERVAL_S = 10;
+/**
+ * Longest wait between polls that backing off after failed polls (or a server's Retry-After)
+ * reaches: the user who approved is waiting for the next poll to notice.
+ */
+export const MAX_POLL_BACKOFF_S = 60;
 /**
  * Largest OAuth answer read. Real ones are well under 4 KiB; a server sending more is broken or
  * hostile, and reading without a bound would let it fill the daemon's memory.
@@ -109,6 +115,8 @@ export interface ErrorAnswer {
   error?: string | undefined;
   description?: string | undefined;
   html: boolean;
+  /** The answer's `Retry-After` header, as sent (see `retryAfterMs`). */
+  retryAfter?: string | undefined;
 }
 
 export type Exchange<T> = { ok: true; value: T } | { ok: false; answer: ErrorAnswer };
@@ -191,12 +199,35 @@ function networkErrorMessage(endpoint: string, e: unknown, advice: string): stri
   return what.startsWith('could not reach') ? `${what}; ${advice}` : what;
 }
 
+/** A retryable failure whose answer said when to ask again: its `Retry-After` (RFC 9110 §10.2.3). */
+export class QwenOAuthRetryLaterError extends QwenOAuthError {
+  /** The header as sent; read it with `retryAfterMs`. */
+  readonly retryAfter: string;
+  constructor(message: string, options: QwenOAuthErrorOptions & { retryAfter: string }) {
+    super(message, options);
+    this.retryAfter = options.retryAfter;
+  }
+}
+
+/**
+ * How long a `Retry-After` value asks to wait, in ms (RFC 9110 §10.2.3: delay-seconds or an
+ * HTTP-date, compared with `now`); undefined when it is neither.
+ */
+export function retryAfterMs(value: string, now: number): number | undefined {
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text) * 1000;
+  const date = Date.parse(text);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+}
+
 /** A retryable error for an HTTP answer that carries no usable OAuth verdict. */
 export function httpFailure(endpoint: string, answer: ErrorAnswer): QwenOAuthError {
   let message = `${endpoint} answered HTTP ${answer.status}`;
   if (answer.html) message += ' with an HTML page';
   else if (answer.error) message += ` (${describeOAuthError(answer)})`;
-  return new QwenOAuthError(message, { status: answer.status, oauthError: clip(answer.error), retryable: true });
+  const options: QwenOAuthErrorOptions = { status: answer.status, oauthError: clip(answer.error), retryable: true };
+  if (answer.retryAfter !== undefined) return new QwenOAuthRetryLaterError(message, { ...options, retryAfter: answer.retryAfter });
+  return new QwenOAuthError(message, options);
 }
 
 export function malformed(endpoint: string, what: string): QwenOAuthError {
@@ -492,7 +523,7 @@ export class OAuthTransport {
   private async interpret(endpoint: string, e: unknown): Promise<ErrorAnswer> {
     if (e instanceof oauth.ResponseBodyError) {
       // 4xx with a JSON body whose `error` is a string (RFC 6749 §5.2).
-      return { status: e.status, error: e.error, description: e.error_description, html: false };
+      return { status: e.status, error: e.error, description: e.error_description, html: false, retryAfter: retryAfterOf(e.response) };
     }
     if (e instanceof oauth.WWWAuthenticateChallengeError) {
       // oauth4webapi stops at the challenge header without reading the body; the body's
@@ -515,7 +546,7 @@ export class OAuthTransport {
         if (!response.bodyUsed) await response.body?.cancel().catch(() => undefined);
       }
       error ??= e.cause.map((c) => c.parameters.error).find((v): v is string => typeof v === 'string' && v !== '');
-      return { status: e.status, error, description, html: false };
+      return { status: e.status, error, description, html: false, retryAfter: retryAfterOf(response) };
     }
     if (e instanceof oauth.OperationProcessingError) {
       const cause: unknown = e.cause;
@@ -525,7 +556,7 @@ export class OAuthTransport {
         if (cause.status === 200) {
           throw malformed(endpoint, html ? 'an HTML page instead of JSON' : 'a body that is not JSON');
         }
-        return { status: cause.status, html };
+        return { status: cause.status, html, retryAfter: retryAfterOf(cause) };
       }
       switch (e.code) {
         case oauth.PARSE_ERROR:
@@ -548,6 +579,11 @@ export class OAuthTransport {
     }
     throw new QwenOAuthError(networkErrorMessage(endpoint, e, this.networkAdvice), { retryable: true, cause: e });
   }
+}
+
+/** A response's `Retry-After` header, when it has one. */
+function retryAfterOf(response: Response): string | undefined {
+  return response.headers.get('retry-after') ?? undefined;
 }
 
 /** The error for a device authorization request (RFC 8628 §3.2) the server did not grant. */
@@ -599,8 +635,14 @@ export interface PollingRules {
 
 /**
  * Polls (RFC 8628 §3.4–3.5) until the user approves: waits the interval on the injected clock
- * before each poll, lets `rules` grow it on `slow_down` (never shrinking), retries transient
- * failures at the interval, and gives up at the `expires_in` deadline.
+ * before each poll, lets `rules` grow it on `slow_down` (never shrinking), backs off on
+ * transient failures, and gives up at the `expires_in` deadline.
+ *
+ * Backing off: §3.5 asks a client that meets a timeout to poll less often. Each failure worth
+ * retrying (timeout, network error, 5xx, 429 ...) doubles the wait before the next poll, waits
+ * at least what a `Retry-After` asks, and stops growing at `MAX_POLL_BACKOFF_S` (no wait goes
+ * past the deadline). The next OAuth answer ends the backoff: the server is answering again.
+ * Only `slow_down`, the server's own request, slows polling for the rest of the login (§3.5).
  */
 export async function pollForDeviceToken(
   auth: DeviceAuthorization,
@@ -610,12 +652,15 @@ export async function pollForDeviceToken(
 ): Promise<TokenGrant> {
   const { clock, signal, onPoll, onTransientError } = opts;
   let interval = auth.interval > 0 ? auth.interval : rules.defaultIntervalS;
+  /** Seconds to wait while polls keep failing (0: not backing off). */
+  let backoff = 0;
   // Measured from when waiting starts: the caller calls this right after the authorization.
   const deadline = clock.now() + auth.expires_in * 1000;
   for (;;) {
     const remaining = deadline - clock.now();
     if (remaining <= 0) throw rules.expired();
-    await sleep(clock, Math.min(interval * 1000, remaining), signal);
+    const wait = Math.max(interval, backoff);
+    await sleep(clock, Math.min(wait * 1000, remaining), signal);
     if (clock.now() >= deadline) throw rules.expired();
     let result: DevicePollResult;
     try {
@@ -624,10 +669,13 @@ export async function pollForDeviceToken(
       if (e instanceof QwenOAuthError && e.oauthError === 'cancelled') throw cancelled('the login was cancelled');
       if (e instanceof QwenOAuthError && e.retryable) {
         onTransientError?.(e);
+        const askedMs = e instanceof QwenOAuthRetryLaterError ? (retryAfterMs(e.retryAfter, clock.now()) ?? 0) : 0;
+        backoff = Math.min(MAX_POLL_BACKOFF_S, Math.max(wait * 2, askedMs / 1000));
         continue;
       }
       throw e;
     }
+    backoff = 0;
     onPoll?.(result);
     if (result.status === 'success') return result.grant;
     if (result.status === 'slow_down') interval = Math.max(interval, rules.slowedDown(interval));

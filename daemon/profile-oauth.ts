@@ -11,7 +11,7 @@ import type { Clock } from '../shared/clock.js';
 import type { TokendConfig } from '../shared/config.js';
 import { chatBaseUrl, parseCredentials, type Credentials } from '../shared/credentials.js';
 import { errorText } from '../shared/diagnostics.js';
-import { QwenCredentialsFileError } from '../shared/errors.js';
+import { QwenCredentialsFileError, QwenOAuthError } from '../shared/errors.js';
 import { fingerprint } from '../shared/fingerprint.js';
 import type { OAuthDeviceSettings, ProfileInfo, ProfileKind, ProfileSettings } from '../shared/profiles.js';
 import type { LoginStartResult, TokenResult } from '../shared/protocol.js';
@@ -153,8 +153,19 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   }
 
   async stop(options?: { letRefreshFinish?: boolean }): Promise<void> {
+    // The login first: it ends saying why, and has no credentials left to hand the keeper.
+    await this.login.stop(this.loginStopped());
     await this.keeper.stop(options);
-    await this.login.stop();
+  }
+
+  /** How a login that was waiting ends when its profile stops (a client's `login` shows this). */
+  private loginStopped(): QwenOAuthError {
+    const again = `run \`${this.parts.wording.loginCommand()}\` again`;
+    const why = this.builtin
+      ? `the login ended because the daemon is stopping; ${again}`
+      : `the login of profile "${this.name}" ended because the profile was removed, replaced or changed (or the daemon is stopping); ${again}`;
+    // A cancellation: the user did nothing wrong, so it is not kept as the profile's last error.
+    return new QwenOAuthError(why, { oauthError: 'cancelled' });
   }
 
   servableNow(minValidityMs: number): TokenResult | null {

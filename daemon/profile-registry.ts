@@ -62,7 +62,10 @@ interface Entry {
   key: string | null;
   announced: ProfileState;
   settleTimer: NodeJS.Timeout | null;
+  /** Stops listening to the runtime, except for the end of a login (see `detachAndStop`). */
   detach: () => void;
+  /** Stops listening for the end of a login. */
+  detachLogin: () => void;
 }
 
 /** Every profile this daemon serves. */
@@ -385,7 +388,7 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
   }
 
   private attach(name: string, runtime: ProfileRuntime, key: string | null): void {
-    const entry: Entry = { runtime, key, announced: runtime.status().state, settleTimer: null, detach: () => undefined };
+    const entry: Entry = { runtime, key, announced: runtime.status().state, settleTimer: null, detach: () => undefined, detachLogin: () => undefined };
     const onToken = (result: TokenResult) => this.emit('token_refreshed', name, result);
     const onFailed = (failure: RuntimeRefreshFailure) => this.emit('refresh_failed', name, failure);
     const onState = () => this.settle(name, entry);
@@ -402,10 +405,12 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       runtime.off('token_refreshed', onToken);
       runtime.off('refresh_failed', onFailed);
       runtime.off('state_changed', onState);
-      runtime.off('login_completed', onLogin);
-      runtime.off('login_failed', onLoginFailed);
       for (const file of files) this.watcher.remove(file.path);
       if (entry.settleTimer) clearTimeout(entry.settleTimer);
+    };
+    entry.detachLogin = () => {
+      runtime.off('login_completed', onLogin);
+      runtime.off('login_failed', onLoginFailed);
     };
     this.entries.set(name, entry);
   }
@@ -416,7 +421,13 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
     this.entries.delete(name);
     this.order = this.order.filter((n) => n !== name);
     entry.detach();
-    await entry.runtime.stop(options);
+    // A login waiting on this profile ends as it stops: its clients must hear that end
+    // (`login.failed`, saying why), or `qwen-token login` would wait forever.
+    try {
+      await entry.runtime.stop(options);
+    } finally {
+      entry.detachLogin();
+    }
   }
 
   /**

@@ -242,8 +242,15 @@ export class TokenKeeper extends EventEmitter<TokenKeeperEvents> {
     return this.refresh();
   }
 
-  /** Makes freshly logged-in credentials current and persists them. */
+  /**
+   * Makes freshly logged-in credentials current and persists them. Refused once the keeper is
+   * stopped: its profile may be gone (removed, its files deleted), and tokens written now would
+   * come back to life in a later profile of the same name.
+   */
   async installCredentials(credentials: Credentials): Promise<void> {
+    if (this.stopped) {
+      throw new QwenOAuthError(`the login's credentials were not saved: the profile stopped before they arrived; run \`${this.wording.loginCommand()}\` again`);
+    }
     this.sourceFile = this.deps.ownFile.path;
     this.dispatch({ type: 'credentials_loaded', credentials });
     await this.save(credentials, false);

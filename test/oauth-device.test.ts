@@ -179,6 +179,33 @@ describe('login through the provider pages', () => {
     ]);
   });
 
+  it('backs off on a busy token endpoint (503, then 429 with Retry-After) and returns to 5 s once it answers (RFC 8628 §3.5)', async () => {
+    let polls = 0;
+    const { base } = await fakeServer((req, res) => {
+      if (req.url === '/device') {
+        sendJson(res, 200, { device_code: 'dc', user_code: 'UC', verification_uri: 'http://127.0.0.1/verify', expires_in: 600 });
+        return;
+      }
+      polls += 1;
+      if (polls === 1) res.writeHead(503, { 'content-type': 'text/plain' }).end('busy');
+      else if (polls === 2) res.writeHead(429, { 'content-type': 'application/json', 'retry-after': '30' }).end('{"error":"rate_limited"}');
+      else if (polls === 3) sendJson(res, 400, { error: 'authorization_pending' });
+      else sendJson(res, 200, { access_token: 'at', token_type: 'Bearer', expires_in: 60, refresh_token: 'rt' });
+    });
+    const client = deviceClient({ kind: 'oauth-device', device_authorization_endpoint: `${base}/device`, token_endpoint: `${base}/token`, client_id: 'c', base_url: 'http://127.0.0.1:9/v1' });
+    const auth = await client.deviceAuthorizationRequest();
+    const clock = new FakeClock(Date.now());
+    const waiting = client.waitForDeviceToken(auth, { clock });
+    await nextPoll(clock, 5_000);
+    await until(() => polls === 1, 'poll 1');
+    await nextPoll(clock, 10_000);
+    await until(() => polls === 2, 'poll 2');
+    await nextPoll(clock, 30_000);
+    await until(() => polls === 3, 'poll 3');
+    await nextPoll(clock, 5_000);
+    expect((await waiting).access_token).toBe('at');
+  });
+
   it('a denied sign-in ends the wait with access_denied naming the profile', async () => {
     const p = await provider();
     const client = deviceClient(settingsFor(p));

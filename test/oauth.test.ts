@@ -182,7 +182,7 @@ describe('device authorization (RFC 8628 + PKCE)', () => {
     expectNoSecrets(denied, server);
   });
 
-  it('retries network errors, timeouts and 5xx while polling, at the interval', async () => {
+  it('retries network errors, timeouts and 5xx while polling, backing off until the server answers again', async () => {
     const { server, client } = await setup({ deviceInterval: 1, approveAfterPolls: 1 }, { timeoutMs: 150 });
     const auth = await client.deviceAuthorizationRequest();
     server.injectFault({ kind: '5xx', times: 1 });
@@ -208,7 +208,42 @@ describe('device authorization (RFC 8628 + PKCE)', () => {
       'token endpoint timed out after 150 ms',
     ]);
     expect(polls).toEqual(['pending', 'success']);
-    expect(clock.delays).toEqual([1000, 1000, 1000, 1000, 1000]);
+    // 5xx: doubled; the pending answer: back to the interval; reset, then timeout: doubled twice.
+    expect(clock.delays).toEqual([1000, 2000, 1000, 2000, 4000]);
+  });
+
+  it('backs off exponentially on timeouts (RFC 8628 §3.5), up to 60 s and never past the code expiry', async () => {
+    const { server, client } = await setup({ deviceInterval: 1, deviceExpiresIn: 120 }, { timeoutMs: 50 });
+    const auth = await client.deviceAuthorizationRequest();
+    server.injectFault({ kind: 'delay', delayMs: 60_000, times: 8 });
+    const transient: string[] = [];
+    const error = await caught(client.waitForDeviceToken(auth, { clock, onTransientError: (e) => transient.push(e.message) }));
+    expect(error).toMatchObject({ oauthError: 'expired_token' });
+    // 1+2+4+8+16+32 s, then 60 s (capped) cut to the 57 s left before the code expires.
+    expect(transient).toEqual(Array(6).fill('token endpoint timed out after 50 ms'));
+    expect(clock.delays).toEqual([1000, 2000, 4000, 8000, 16000, 32000, 57000]);
+  });
+
+  it('waits at least what a Retry-After asks after a 429 or a 503 (seconds or a date), bounded at 60 s', async () => {
+    const { server, client } = await setup({ deviceInterval: 1, approveAfterPolls: 1 });
+    const auth = await client.deviceAuthorizationRequest();
+    const at = (ms: number) => new Date(clock.now() + ms).toUTCString();
+    server.injectFault({ kind: '429', times: 1 }); // Retry-After: 1, under the doubled wait
+    server.injectFault({ kind: 'respond', status: 503, headers: { 'retry-after': '7', 'content-type': 'text/plain' }, body: 'busy', times: 1 });
+    const polls: string[] = [];
+    await client.waitForDeviceToken(auth, {
+      clock,
+      onPoll: (r) => polls.push(r.status),
+      onTransientError: () => {
+        if (clock.delays.length === 2) {
+          // A date 30 s after the 7 s wait that comes first.
+          server.injectFault({ kind: 'respond', status: 503, headers: { 'retry-after': at(37_000) }, body: '', times: 1 });
+          server.injectFault({ kind: 'respond', status: 429, headers: { 'retry-after': '3600' }, body: '', times: 1 });
+        }
+      },
+    });
+    expect(polls).toEqual(['pending', 'success']);
+    expect(clock.delays).toEqual([1000, 2000, 7000, 30000, 60000, 1000]);
   });
 
   it('stops with "cancelled" when the signal aborts, during a wait or a request', async () => {
