@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants as fsConstants, fchmodSync, fstatSync, openSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { closeSync, constants as fsConstants, fchmodSync, fstatSync, openSync, readSync, statSync, type Stats } from 'node:fs';
 import { chmod, link, lstat, mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -126,6 +126,34 @@ export async function readSmallFile(path: string): Promise<string> {
     return await fh.readFile({ encoding: 'utf8' });
   } finally {
     await fh.close().catch(() => undefined);
+  }
+}
+
+/**
+ * A credential file holds a few hundred bytes. One larger than this is not a credential file and
+ * is refused unread: reading it whole would hold the event loop and the daemon's memory hostage
+ * to whatever was put at the path.
+ */
+const CREDENTIAL_FILE_LIMIT = 64 * 1024;
+
+/**
+ * Reads the file behind `fd` as UTF-8, at most `limit` bytes; null when it holds more (it grew
+ * after `size` was taken from fstat).
+ */
+function readAtMost(fd: number, size: number, limit: number): string | null {
+  // One byte more than expected, to see the end of the file (or that it goes on).
+  let buffer = Buffer.allocUnsafeSlow(Math.min(size, limit) + 1);
+  let length = 0;
+  for (;;) {
+    if (length === buffer.length) {
+      if (length > limit) return null;
+      const larger = Buffer.allocUnsafeSlow(limit + 1);
+      buffer.copy(larger, 0, 0, length);
+      buffer = larger;
+    }
+    const n = readSync(fd, buffer, length, buffer.length - length, length);
+    if (n === 0) return buffer.toString('utf8', 0, length);
+    length += n;
   }
 }
 
@@ -282,9 +310,9 @@ export class CredentialFile {
    * that does not rename into place; a corrupt result is then reported quietly and left alone.
    */
   async read(options: { settling?: boolean } = {}): Promise<FileRead> {
-    // Synchronous I/O, on purpose. The file is a few hundred bytes on a local disk, read at
-    // start-up, after a change event and right before each refresh, where every caller waiting
-    // for a token waits on it too. Done asynchronously, open, stat, read and close are four
+    // Synchronous I/O, on purpose. The file is a few hundred bytes on a local disk (a larger
+    // one is refused unread), read at start-up, after a change event and right before each
+    // refresh, where every caller waiting for a token waits on it too. Done asynchronously, open, stat, read and close are four
     // thread-pool round trips, each waiting for a turn of the event loop, far slower than the
     // read itself when many requests are queued (see bench/README.md#b4).
     let fd: number;
@@ -297,7 +325,7 @@ export class CredentialFile {
       throw this.fileError('cannot read', err);
     }
     let info: Stats;
-    let text: string;
+    let text: string | null;
     try {
       // stat before reading: if the file changes in between, the mtime we report is older
       // than the text, so the caller sees one more change rather than missing one.
@@ -310,7 +338,7 @@ export class CredentialFile {
       }
       this.refuseForeign(info);
       if ((info.mode & 0o077) !== 0) this.restrictMode(fd, info.mode);
-      text = readFileSync(fd, 'utf8');
+      text = info.size > CREDENTIAL_FILE_LIMIT ? null : readAtMost(fd, info.size, CREDENTIAL_FILE_LIMIT);
     } catch (err) {
       if (err instanceof QwenCredentialsFileError) throw err;
       throw this.fileError('cannot read', err);
@@ -325,6 +353,13 @@ export class CredentialFile {
 
     let credentials: Credentials;
     try {
+      if (text === null) {
+        // Judged like any other file that is not a credential record, from its size alone.
+        const size = info.size > CREDENTIAL_FILE_LIMIT ? `${info.size} bytes` : `over ${CREDENTIAL_FILE_LIMIT} bytes`;
+        throw new QwenCredentialsFileError(
+          `${this.path} is ${size}, more than a credential file can be (${CREDENTIAL_FILE_LIMIT / 1024} KiB); not read`,
+        );
+      }
       if (text.trim() === '') throw new QwenCredentialsFileError(`${this.path} is empty`);
       credentials = this.parse(text, this.path);
     } catch (err) {

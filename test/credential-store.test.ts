@@ -11,6 +11,7 @@ import {
   readFileSync,
   rmSync,
   statSync,
+  truncateSync,
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -414,6 +415,45 @@ describe('CredentialFile.read', () => {
     const warnings = log.warnings();
     expect(warnings).toHaveLength(1);
     expect(warnings[0]?.msg).toContain(path);
+  });
+
+  it('refuses a credential file over 64 KiB without reading it: own file moved aside, Qwen CLI file left', async () => {
+    // Valid credentials padded with whitespace: only the size can make them unusable.
+    const padded = serializeCredentials({ ...creds(1), access_token: 'padded-access-secret', refresh_token: 'padded-refresh-secret' }) + ' '.repeat(70_000);
+    const size = Buffer.byteLength(padded);
+    const own = join(dir, 'own.json');
+    writeFileSync(own, padded, { mode: 0o600 });
+    const r1 = await ownFile(own).read();
+    if (r1.status !== 'corrupt') throw new Error(`expected corrupt, got ${r1.status}`);
+    expect(r1.error.message).toContain(`${size} bytes`);
+    expect(existsSync(own)).toBe(false);
+    expect(readFileSync(r1.movedTo!, 'utf8')).toBe(padded);
+
+    const cli = join(dir, 'oauth_creds.json');
+    writeFileSync(cli, padded, { mode: 0o600 });
+    const r2 = await cliFile(cli).read();
+    expect(r2).toMatchObject({ status: 'corrupt', movedTo: undefined });
+    expect(readFileSync(cli, 'utf8')).toBe(padded);
+
+    const warnings = log.warnings();
+    expect(warnings).toHaveLength(2);
+    expect(warnings[0]?.msg).toContain(own);
+    expect(warnings[1]?.msg).toContain(cli);
+    for (const w of warnings) expect(w.msg).toContain(`is ${size} bytes, more than a credential file can be`);
+    expect(JSON.stringify(log.lines)).not.toMatch(/padded-(access|refresh)-secret/);
+  });
+
+  it('judges a huge (sparse) file from its size alone, so reading it costs nothing', async () => {
+    // 1.5 GB that takes no disk: read whole, it would not even fit in a JavaScript string.
+    const path = join(dir, 'oauth_creds.json');
+    writeFileSync(path, serializeCredentials(creds(1)), { mode: 0o600 });
+    truncateSync(path, 1.5 * 1024 ** 3);
+    const read = await cliFile(path).read();
+    expect(read).toMatchObject({ status: 'corrupt', movedTo: undefined });
+    expect(statSync(path).size).toBe(1.5 * 1024 ** 3);
+    const warnings = log.warnings();
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]?.msg).toContain(`${path} is ${1.5 * 1024 ** 3} bytes`);
   });
 
   it('throws a clear error when the path is a directory', async () => {
