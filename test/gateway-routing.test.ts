@@ -4,7 +4,11 @@
  */
 import { describe, expect, it } from 'vitest';
 import { clientResponseFields, looksLikeExpiredToken, upstreamRequestFields } from '../daemon/gateway/forward.js';
-import { keyMatches, newGatewayKey } from '../daemon/gateway/key.js';
+import { execFileSync } from 'node:child_process';
+import { chmod, mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { keyMatches, loadOrCreateGatewayKey, newGatewayKey, readGatewayKey } from '../daemon/gateway/key.js';
 import { GATEWAY_DEFAULTS, resolveGatewayEnv } from '../daemon/gateway/limits.js';
 import { configFilePath } from '../shared/config.js';
 import { profileFromModel, routeRequest, upstreamUrl } from '../daemon/gateway/routing.js';
@@ -142,6 +146,29 @@ describe('gateway key', () => {
     expect(keyMatches(b, a)).toBe(false);
     expect(keyMatches(a.slice(0, -1), a)).toBe(false);
     expect(keyMatches('', a)).toBe(false);
+  });
+
+  it('a key file that cannot hold a key (too large, a FIFO, readable by others) is refused unread', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'qtd-gwkey-'));
+    try {
+      const path = join(dir, 'gateway.key');
+      expect(await readGatewayKey(path)).toBeNull();
+      const key = await loadOrCreateGatewayKey(path);
+      expect(await readGatewayKey(path)).toBe(key);
+      // A sparse 1 GiB file costs no disk; read whole it would cost the daemon a gigabyte.
+      await truncate(path, 1024 ** 3);
+      await expect(readGatewayKey(path)).rejects.toThrow(/too large to hold a gateway key/);
+      await rm(path);
+      execFileSync('mkfifo', [path]);
+      // Opened without blocking: a FIFO with no writer would otherwise hang the daemon here.
+      await expect(readGatewayKey(path)).rejects.toThrow(/is not a regular file/);
+      await rm(path);
+      await writeFile(path, `${newGatewayKey()}\n`, { mode: 0o644 });
+      await chmod(path, 0o644);
+      await expect(readGatewayKey(path)).rejects.toThrow(QwenConfigError);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

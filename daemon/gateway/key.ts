@@ -3,7 +3,8 @@
  * kept 0600 in the daemon's state directory, compared in constant time.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { chmod, mkdir, readFile, stat } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { chmod, mkdir, open } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { QwenConfigError } from '../../shared/errors.js';
 import { writeFileAtomic } from './settings.js';
@@ -22,18 +23,35 @@ export function newGatewayKey(): string {
   return `${KEY_PREFIX}${randomBytes(32).toString('base64url')}`;
 }
 
-/** Reads the key; null when there is none yet. Refuses a key file others could read. */
+/** A key file larger than this holds no gateway key: it is refused unread. */
+const MAX_KEY_FILE_BYTES = 1024;
+
+/**
+ * Reads the key; null when there is none yet. Opened non-blocking (a FIFO in its place cannot
+ * stall the daemon); refused unread when it is not a regular file, is too large to be a key,
+ * or others could read it.
+ */
 export async function readGatewayKey(path: string): Promise<string | null> {
-  let text: string;
+  let handle;
   try {
-    text = await readFile(path, 'utf8');
+    handle = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
     throw err;
   }
-  const st = await stat(path);
-  if ((st.mode & 0o077) !== 0) {
-    throw new QwenConfigError(`the gateway key file ${path} is readable by others (mode ${(st.mode & 0o777).toString(8)}); remove it and run \`qwen-token gateway enable\` for a new key`);
+  let text: string;
+  try {
+    const st = await handle.stat();
+    const fix = 'remove it and run `qwen-token gateway enable` for a new key';
+    if (!st.isFile() || st.size > MAX_KEY_FILE_BYTES) {
+      throw new QwenConfigError(`the gateway key file ${path} ${st.isFile() ? `is ${st.size} bytes, too large to hold a gateway key` : 'is not a regular file'}; ${fix}`);
+    }
+    if ((st.mode & 0o077) !== 0) {
+      throw new QwenConfigError(`the gateway key file ${path} is readable by others (mode ${(st.mode & 0o777).toString(8)}); ${fix}`);
+    }
+    text = await handle.readFile({ encoding: 'utf8' });
+  } finally {
+    await handle.close().catch(() => undefined);
   }
   const key = text.trim();
   if (!KEY_FORMAT.test(key)) throw new QwenConfigError(`the gateway key file ${path} does not hold a gateway key; remove it and run \`qwen-token gateway enable\``);
