@@ -4,7 +4,8 @@
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod } from 'node:fs/promises';
+import { chmod, mkdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fingerprint } from '../shared/fingerprint.js';
 import { StatusResult } from '../shared/protocol.js';
@@ -194,6 +195,22 @@ describe('with a logged-in daemon', () => {
       'state',
     ]);
     expectNoSecrets(r.stdout + r.stderr);
+  });
+
+  it('doctor flags a credential file too large to be one, without reading it', async () => {
+    await mkdir(dirname(fx.qwenCliPath), { recursive: true, mode: 0o700 });
+    await writeFile(fx.qwenCliPath, '', { mode: 0o600 });
+    // Sparse: 2 GiB of nothing costs no disk, and read whole it could not even become a string.
+    await truncate(fx.qwenCliPath, 2 * 1024 ** 3);
+    try {
+      const r = await runCli(['doctor', '--json']);
+      const check = (JSON.parse(r.stdout) as { checks: Array<{ id: string; status: string; detail: string }> }).checks.find((c) => c.id === 'qwen-cli-file');
+      // The Qwen CLI's file is only a warning (the daemon works without it).
+      expect(check?.status).toBe('warn');
+      expect(check?.detail).toContain('too large to be a credential file');
+    } finally {
+      await rm(fx.qwenCliPath, { force: true });
+    }
   });
 
   it('doctor fails (exit 1) when the socket directory is group/other accessible', async () => {
