@@ -136,4 +136,36 @@ describe('the first call after a daemon crash', () => {
     expect(log).toContain('taking over the instance lock of a daemon that is no longer running');
     assertNoSecrets(log, fx.server.issuedTokens(), 'daemon log');
   });
+
+  it('starts a daemon again when the one it started gave way to a holder that then went away', async () => {
+    // A crashed daemon whose pid file names a process that still looks alive for a moment: a
+    // zombie where /proc cannot tell (macOS), or one reaped a little later.
+    fx = await createFixture();
+    const seeded = credsFrom(fx.server);
+    await fx.writeOwn(seeded);
+    await fx.start();
+    expect(await fx.stop('SIGKILL')).toBe(-1);
+    const pidFile = join(dirname(fx.tokenPath), 'qwen-tokend.pid');
+    const crashed = JSON.parse(await readFile(pidFile, 'utf8')) as { pid: number; socket: string; started: string };
+    const holder = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)'], { stdio: 'ignore' });
+    parents.push(holder);
+    const holderGone = new Promise((r) => holder.once('exit', r));
+    await writeFile(pidFile, `${JSON.stringify({ ...crashed, pid: holder.pid })}\n`);
+
+    const client = autostartingClient(fx);
+    const asked = client.getAccessToken().then(
+      (token) => ({ token }),
+      (err: unknown) => ({ err }),
+    );
+    await until(async () => (await readLog(fx!)).includes('another qwen-tokend is already running'), 'the started daemon to give way', 10_000);
+    holder.kill('SIGKILL');
+    await holderGone;
+
+    const answer = await asked;
+    expect(answer).not.toHaveProperty('err');
+    expect((answer as { token: string }).token === seeded.access_token).toBe(true);
+    const { pid } = await client.status();
+    daemons.push(pid);
+    assertNoSecrets(await readLog(fx), fx.server.issuedTokens(), 'daemon log');
+  });
 });
