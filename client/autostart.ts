@@ -85,6 +85,12 @@ export function spawnDaemon(config: TokendConfig, env: NodeJS.ProcessEnv): { exi
   return { exited };
 }
 
+/** True when a daemon's exit code says another daemon holds the instance lock. */
+export function saidAlreadyRunning(code: number | null): boolean {
+  return code === ALREADY_RUNNING;
+}
+
+/** The error for a daemon that exited with `code` while starting; null when that code means another one runs. */
 export function autostartFailure(config: TokendConfig, code: number | null, env: NodeJS.ProcessEnv): QwenDaemonUnavailableError | null {
   if (code === ALREADY_RUNNING) return null;
   const log = env.QWEN_TOKEND_LOG_FILE ?? join(config.stateDir, 'qwen-tokend.log');

@@ -116,6 +116,7 @@ const CompletionChunk = z.looseObject({
     .array(
       z.looseObject({
         delta: z.looseObject({ content: z.string().nullable().optional() }).nullable().optional(),
+        finish_reason: z.string().nullable().optional(),
       }),
     )
     .optional(),
@@ -215,7 +216,9 @@ export class QwenChatModel {
 
   /**
    * Streams the reply as text deltas. Aborting `signal` rejects the iteration with the abort
-   * reason; leaving the `for await` early also closes the response (and its connection).
+   * reason; leaving the `for await` early also closes the response (and its connection). A body
+   * that ends before the reply is complete (no `[DONE]`, no `finish_reason`) rejects with
+   * `QwenChatApiError` after the deltas that came.
    */
   async *stream(input: QwenChatInput, options: QwenCallOptions = {}): AsyncGenerator<string, void, undefined> {
     const response = await this.post(input, options, true);
@@ -229,6 +232,8 @@ export class QwenChatModel {
       return;
     }
     let done = false;
+    // A choice that says why it stopped ends the reply, even from a server that sends no [DONE].
+    let finished = false;
     try {
       for await (const event of readServerSentEvents(response.body!)) {
         // After [DONE] the rest is drained, not cancelled, so the connection can be reused.
@@ -250,8 +255,15 @@ export class QwenChatModel {
             status: response.status,
           });
         }
+        if (parsed.data.choices?.some((c) => typeof c.finish_reason === 'string' && c.finish_reason !== '')) finished = true;
         const delta = parsed.data.choices?.[0]?.delta?.content;
         if (typeof delta === 'string' && delta.length > 0) yield delta;
+      }
+      // The body ended early (a proxy timeout, a server restart): what came is only part of the reply.
+      if (!done && !finished) {
+        throw new QwenChatApiError('the Qwen chat API ended the stream before the reply was complete (no [DONE] and no finish_reason)', {
+          status: response.status,
+        });
       }
     } catch (err) {
       if (options.signal?.aborted) throw options.signal.reason;

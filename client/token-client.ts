@@ -33,7 +33,7 @@ import {
   TokenResult,
 } from '../shared/protocol.js';
 import { errorFromWire } from '../shared/errors.js';
-import { autostartFailure, serviceInstalled, spawnDaemon } from './autostart.js';
+import { autostartFailure, saidAlreadyRunning, serviceInstalled, spawnDaemon } from './autostart.js';
 import { DaemonConnection } from './daemon-connection.js';
 import { compileSchemas } from '../shared/compile-schemas.js';
 import { daemonCommand } from '../shared/cli-command.js';
@@ -98,6 +98,14 @@ export interface TokenClientEvents {
 
 const IDEMPOTENT = new Set<string>([Methods.hello, Methods.getAccessToken, Methods.status, Methods.subscribe, Methods.refresh]);
 const CONNECT_TIMEOUT_MS = 2_000;
+/**
+ * After a daemon we started said another one runs (exit 3), how long the socket may refuse
+ * connections before we start one again: the one it saw may have been a crashed daemon not yet
+ * reaped, or one that gave up; a daemon that really runs listens well within this.
+ */
+const RESTART_AFTER_REFUSED_MS = 1_000;
+/** How many more daemons one wait for the socket may start. */
+const MAX_RESTARTS = 3;
 
 function expect<T extends z.ZodType>(schema: T, value: unknown, method: string): z.infer<T> {
   const parsed = schema.safeParse(value);
@@ -161,6 +169,12 @@ function checkProfileName(name: string, from: string): string {
   );
 }
 
+/** Nothing listens on the socket: no file, or a file left by a daemon that is gone. */
+function isRefused(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  return code === 'ENOENT' || code === 'ECONNREFUSED';
+}
+
 function isUnreachable(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException)?.code;
   return code === 'ENOENT' || code === 'ECONNREFUSED' || code === 'ETIMEDOUT' || code === 'ECONNRESET' || code === 'EPIPE';
@@ -183,6 +197,8 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
   private connection: DaemonConnection | null = null;
   private connecting: Promise<DaemonConnection> | null = null;
   private starting: Promise<void> | null = null;
+  /** The daemon this client started last; `alreadyRunningAt`: when it exited saying another one runs. */
+  private lastStart: { alreadyRunningAt: number | undefined } | null = null;
   /** The daemon's default profile's token (calls that name no profile). */
   private cached: TokenResult | null = null;
   /** Tokens of profiles named in calls, by name. */
@@ -534,11 +550,11 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
       if ((err as NodeJS.ErrnoException)?.code === 'EAGAIN') {
         // A daemon is there but its accept queue is full (many clients at once, or it is
         // paused): as transient as a restart, so wait for it rather than fail or start another.
-        connection = await this.waitForSocket();
+        connection = await this.waitForSocket(false);
       } else {
         if (!isUnreachable(err)) throw err;
         await this.startDaemon(err as NodeJS.ErrnoException);
-        connection = await this.waitForSocket();
+        connection = await this.waitForSocket(true);
       }
     }
     this.connection = connection;
@@ -606,6 +622,12 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     // One start at a time per process; concurrent callers wait for the same one.
     this.starting ??= (async () => {
       const { exited } = spawnDaemon(this.config, this.env);
+      const start = { alreadyRunningAt: undefined as number | undefined };
+      this.lastStart = start;
+      // Also after the 300 ms below: a daemon may wait for the lock before it gives way.
+      void exited.then((code) => {
+        if (saidAlreadyRunning(code)) start.alreadyRunningAt = this.clock.now();
+      });
       const failed = await Promise.race([exited, sleep(300).then(() => 'running' as const)]);
       if (failed !== 'running') {
         const err = autostartFailure(this.config, failed, this.env);
@@ -617,18 +639,35 @@ export class TokenClient extends EventEmitter<TokenClientEvents> {
     await this.starting;
   }
 
-  private async waitForSocket(): Promise<DaemonConnection> {
+  /**
+   * Connects once a daemon listens, within the reconnect window. With `mayRestart` (we started a
+   * daemon for this wait): when ours gave way to another that does not answer, starts one again
+   * (see RESTART_AFTER_REFUSED_MS), so the first call after a crash brings a daemon back.
+   */
+  private async waitForSocket(mayRestart: boolean): Promise<DaemonConnection> {
     const deadline = this.clock.now() + this.reconnectWindowMs;
     let last: unknown;
+    let refusedSince: number | undefined;
+    let restarts = 0;
     while (this.clock.now() < deadline) {
       try {
         return await this.openSocket();
       } catch (err) {
         last = err;
+        const now = this.clock.now();
+        if (!isRefused(err)) refusedSince = undefined;
+        else if (this.lastStart?.alreadyRunningAt !== undefined) refusedSince ??= now;
+        if (mayRestart && refusedSince !== undefined && now - refusedSince >= RESTART_AFTER_REFUSED_MS && restarts < MAX_RESTARTS) {
+          restarts++;
+          refusedSince = undefined;
+          await this.startDaemon(err as NodeJS.ErrnoException);
+          continue;
+        }
         await sleep(25);
       }
     }
-    throw this.unavailable(`no daemon came up within ${this.reconnectWindowMs} ms (${(last as Error)?.message ?? 'unknown'})`);
+    const gaveWay = this.lastStart?.alreadyRunningAt !== undefined ? '; the daemon started for it said another one already runs' : '';
+    throw this.unavailable(`no daemon came up within ${this.reconnectWindowMs} ms (${(last as Error)?.message ?? 'unknown'})${gaveWay}`);
   }
 
   private onNotification(method: string, params: unknown): void {

@@ -91,7 +91,7 @@ export async function acquireInstanceLock(
       );
     }
     if (holder) {
-      // The holder is gone (killed): its lock is ours to take now, not in 10 s.
+      // The holder is gone (killed, perhaps a zombie nobody reaps): its lock is ours to take now, not in 10 s.
       logger.warn({ pid: holder.pid }, 'taking over the instance lock of a daemon that is no longer running');
       await rm(lockPath, { recursive: true, force: true });
       try {

@@ -224,6 +224,49 @@ describe('QwenChatModel against the local chat API', () => {
     expect(fx!.server.abortedStreams).toBe(aborted);
   });
 
+  /** A chat answer whose SSE body is exactly `events`, then ends. */
+  const sseFault = (events: object[], end = '') => ({
+    kind: 'respond' as const,
+    endpoint: 'chat' as const,
+    times: 1,
+    status: 200,
+    headers: { 'content-type': 'text/event-stream' },
+    body: events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('') + end,
+  });
+  const chunk = (content: string | undefined, finish: string | null = null) => ({
+    object: 'chat.completion.chunk',
+    choices: [{ index: 0, delta: content === undefined ? {} : { content }, finish_reason: finish }],
+  });
+
+  it('a stream cut off before [DONE] and before any finish_reason is a QwenChatApiError, after the deltas that came', async () => {
+    const { client } = await setup();
+    fx!.server.injectFault(sseFault([chunk('Once upon'), chunk(' a time')]));
+    const model = new QwenChatModel({ client });
+
+    const deltas: string[] = [];
+    const err = await rejection(
+      (async () => {
+        for await (const d of model.stream('tell me a story')) deltas.push(d);
+      })(),
+    );
+
+    expect(err).toBeInstanceOf(QwenChatApiError);
+    expect((err as QwenChatApiError).status).toBe(200);
+    expect(err.message).toContain('ended the stream before the reply was complete');
+    expect(deltas).toEqual(['Once upon', ' a time']);
+  });
+
+  it('a stream that ends with a finish_reason but no [DONE] is complete', async () => {
+    const { client } = await setup();
+    fx!.server.injectFault(sseFault([chunk('all'), chunk(' of it'), chunk(undefined, 'stop')]));
+    const model = new QwenChatModel({ client });
+
+    const deltas: string[] = [];
+    for await (const d of model.stream('short')) deltas.push(d);
+
+    expect(deltas).toEqual(['all', ' of it']);
+  });
+
   it('streaming also recovers from a revoked token with one refresh', async () => {
     const { client, token } = await setup();
     fx!.server.revokeAccessToken(token);

@@ -85,6 +85,22 @@ describe('the instance lock', () => {
     expect(info.pid).toBe(process.pid);
   });
 
+  it.skipIf(process.platform !== 'linux')('held by a daemon that died but is not reaped (its pid file names a zombie): taken over at once', async () => {
+    // sh forks `sleep 0`, then becomes a `sleep` that never waits for it: a zombie until the end.
+    const parent = spawn('sh', ['-c', 'sleep 0 & echo $!; exec sleep 60'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      const pid = Number(await new Promise<string>((r) => parent.stdout!.once('data', (b: Buffer) => r(b.toString()))));
+      const state = () => readFile(`/proc/${pid}/stat`, 'latin1').then((s) => s.slice(s.lastIndexOf(')') + 2)[0], () => null);
+      while ((await state()) !== 'Z') await new Promise((r) => setTimeout(r, 10));
+      await orphanedLock(`${JSON.stringify({ pid, socket: '/s', started: 'then' })}\n`);
+      await acquire();
+      const info = JSON.parse(await readFile(pidPath(), 'utf8')) as { pid: number };
+      expect(info.pid).toBe(process.pid);
+    } finally {
+      parent.kill('SIGKILL');
+    }
+  });
+
   it('writes its pid file by rename, leaving no temp file behind', async () => {
     // A temp file left by a holder killed before its rename is simply replaced.
     await writeFile(`${pidPath()}.tmp`, 'half a pid fi');
