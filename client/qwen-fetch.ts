@@ -2,7 +2,8 @@
  * A drop-in `fetch` for an OpenAI-compatible chat API that always carries the daemon's current
  * credential for a profile: Qwen OAuth (the default), another OAuth provider's token, or an API
  * key. An OAuth token the API rejects is refreshed once and the request retried; a rejected API
- * key is an error at once (a new key is needed, retrying cannot help).
+ * key is an error at once (a new key is needed, retrying cannot help). Redirects are followed
+ * here, within the request's origin only.
  *
  *   const openai = new OpenAI({ apiKey: 'qwen-oauth', baseURL: await qwenBaseURL(), fetch: createQwenFetch() });
  */
@@ -40,6 +41,11 @@ const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
 const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
 /** Error bodies are read only this far to look for the token-rejection message. */
 const PEEK_LIMIT_BYTES = 64 * 1024;
+/** Redirects followed within one origin for one request (fetch's own limit). */
+const MAX_REDIRECTS = 20;
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+/** Headers that describe a body, dropped when a redirect turns the request into a GET. */
+const BODY_HEADERS = ['content-type', 'content-length', 'content-encoding', 'content-language', 'content-location'];
 
 /** The default `User-Agent` / `X-DashScope-UserAgent` value. */
 export function defaultUserAgent(): string {
@@ -139,7 +145,12 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
     signal?.throwIfAborted();
     const request = await bufferRequest(input, init, signal);
 
-    const send = (creds: TokenResult): Promise<Response> => {
+    // Sends with `creds`, following redirects here rather than in the transport: fetch keeps
+    // `x-api-key` (any header but Authorization) on a redirect to another origin. A redirect within
+    // the origin is followed with the credential; one to another origin is not followed at all:
+    // the caller gets the 3xx as it came. Following it without the credential would only earn a
+    // 401 from a host the profile never named, which would read as a refused key here.
+    const send = async (creds: TokenResult): Promise<Response> => {
       const headers = new Headers(request.headers);
       headers.set('User-Agent', userAgent);
       if (isQwenOAuth(creds)) {
@@ -153,14 +164,37 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       headers.delete('x-api-key');
       if (creds.auth_header === 'x-api-key') headers.set('x-api-key', creds.access_token);
       else headers.set('Authorization', `Bearer ${creds.access_token}`);
-      return transport(request.url, {
-        ...init,
-        method: request.method,
-        headers,
-        body: request.body ?? null,
-        redirect: request.redirect,
-        ...(signal ? { signal } : {}),
-      });
+      let url = request.url;
+      let method = request.method;
+      let body = request.body;
+      for (let hops = 0; ; hops++) {
+        const response = await transport(url, {
+          ...init,
+          method,
+          headers,
+          // A fresh copy per send, so no send depends on what a transport did with the last one's
+          // (Node 20's fetch detaches a body when it follows a redirect itself).
+          body: body === undefined ? null : body.slice(),
+          redirect: 'manual',
+          ...(signal ? { signal } : {}),
+        });
+        const next = request.redirect === 'manual' ? null : redirectTarget(response, url);
+        if (next === null) return response;
+        if (request.redirect === 'error') {
+          await discard(response);
+          throw new TypeError('fetch failed', { cause: new Error('unexpected redirect') });
+        }
+        if (new URL(next).origin !== new URL(url).origin) return response;
+        await discard(response);
+        if (hops >= MAX_REDIRECTS) throw new TypeError('fetch failed', { cause: new Error('redirect count exceeded') });
+        // As fetch does: 303 (and 301/302 after a POST) continue as a GET without the body.
+        if ((response.status === 303 && method !== 'GET' && method !== 'HEAD') || ((response.status === 301 || response.status === 302) && method === 'POST')) {
+          method = 'GET';
+          body = undefined;
+          for (const name of BODY_HEADERS) headers.delete(name);
+        }
+        url = next;
+      }
     };
 
     const creds = await abortable(client.getCredentials(which), signal);
@@ -280,6 +314,18 @@ function serverMessage(text: string): string | undefined {
     return typeof message === 'string' && message.trim() ? printable(message.trim(), 200) : undefined;
   } catch {
     return undefined;
+  }
+}
+
+/** The absolute URL a redirect response points to, or null for any other response. */
+function redirectTarget(response: Response, from: string): string | null {
+  if (!REDIRECT_STATUSES.has(response.status)) return null;
+  const location = response.headers.get('location');
+  if (location === null) return null;
+  try {
+    return new URL(location, from).href;
+  } catch {
+    return null;
   }
 }
 

@@ -1,0 +1,111 @@
+/**
+ * Where `createQwenFetch` lets a credential go, and what it says about a refused one: redirects
+ * (followed within the profile's origin only, body sent afresh), a request for another origin
+ * (refused before anything is sent), an API key cut short in a server's message (never shown),
+ * and which 403s lock a key out. Against the scripted daemon stand-in and local servers.
+ */
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createQwenFetch } from '../client/qwen-fetch.js';
+import { TokenClient } from '../client/token-client.js';
+import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
+import { ANTHROPIC_BASE_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+
+const KEY = 'sk-sp-safety-0123456789abcdef0123456789';
+const WRONG_KEY = 'sk-sp-refused-fedcba9876543210fedcba98';
+const OTHER_KEY = 'sk-sp-other-00112233445566778899aabbcc';
+
+let server: QwenTestServer;
+/** Another origin (another port): where a redirect or a stale base URL could take a credential. */
+let elsewhere: QwenTestServer;
+let daemon: FakeProfileDaemon;
+const clients: TokenClient[] = [];
+
+function client(): TokenClient {
+  const c = new TokenClient({ socketPath: daemon.socketPath, autostart: false, env: {} });
+  clients.push(c);
+  return c;
+}
+
+/** Any credential header `elsewhere` received. */
+function credentialsElsewhere(): string[] {
+  return elsewhere.requests.flatMap((r) => [r.headers.authorization, r.headers['x-api-key']].filter((v): v is string => v !== undefined));
+}
+
+const json = { 'content-type': 'application/json' };
+const chatBody = (content: string, model = 'qwen3-coder-plus'): string => JSON.stringify({ model, messages: [{ role: 'user', content }] });
+
+beforeAll(async () => {
+  server = await startQwenServer({ apiKeys: [KEY] });
+  elsewhere = await startQwenServer({ apiKeys: [KEY, OTHER_KEY] });
+});
+afterAll(async () => {
+  await server.close();
+  await elsewhere.close();
+});
+beforeEach(async () => {
+  daemon = await FakeProfileDaemon.start(2);
+  daemon.set('cp', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: KEY });
+  daemon.set('bad', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: WRONG_KEY });
+  daemon.set('anthropic', {
+    kind: 'api-key',
+    baseUrl: `${server.baseUrl}${ANTHROPIC_BASE_PATH}`,
+    secret: KEY,
+    settings: { kind: 'api-key', base_url: `${server.baseUrl}${ANTHROPIC_BASE_PATH}`, auth: 'x-api-key' },
+  });
+  daemon.set('other', { kind: 'api-key', baseUrl: elsewhere.apiKeyBaseUrl, secret: OTHER_KEY });
+  daemon.defaultProfile = 'cp';
+  server.settings.apiKeyHeader = 'either';
+});
+afterEach(async () => {
+  server.clearFaults();
+  for (const c of clients.splice(0)) await c.close();
+  await daemon.close();
+});
+
+describe('redirects', () => {
+  it('a redirect to another origin is handed back as it came: neither x-api-key nor Authorization goes along', async () => {
+    // A GET, so that Node 20's fetch (which cannot replay a POST body on a redirect) would follow it.
+    const target = `${elsewhere.apiKeyBaseUrl}/models`;
+    for (const profile of ['anthropic', 'cp']) {
+      server.injectFault({ kind: 'respond', endpoint: 'apiModels', times: 1, status: 307, headers: { location: target }, body: '' });
+      const seen = elsewhere.requests.length;
+      const response = await createQwenFetch({ client: client(), profile })(`${server.apiKeyBaseUrl}/models`);
+      // A count, not the values: a failure must not print a key.
+      expect(credentialsElsewhere().length).toBe(0);
+      expect(response.status).toBe(307);
+      expect(response.headers.get('location')).toBe(target);
+      expect(elsewhere.requests.length).toBe(seen);
+    }
+  });
+
+  it('a 307 within the origin is followed with the credential and the body sent again', async () => {
+    // Node 20's own redirect handling cannot send a buffered body twice.
+    server.injectFault({ kind: 'respond', endpoint: 'apiChat', times: 1, status: 307, headers: { location: '/compatible-mode/v1/chat/completions' }, body: '' });
+    const chats = server.counts.apiChat;
+    const response = await createQwenFetch({ client: client(), profile: 'cp' })(`${server.apiKeyBaseUrl}/chat/completions`, {
+      method: 'POST',
+      headers: json,
+      body: chatBody('after a redirect'),
+    });
+    expect(response.status).toBe(200);
+    expect(((await response.json()) as { choices: Array<{ message: { content: string } }> }).choices[0]!.message.content).toBe('echo: after a redirect');
+    expect(server.counts.apiChat).toBe(chats + 2);
+    expect(server.lastRequest('apiChat')!.headers.authorization === `Bearer ${KEY}`).toBe(true);
+  });
+
+  it('a 303 within the origin continues as a GET with the credential, the body left behind', async () => {
+    server.injectFault({ kind: 'respond', endpoint: 'apiChat', times: 1, status: 303, headers: { location: '/compatible-mode/v1/models' }, body: '' });
+    const response = await createQwenFetch({ client: client(), profile: 'cp' })(`${server.apiKeyBaseUrl}/chat/completions`, {
+      method: 'POST',
+      headers: json,
+      body: chatBody('x'),
+    });
+    expect(response.status).toBe(200);
+    expect(((await response.json()) as { data: unknown[] }).data.length).toBeGreaterThan(0);
+    const get = server.lastRequest('apiModels')!;
+    expect(get.method).toBe('GET');
+    expect(get.body).toBe('');
+    expect(get.headers['content-type']).toBeUndefined();
+    expect(get.headers.authorization === `Bearer ${KEY}`).toBe(true);
+  });
+});
