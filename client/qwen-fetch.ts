@@ -2,10 +2,11 @@
  * A drop-in `fetch` for an OpenAI-compatible chat API that always carries the daemon's current
  * credential for a profile: Qwen OAuth (the default), another OAuth provider's token, or an API
  * key. An OAuth token the API rejects is refreshed once and the request retried; a rejected API
- * key is an error at once (a new key is needed, retrying cannot help). Redirects are followed
- * here, within the request's origin only.
+ * key is an error at once (a new key is needed, retrying cannot help). The credential goes only
+ * to its own profile's origin: a request for another origin is refused, and redirects are
+ * followed here, within that origin only.
  *
- *   const openai = new OpenAI({ apiKey: 'qwen-oauth', baseURL: await qwenBaseURL(), fetch: createQwenFetch() });
+ *   const openai = new OpenAI({ apiKey: 'unused', baseURL: await qwenBaseURL({ profile }), fetch: createQwenFetch({ profile }) });
  */
 import { TokenClient } from './token-client.js';
 import { QwenConfigError, QwenCredentialRejectedError, QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '../shared/errors.js';
@@ -196,8 +197,12 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         url = next;
       }
     };
+    const ownOrigin = (creds: TokenResult): TokenResult => {
+      checkOrigin(request.url, creds, client, options.profile);
+      return creds;
+    };
 
-    const creds = await abortable(client.getCredentials(which), signal);
+    const creds = ownOrigin(await abortable(client.getCredentials(which), signal));
     if (creds.kind === 'api-key') {
       const slot = creds.profile ?? options.profile ?? '';
       const refused = rejectedKeys.get(client)?.get(slot);
@@ -237,7 +242,7 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         cause: err,
       });
     }
-    const retried = await send(renewed);
+    const retried = await send(ownOrigin(renewed));
     // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it.
     const again = await tokenRejection(retried, false);
     if (again === null) return retried;
@@ -315,6 +320,23 @@ function serverMessage(text: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Refuses to send `creds` anywhere but its own profile's origin: a base URL read once for an SDK
+ * and a credential looked up per request (the default profile's, which can change) may disagree.
+ */
+function checkOrigin(url: string, creds: TokenResult, client: TokenClient, pinned: string | undefined): void {
+  const target = new URL(url).origin;
+  const own = new URL(trustedBaseURL(creds, client)).origin;
+  if (target === own) return;
+  const name = creds.profile ?? pinned ?? 'default';
+  throw new QwenConfigError(
+    `createQwenFetch did not send the credential of profile "${name}" to ${printable(target, 200)}: it is for ${printable(own, 200)}. ` +
+      (pinned === undefined
+        ? `The default profile may have changed since the base URL was read; pin the profile in both places: qwenBaseURL({ profile: '${name}' }) and createQwenFetch({ profile: '${name}' }).`
+        : `Use the profile's own base URL: qwenBaseURL({ profile: '${name}' }).`),
+  );
 }
 
 /** The absolute URL a redirect response points to, or null for any other response. */

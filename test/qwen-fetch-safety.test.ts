@@ -5,10 +5,12 @@
  * and which 403s lock a key out. Against the scripted daemon stand-in and local servers.
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { createQwenFetch } from '../client/qwen-fetch.js';
+import { createQwenFetch, qwenBaseURL } from '../client/qwen-fetch.js';
 import { TokenClient } from '../client/token-client.js';
+import { QwenConfigError } from '../shared/errors.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
 import { ANTHROPIC_BASE_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { rejection, until } from './support/wait.js';
 
 const KEY = 'sk-sp-safety-0123456789abcdef0123456789';
 const WRONG_KEY = 'sk-sp-refused-fedcba9876543210fedcba98';
@@ -107,5 +109,38 @@ describe('redirects', () => {
     expect(get.body).toBe('');
     expect(get.headers['content-type']).toBeUndefined();
     expect(get.headers.authorization === `Bearer ${KEY}`).toBe(true);
+  });
+});
+
+describe('the credential goes to its own origin only', () => {
+  it('after the default profile changes under a running SDK, the stale base URL gets nothing: a QwenConfigError says to pin the profile', async () => {
+    const c = client();
+    const base = await qwenBaseURL({ client: c });
+    const qwenFetch = createQwenFetch({ client: c });
+    const first = await qwenFetch(`${base}/chat/completions`, { method: 'POST', headers: json, body: chatBody('one') });
+    expect(first.status).toBe(200);
+    await first.text();
+
+    await c.setDefaultProfile('other');
+    await until(async () => (await c.getCredentials()).profile === 'other', 'the client to see the new default');
+    const chats = server.requests.length;
+    const err = await rejection(qwenFetch(`${base}/chat/completions`, { method: 'POST', headers: json, body: chatBody('two') }));
+    expect(err).toBeInstanceOf(QwenConfigError);
+    expect(err.message).toContain(server.baseUrl);
+    expect(err.message).toContain(elsewhere.baseUrl);
+    expect(err.message).toContain('profile "other"');
+    expect(err.message).toContain("createQwenFetch({ profile: 'other' })");
+    expect(err.message.includes(OTHER_KEY)).toBe(false);
+    expect(server.requests.length).toBe(chats);
+  });
+
+  it('a pinned profile refuses a base URL of another origin, and sends nothing', async () => {
+    const chats = server.requests.length;
+    const err = await rejection(
+      createQwenFetch({ client: client(), profile: 'other' })(`${server.apiKeyBaseUrl}/chat/completions`, { method: 'POST', headers: json, body: chatBody('x') }),
+    );
+    expect(err).toBeInstanceOf(QwenConfigError);
+    expect(err.message).toContain("qwenBaseURL({ profile: 'other' })");
+    expect(server.requests.length).toBe(chats);
   });
 });
