@@ -40,6 +40,10 @@ export interface QwenFetchOptions {
 const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
 /** A 403 with this in its body is about quota or rate, not the key: it goes to the caller as is. */
 const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
+/** A run of a key's first characters this long is taken out of messages too (a server may cut the key); shorter runs are the public prefix (`sk-sp-`). */
+const KEY_PREFIX_REDACT_MIN = 8;
+/** Server messages in errors are cut to this many characters, after the key is taken out. */
+const SERVER_MESSAGE_MAX = 200;
 /** Error bodies are read only this far to look for the token-rejection message. */
 const PEEK_LIMIT_BYTES = 64 * 1024;
 /** Redirects followed within one origin for one request (fetch's own limit). */
@@ -211,7 +215,7 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         throw keyRejected(creds, request.url, `${refused.rejection}, moments ago; not sent again`);
       }
       const response = await send(creds);
-      const rejection = await keyRejection(response);
+      const rejection = await keyRejection(response, creds.access_token);
       if (rejection === null) {
         if (refused) rejectedKeys.get(client)!.delete(slot);
         return response;
@@ -293,33 +297,49 @@ function keyRejected(creds: TokenResult, url: string, rejection: string): QwenCr
   );
 }
 
-function redactKey(text: string, key: string): string {
-  return key.length > 0 && text.includes(key) ? text.split(key).join(`[key ${fingerprint(key)}]`) : text;
+/**
+ * `text` with `key` replaced by its fingerprint, and also any run of the key's first characters
+ * (at least `KEY_PREFIX_REDACT_MIN` long) that a server cut short. Apply before cutting the text.
+ */
+export function redactKey(text: string, key: string): string {
+  if (key.length === 0) return text;
+  const marker = `[key ${fingerprint(key)}]`;
+  const min = Math.min(KEY_PREFIX_REDACT_MIN, key.length);
+  const head = key.slice(0, min);
+  let out = text;
+  for (let at = out.indexOf(head); at !== -1; at = out.indexOf(head, at + marker.length)) {
+    let end = at + min;
+    while (end < out.length && end - at < key.length && out[end] === key[end - at]) end++;
+    out = out.slice(0, at) + marker + out.slice(end);
+  }
+  return out;
 }
 
 /**
  * Why a response means "this API key is refused", or null: a 401, or a 403 that is not about
  * quota or rate (those go to the caller as they are, to be handled, never retried here).
  */
-async function keyRejection(response: Response): Promise<string | null> {
+async function keyRejection(response: Response, key: string): Promise<string | null> {
   if (response.status !== 401 && response.status !== 403) return null;
   const text = await peekText(response);
   if (response.status === 403 && QUOTA_TEXT.test(text.slice(0, 4_000))) return null;
-  const message = serverMessage(text);
+  const message = serverMessage(text, key);
   return `HTTP ${response.status}${message ? `: ${message}` : ''}`;
 }
 
-/** The server's own short message in an error body (OpenAI or Anthropic shape), printable and bounded. */
-function serverMessage(text: string): string | undefined {
+/** The server's own short message in an error body (OpenAI or Anthropic shape), printable, without the key, bounded. */
+function serverMessage(text: string, key: string): string | undefined {
+  let message: unknown;
   try {
     const body = JSON.parse(text) as { error?: unknown; message?: unknown };
     const error = body?.error;
-    const message =
-      error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
-    return typeof message === 'string' && message.trim() ? printable(message.trim(), 200) : undefined;
+    message = error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
   } catch {
     return undefined;
   }
+  if (typeof message !== 'string' || !message.trim()) return undefined;
+  // The key comes out before the cut: a cut through the key would leave most of it unmatched.
+  return printable(redactKey(printable(message.trim(), Infinity), key), SERVER_MESSAGE_MAX);
 }
 
 /**

@@ -5,9 +5,10 @@
  * and which 403s lock a key out. Against the scripted daemon stand-in and local servers.
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { checkApiKey } from '../client/cli/verify-key.js';
 import { createQwenFetch, qwenBaseURL } from '../client/qwen-fetch.js';
 import { TokenClient } from '../client/token-client.js';
-import { QwenConfigError } from '../shared/errors.js';
+import { QwenConfigError, QwenCredentialRejectedError } from '../shared/errors.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
 import { ANTHROPIC_BASE_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 import { rejection, until } from './support/wait.js';
@@ -26,6 +27,12 @@ function client(): TokenClient {
   const c = new TokenClient({ socketPath: daemon.socketPath, autostart: false, env: {} });
   clients.push(c);
   return c;
+}
+
+/** How many of the key's first characters appear together in `text` (0 when none). */
+function longestKeyPrefix(text: string, key: string): number {
+  for (let n = key.length; n > 0; n--) if (text.includes(key.slice(0, n))) return n;
+  return 0;
 }
 
 /** Any credential header `elsewhere` received. */
@@ -142,5 +149,31 @@ describe('the credential goes to its own origin only', () => {
     expect(err).toBeInstanceOf(QwenConfigError);
     expect(err.message).toContain("qwenBaseURL({ profile: 'other' })");
     expect(server.requests.length).toBe(chats);
+  });
+});
+
+describe('a refused key in an error message', () => {
+  it('is taken out before the message is cut, and a prefix of it the server cut is taken out too', async () => {
+    // 174 characters first: an unredacted 200-character cut would leave 26 of the key's.
+    const messages = [`${'x'.repeat(174)}${WRONG_KEY} is not valid`, `Incorrect API key provided: ${WRONG_KEY.slice(0, 24)}`];
+    for (const message of messages) {
+      server.injectFault({ kind: 'respond', endpoint: 'apiChat', times: 1, status: 401, headers: json, body: JSON.stringify({ error: { message } }) });
+      const err = await rejection(
+        createQwenFetch({ client: client(), profile: 'bad' })(`${server.apiKeyBaseUrl}/chat/completions`, { method: 'POST', headers: json, body: chatBody('x') }),
+      );
+      expect(err).toBeInstanceOf(QwenCredentialRejectedError);
+      expect(err.message.includes('HTTP 401: ')).toBe(true);
+      expect(longestKeyPrefix(err.message, WRONG_KEY)).toBeLessThan(8);
+    }
+  });
+
+  it('profile add\'s key check shows no cut prefix of the key either', async () => {
+    const fetch = async (): Promise<Response> =>
+      new Response(JSON.stringify({ error: { message: `Incorrect API key provided: ${WRONG_KEY.slice(0, 24)}` } }), { status: 401, headers: json });
+    const check = await checkApiKey(server.apiKeyBaseUrl, 'bearer', WRONG_KEY, { fetch });
+    expect(check.outcome).toBe('rejected');
+    // Booleans, not the text: a failing assertion must not print what is left of the key.
+    expect((check.outcome === 'rejected' ? (check.message ?? '') : '').startsWith('Incorrect API key provided: [key ')).toBe(true);
+    expect(longestKeyPrefix(JSON.stringify(check), WRONG_KEY)).toBeLessThan(8);
   });
 });
