@@ -40,6 +40,11 @@ export interface QwenFetchOptions {
 const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
 /** A 403 with this in its body is about quota or rate, not the key: it goes to the caller as is. */
 const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
+/**
+ * A 403 with this in its body says the API key itself is refused. Any other 403 (a model the plan
+ * lacks, a permission) is about that request only: the caller gets it, and the key stays usable.
+ */
+const KEY_INVALID_TEXT = /invalid[ _-]?api[ _-]?key|incorrect[ _-]?api[ _-]?key|api[ _-]?key\b[^.]{0,40}\b(?:is invalid|invalid|incorrect|revoked|disabled|expired|not valid)\b/i;
 /** A run of a key's first characters this long is taken out of messages too (a server may cut the key); shorter runs are the public prefix (`sk-sp-`). */
 const KEY_PREFIX_REDACT_MIN = 8;
 /** Server messages in errors are cut to this many characters, after the key is taken out. */
@@ -316,15 +321,20 @@ export function redactKey(text: string, key: string): string {
 }
 
 /**
- * Why a response means "this API key is refused", or null: a 401, or a 403 that is not about
- * quota or rate (those go to the caller as they are, to be handled, never retried here).
+ * Why a response means "this API key is refused", or null: a 401, or a 403 that says the key
+ * is invalid. Other 403s (a model or permission the plan lacks, quota, rate) go to the caller as
+ * they are: they say nothing about the key's other requests.
  */
 async function keyRejection(response: Response, key: string): Promise<string | null> {
   if (response.status !== 401 && response.status !== 403) return null;
   const text = await peekText(response);
-  if (response.status === 403 && QUOTA_TEXT.test(text.slice(0, 4_000))) return null;
+  if (response.status === 403 && (QUOTA_TEXT.test(text.slice(0, 4_000)) || !saysKeyInvalid(text))) return null;
   const message = serverMessage(text, key);
   return `HTTP ${response.status}${message ? `: ${message}` : ''}`;
+}
+
+function saysKeyInvalid(text: string): boolean {
+  return KEY_INVALID_TEXT.test(text.slice(0, 4_000)) || looksLikeTokenRejection(text);
 }
 
 /** The server's own short message in an error body (OpenAI or Anthropic shape), printable, without the key, bounded. */

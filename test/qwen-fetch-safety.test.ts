@@ -10,7 +10,7 @@ import { createQwenFetch, qwenBaseURL } from '../client/qwen-fetch.js';
 import { TokenClient } from '../client/token-client.js';
 import { QwenConfigError, QwenCredentialRejectedError } from '../shared/errors.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
-import { ANTHROPIC_BASE_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { ANTHROPIC_BASE_PATH, INVALID_API_KEY_BODY, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 import { rejection, until } from './support/wait.js';
 
 const KEY = 'sk-sp-safety-0123456789abcdef0123456789';
@@ -175,5 +175,38 @@ describe('a refused key in an error message', () => {
     // Booleans, not the text: a failing assertion must not print what is left of the key.
     expect((check.outcome === 'rejected' ? (check.message ?? '') : '').startsWith('Incorrect API key provided: [key ')).toBe(true);
     expect(longestKeyPrefix(JSON.stringify(check), WRONG_KEY)).toBeLessThan(8);
+  });
+});
+
+describe('which 403s lock an API key out', () => {
+  it('a 403 about one model goes to the caller as it came, and the key keeps working for other models', async () => {
+    server.injectFault({
+      kind: 'respond',
+      endpoint: 'apiChat',
+      times: 1,
+      status: 403,
+      headers: json,
+      body: JSON.stringify({ error: { message: 'Model access denied.', type: 'invalid_request_error', code: 'model_access_denied' } }),
+    });
+    const qwenFetch = createQwenFetch({ client: client(), profile: 'cp' });
+    const url = `${server.apiKeyBaseUrl}/chat/completions`;
+    const chats = server.counts.apiChat;
+    const denied = await qwenFetch(url, { method: 'POST', headers: json, body: chatBody('x', 'qwen-max-restricted') });
+    expect(denied.status).toBe(403);
+    expect(await denied.text()).toContain('Model access denied.');
+    const allowed = await qwenFetch(url, { method: 'POST', headers: json, body: chatBody('y') });
+    expect(allowed.status).toBe(200);
+    await allowed.text();
+    expect(server.counts.apiChat).toBe(chats + 2);
+  });
+
+  it('a 403 that says the key is invalid is a refused key, and a retry soon after is not sent', async () => {
+    server.injectFault({ kind: 'respond', endpoint: 'apiChat', times: 1, status: 403, headers: json, body: JSON.stringify(INVALID_API_KEY_BODY) });
+    const qwenFetch = createQwenFetch({ client: client(), profile: 'cp' });
+    const url = `${server.apiKeyBaseUrl}/chat/completions`;
+    const chats = server.counts.apiChat;
+    expect(await rejection(qwenFetch(url, { method: 'POST', headers: json, body: chatBody('x') }))).toBeInstanceOf(QwenCredentialRejectedError);
+    expect(await rejection(qwenFetch(url, { method: 'POST', headers: json, body: chatBody('y') }))).toBeInstanceOf(QwenCredentialRejectedError);
+    expect(server.counts.apiChat).toBe(chats + 1);
   });
 });
