@@ -38,7 +38,7 @@ export interface QwenFetchOptions {
 
 /** Qwen's chat API answer to an expired, revoked or unknown access token. */
 const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
-/** A 403 with this in its body is about quota or rate, not the key: it goes to the caller as is. */
+/** A 403 with this in its body is about quota or rate, not the credential: it goes to the caller as is. */
 const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
 /**
  * A 403 with this in its body says the API key itself is refused. Any other 403 (a model the plan
@@ -128,6 +128,13 @@ const rejectedAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
  */
 const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number; rejection: string }>>();
 const REJECTED_KEY_WINDOW_MS = 60_000;
+
+/**
+ * Tokens whose 403 (not a token message) outlived a forced refresh, per client and profile: a
+ * permission, not the token. Another 403 with the same token goes to the caller without a refresh,
+ * so a lasting 403 costs one refresh per token, not one per request. A new token gets one again.
+ */
+const forbiddenAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
 
 /** One renewal per client and rejected token: concurrent 401s share it. */
 const renewals = new WeakMap<TokenClient, Map<string, Promise<TokenResult>>>();
@@ -233,7 +240,7 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
     const response = await send(creds);
     const first = creds.access_token;
     const slot = creds.profile ?? options.profile ?? '';
-    const rejection = await tokenRejection(response, true);
+    const rejection = await tokenRejection(response, forbiddenAfterRefresh.get(client)?.get(slot) !== first);
     const rejectedBefore = rejectedAfterRefresh.get(client);
     if (rejection === null) {
       if (rejectedBefore?.get(slot) === first) rejectedBefore.delete(slot);
@@ -252,9 +259,13 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       });
     }
     const retried = await send(ownOrigin(renewed));
-    // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it.
+    // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it,
+    // and later 403s with this token do not ask for another refresh.
     const again = await tokenRejection(retried, false);
-    if (again === null) return retried;
+    if (again === null) {
+      if (retried.status === 403) perClient(forbiddenAfterRefresh, client).set(slot, renewed.access_token);
+      return retried;
+    }
     await discard(retried);
     perClient(rejectedAfterRefresh, client).set(slot, renewed.access_token);
     throw expiredAfterRefresh(again, renewed, renewed.access_token);
@@ -402,14 +413,15 @@ function renew(client: TokenClient, rejected: string, which: { profile: string }
 
 /**
  * Describes why a response means "token rejected", or returns null when it does not:
- * any 401, a 403 (only when `forbiddenCounts`), or Qwen's token message in any error body.
+ * any 401, a 403 not about quota or rate (only when `forbiddenCounts`), or Qwen's token message
+ * in any error body.
  */
 async function tokenRejection(response: Response, forbiddenCounts: boolean): Promise<string | null> {
   if (response.status < 400) return null;
   if (response.status === 401) return 'HTTP 401';
   const text = await peekText(response);
   if (looksLikeTokenRejection(text)) return `HTTP ${response.status}: invalid access token or token expired`;
-  if (response.status === 403 && forbiddenCounts) return 'HTTP 403';
+  if (response.status === 403 && forbiddenCounts && !QUOTA_TEXT.test(text.slice(0, 4_000))) return 'HTTP 403';
   return null;
 }
 
