@@ -234,6 +234,10 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       }
       await discard(response);
       perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now(), rejection });
+      // Thrown rather than handing back the 401: the error names the profile and the command that
+      // replaces the key, with a stable code (the CLI's exit 7, QwenChatModel's callers), which an
+      // SDK's own 401 error cannot carry; and a repeat within the window has no response to give.
+      // SDKs wrap it (openai: APIConnectionError, with this as `cause`); the README says so.
       throw keyRejected(creds, request.url, rejection);
     }
 
