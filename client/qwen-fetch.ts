@@ -2,9 +2,11 @@
  * A drop-in `fetch` for an OpenAI-compatible chat API that always carries the daemon's current
  * credential for a profile: Qwen OAuth (the default), another OAuth provider's token, or an API
  * key. An OAuth token the API rejects is refreshed once and the request retried; a rejected API
- * key is an error at once (a new key is needed, retrying cannot help).
+ * key is an error at once (a new key is needed, retrying cannot help). The credential goes only
+ * to its own profile's origin: a request for another origin is refused, and redirects are
+ * followed here, within that origin only.
  *
- *   const openai = new OpenAI({ apiKey: 'qwen-oauth', baseURL: await qwenBaseURL(), fetch: createQwenFetch() });
+ *   const openai = new OpenAI({ apiKey: 'unused', baseURL: await qwenBaseURL({ profile }), fetch: createQwenFetch({ profile }) });
  */
 import { TokenClient } from './token-client.js';
 import { QwenConfigError, QwenCredentialRejectedError, QwenDaemonUnavailableError, QwenError, QwenTokenExpiredError } from '../shared/errors.js';
@@ -36,10 +38,24 @@ export interface QwenFetchOptions {
 
 /** Qwen's chat API answer to an expired, revoked or unknown access token. */
 const TOKEN_REJECTED_TEXT = /invalid access token|token expired/i;
-/** A 403 with this in its body is about quota or rate, not the key: it goes to the caller as is. */
+/** A 403 with this in its body is about quota or rate, not the credential: it goes to the caller as is. */
 const QUOTA_TEXT = /insufficient_quota|quota|rate[ _-]?limit|throttl/i;
+/**
+ * A 403 with this in its body says the API key itself is refused. Any other 403 (a model the plan
+ * lacks, a permission) is about that request only: the caller gets it, and the key stays usable.
+ */
+const KEY_INVALID_TEXT = /invalid[ _-]?api[ _-]?key|incorrect[ _-]?api[ _-]?key|api[ _-]?key\b[^.]{0,40}\b(?:is invalid|invalid|incorrect|revoked|disabled|expired|not valid)\b/i;
+/** A run of a key's first characters this long is taken out of messages too (a server may cut the key); shorter runs are the public prefix (`sk-sp-`). */
+const KEY_PREFIX_REDACT_MIN = 8;
+/** Server messages in errors are cut to this many characters, after the key is taken out. */
+const SERVER_MESSAGE_MAX = 200;
 /** Error bodies are read only this far to look for the token-rejection message. */
 const PEEK_LIMIT_BYTES = 64 * 1024;
+/** Redirects followed within one origin for one request (fetch's own limit). */
+const MAX_REDIRECTS = 20;
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+/** Headers that describe a body, dropped when a redirect turns the request into a GET. */
+const BODY_HEADERS = ['content-type', 'content-length', 'content-encoding', 'content-language', 'content-location'];
 
 /** The default `User-Agent` / `X-DashScope-UserAgent` value. */
 export function defaultUserAgent(): string {
@@ -113,6 +129,13 @@ const rejectedAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
 const rejectedKeys = new WeakMap<TokenClient, Map<string, { key: string; at: number; rejection: string }>>();
 const REJECTED_KEY_WINDOW_MS = 60_000;
 
+/**
+ * Tokens whose 403 (not a token message) outlived a forced refresh, per client and profile: a
+ * permission, not the token. Another 403 with the same token goes to the caller without a refresh,
+ * so a lasting 403 costs one refresh per token, not one per request. A new token gets one again.
+ */
+const forbiddenAfterRefresh = new WeakMap<TokenClient, Map<string, string>>();
+
 /** One renewal per client and rejected token: concurrent 401s share it. */
 const renewals = new WeakMap<TokenClient, Map<string, Promise<TokenResult>>>();
 
@@ -139,7 +162,12 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
     signal?.throwIfAborted();
     const request = await bufferRequest(input, init, signal);
 
-    const send = (creds: TokenResult): Promise<Response> => {
+    // Sends with `creds`, following redirects here rather than in the transport: fetch keeps
+    // `x-api-key` (any header but Authorization) on a redirect to another origin. A redirect within
+    // the origin is followed with the credential; one to another origin is not followed at all:
+    // the caller gets the 3xx as it came. Following it without the credential would only earn a
+    // 401 from a host the profile never named, which would read as a refused key here.
+    const send = async (creds: TokenResult): Promise<Response> => {
       const headers = new Headers(request.headers);
       headers.set('User-Agent', userAgent);
       if (isQwenOAuth(creds)) {
@@ -153,17 +181,44 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
       headers.delete('x-api-key');
       if (creds.auth_header === 'x-api-key') headers.set('x-api-key', creds.access_token);
       else headers.set('Authorization', `Bearer ${creds.access_token}`);
-      return transport(request.url, {
-        ...init,
-        method: request.method,
-        headers,
-        body: request.body ?? null,
-        redirect: request.redirect,
-        ...(signal ? { signal } : {}),
-      });
+      let url = request.url;
+      let method = request.method;
+      let body = request.body;
+      for (let hops = 0; ; hops++) {
+        const response = await transport(url, {
+          ...init,
+          method,
+          headers,
+          // A fresh copy per send, so no send depends on what a transport did with the last one's
+          // (Node 20's fetch detaches a body when it follows a redirect itself).
+          body: body === undefined ? null : body.slice(),
+          redirect: 'manual',
+          ...(signal ? { signal } : {}),
+        });
+        const next = request.redirect === 'manual' ? null : redirectTarget(response, url);
+        if (next === null) return response;
+        if (request.redirect === 'error') {
+          await discard(response);
+          throw new TypeError('fetch failed', { cause: new Error('unexpected redirect') });
+        }
+        if (new URL(next).origin !== new URL(url).origin) return response;
+        await discard(response);
+        if (hops >= MAX_REDIRECTS) throw new TypeError('fetch failed', { cause: new Error('redirect count exceeded') });
+        // As fetch does: 303 (and 301/302 after a POST) continue as a GET without the body.
+        if ((response.status === 303 && method !== 'GET' && method !== 'HEAD') || ((response.status === 301 || response.status === 302) && method === 'POST')) {
+          method = 'GET';
+          body = undefined;
+          for (const name of BODY_HEADERS) headers.delete(name);
+        }
+        url = next;
+      }
+    };
+    const ownOrigin = (creds: TokenResult): TokenResult => {
+      checkOrigin(request.url, creds, client, options.profile);
+      return creds;
     };
 
-    const creds = await abortable(client.getCredentials(which), signal);
+    const creds = ownOrigin(await abortable(client.getCredentials(which), signal));
     if (creds.kind === 'api-key') {
       const slot = creds.profile ?? options.profile ?? '';
       const refused = rejectedKeys.get(client)?.get(slot);
@@ -172,20 +227,24 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         throw keyRejected(creds, request.url, `${refused.rejection}, moments ago; not sent again`);
       }
       const response = await send(creds);
-      const rejection = await keyRejection(response);
+      const rejection = await keyRejection(response, creds.access_token);
       if (rejection === null) {
         if (refused) rejectedKeys.get(client)!.delete(slot);
         return response;
       }
       await discard(response);
       perClient(rejectedKeys, client).set(slot, { key: creds.access_token, at: performance.now(), rejection });
+      // Thrown rather than handing back the 401: the error names the profile and the command that
+      // replaces the key, with a stable code (the CLI's exit 7, QwenChatModel's callers), which an
+      // SDK's own 401 error cannot carry; and a repeat within the window has no response to give.
+      // SDKs wrap it (openai: APIConnectionError, with this as `cause`); the README says so.
       throw keyRejected(creds, request.url, rejection);
     }
 
     const response = await send(creds);
     const first = creds.access_token;
     const slot = creds.profile ?? options.profile ?? '';
-    const rejection = await tokenRejection(response, true);
+    const rejection = await tokenRejection(response, forbiddenAfterRefresh.get(client)?.get(slot) !== first);
     const rejectedBefore = rejectedAfterRefresh.get(client);
     if (rejection === null) {
       if (rejectedBefore?.get(slot) === first) rejectedBefore.delete(slot);
@@ -203,10 +262,14 @@ export function createQwenFetch(options: QwenFetchOptions = {}): QwenFetch {
         cause: err,
       });
     }
-    const retried = await send(renewed);
-    // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it.
+    const retried = await send(ownOrigin(renewed));
+    // A 403 that a fresh token did not cure is about permissions, not the token: the caller gets it,
+    // and later 403s with this token do not ask for another refresh.
     const again = await tokenRejection(retried, false);
-    if (again === null) return retried;
+    if (again === null) {
+      if (retried.status === 403) perClient(forbiddenAfterRefresh, client).set(slot, renewed.access_token);
+      return retried;
+    }
     await discard(retried);
     perClient(rejectedAfterRefresh, client).set(slot, renewed.access_token);
     throw expiredAfterRefresh(again, renewed, renewed.access_token);
@@ -254,32 +317,82 @@ function keyRejected(creds: TokenResult, url: string, rejection: string): QwenCr
   );
 }
 
-function redactKey(text: string, key: string): string {
-  return key.length > 0 && text.includes(key) ? text.split(key).join(`[key ${fingerprint(key)}]`) : text;
+/**
+ * `text` with `key` replaced by its fingerprint, and also any run of the key's first characters
+ * (at least `KEY_PREFIX_REDACT_MIN` long) that a server cut short. Apply before cutting the text.
+ */
+export function redactKey(text: string, key: string): string {
+  if (key.length === 0) return text;
+  const marker = `[key ${fingerprint(key)}]`;
+  const min = Math.min(KEY_PREFIX_REDACT_MIN, key.length);
+  const head = key.slice(0, min);
+  let out = text;
+  for (let at = out.indexOf(head); at !== -1; at = out.indexOf(head, at + marker.length)) {
+    let end = at + min;
+    while (end < out.length && end - at < key.length && out[end] === key[end - at]) end++;
+    out = out.slice(0, at) + marker + out.slice(end);
+  }
+  return out;
 }
 
 /**
- * Why a response means "this API key is refused", or null: a 401, or a 403 that is not about
- * quota or rate (those go to the caller as they are, to be handled, never retried here).
+ * Why a response means "this API key is refused", or null: a 401, or a 403 that says the key
+ * is invalid. Other 403s (a model or permission the plan lacks, quota, rate) go to the caller as
+ * they are: they say nothing about the key's other requests.
  */
-async function keyRejection(response: Response): Promise<string | null> {
+async function keyRejection(response: Response, key: string): Promise<string | null> {
   if (response.status !== 401 && response.status !== 403) return null;
   const text = await peekText(response);
-  if (response.status === 403 && QUOTA_TEXT.test(text.slice(0, 4_000))) return null;
-  const message = serverMessage(text);
+  if (response.status === 403 && (QUOTA_TEXT.test(text.slice(0, 4_000)) || !saysKeyInvalid(text))) return null;
+  const message = serverMessage(text, key);
   return `HTTP ${response.status}${message ? `: ${message}` : ''}`;
 }
 
-/** The server's own short message in an error body (OpenAI or Anthropic shape), printable and bounded. */
-function serverMessage(text: string): string | undefined {
+function saysKeyInvalid(text: string): boolean {
+  return KEY_INVALID_TEXT.test(text.slice(0, 4_000)) || looksLikeTokenRejection(text);
+}
+
+/** The server's own short message in an error body (OpenAI or Anthropic shape), printable, without the key, bounded. */
+function serverMessage(text: string, key: string): string | undefined {
+  let message: unknown;
   try {
     const body = JSON.parse(text) as { error?: unknown; message?: unknown };
     const error = body?.error;
-    const message =
-      error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
-    return typeof message === 'string' && message.trim() ? printable(message.trim(), 200) : undefined;
+    message = error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
   } catch {
     return undefined;
+  }
+  if (typeof message !== 'string' || !message.trim()) return undefined;
+  // The key comes out before the cut: a cut through the key would leave most of it unmatched.
+  return printable(redactKey(printable(message.trim(), Infinity), key), SERVER_MESSAGE_MAX);
+}
+
+/**
+ * Refuses to send `creds` anywhere but its own profile's origin: a base URL read once for an SDK
+ * and a credential looked up per request (the default profile's, which can change) may disagree.
+ */
+function checkOrigin(url: string, creds: TokenResult, client: TokenClient, pinned: string | undefined): void {
+  const target = new URL(url).origin;
+  const own = new URL(trustedBaseURL(creds, client)).origin;
+  if (target === own) return;
+  const name = creds.profile ?? pinned ?? 'default';
+  throw new QwenConfigError(
+    `createQwenFetch did not send the credential of profile "${name}" to ${printable(target, 200)}: it is for ${printable(own, 200)}. ` +
+      (pinned === undefined
+        ? `The default profile may have changed since the base URL was read; pin the profile in both places: qwenBaseURL({ profile: '${name}' }) and createQwenFetch({ profile: '${name}' }).`
+        : `Use the profile's own base URL: qwenBaseURL({ profile: '${name}' }).`),
+  );
+}
+
+/** The absolute URL a redirect response points to, or null for any other response. */
+function redirectTarget(response: Response, from: string): string | null {
+  if (!REDIRECT_STATUSES.has(response.status)) return null;
+  const location = response.headers.get('location');
+  if (location === null) return null;
+  try {
+    return new URL(location, from).href;
+  } catch {
+    return null;
   }
 }
 
@@ -304,14 +417,15 @@ function renew(client: TokenClient, rejected: string, which: { profile: string }
 
 /**
  * Describes why a response means "token rejected", or returns null when it does not:
- * any 401, a 403 (only when `forbiddenCounts`), or Qwen's token message in any error body.
+ * any 401, a 403 not about quota or rate (only when `forbiddenCounts`), or Qwen's token message
+ * in any error body.
  */
 async function tokenRejection(response: Response, forbiddenCounts: boolean): Promise<string | null> {
   if (response.status < 400) return null;
   if (response.status === 401) return 'HTTP 401';
   const text = await peekText(response);
   if (looksLikeTokenRejection(text)) return `HTTP ${response.status}: invalid access token or token expired`;
-  if (response.status === 403 && forbiddenCounts) return 'HTTP 403';
+  if (response.status === 403 && forbiddenCounts && !QUOTA_TEXT.test(text.slice(0, 4_000))) return 'HTTP 403';
   return null;
 }
 

@@ -190,6 +190,48 @@ describe('QwenChatModel against the local chat API', () => {
     expect(refreshes()).toBe(1);
   });
 
+  it('a lasting 403 costs one refresh for the token, not one per request, and each 403 reaches the caller', async () => {
+    const { client } = await setup();
+    fx!.server.injectFault({
+      kind: 'respond',
+      endpoint: 'chat',
+      status: 403,
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ error: { message: 'Access to model denied', code: 'access_denied' } }),
+    });
+    const qwenFetch = createQwenFetch({ client });
+    const url = `${await qwenBaseURL(client)}/chat/completions`;
+    for (let i = 0; i < 5; i++) {
+      const response = await qwenFetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: `call ${i}` }] }) });
+      expect(response.status).toBe(403);
+      expect(await response.text()).toContain('Access to model denied');
+    }
+    expect(refreshes()).toBe(1);
+    // Two requests for the first call (before and after the refresh), then one each.
+    expect(chatRequests()).toHaveLength(6);
+  });
+
+  it('a 403 about quota or rate goes to the caller at once, with no refresh', async () => {
+    const { client } = await setup();
+    fx!.server.injectFault({
+      kind: 'respond',
+      endpoint: 'chat',
+      times: 1,
+      status: 403,
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ error: { message: 'You exceeded your current quota', code: 'insufficient_quota' } }),
+    });
+    const response = await createQwenFetch({ client })(`${await qwenBaseURL(client)}/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: 'quota' }] }),
+    });
+    expect(response.status).toBe(403);
+    expect(await response.text()).toContain('insufficient_quota');
+    expect(refreshes()).toBe(0);
+    expect(chatRequests()).toHaveLength(1);
+  });
+
   it('other API errors become QwenChatApiError with status and message, and a token echoed by the server is redacted', async () => {
     const { client, token } = await setup();
     fx!.server.injectFault({

@@ -3,9 +3,8 @@
  * receive it, before anything is stored. Never follows a redirect (the key would go along).
  */
 import { errnoCode, errorText } from '../../shared/diagnostics.js';
-import { fingerprint } from '../../shared/fingerprint.js';
 import { printable } from '../../shared/url-trust.js';
-import { defaultUserAgent } from '../qwen-fetch.js';
+import { defaultUserAgent, redactKey } from '../qwen-fetch.js';
 
 export type KeyCheck =
   /** 2xx: the key works here; `models` when the answer listed them. */
@@ -81,6 +80,6 @@ function serverMessage(text: string, key: string): string | undefined {
     message = text.trim().startsWith('<') ? undefined : text.trim();
   }
   if (typeof message !== 'string' || message.trim() === '') return undefined;
-  const safe = key !== '' && message.includes(key) ? message.split(key).join(`[key ${fingerprint(key)}]`) : message;
-  return printable(safe.trim(), 200);
+  // The key comes out before the cut, by the same rule as createQwenFetch's errors.
+  return printable(redactKey(printable(message.trim(), Infinity), key), 200);
 }
