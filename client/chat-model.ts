@@ -68,7 +68,11 @@ export interface QwenChatModelOptions {
   env?: NodeJS.ProcessEnv;
   /** For Qwen OAuth: reject model names Qwen's portal does not serve (default true). Other profiles accept any name. */
   validateModel?: boolean;
-  /** Chat API base URL; default: the profile's `base_url` from the daemon, looked up per call. */
+  /**
+   * Chat API base URL; default: the profile's `base_url` from the daemon, looked up per call.
+   * Its origin must be the profile's: the credential is sent nowhere else (another host needs a
+   * profile whose `base_url` names it).
+   */
   baseURL?: string;
   /** Transport under the token handling (default: the global `fetch`). */
   fetch?: QwenFetch;
