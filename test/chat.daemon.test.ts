@@ -82,13 +82,22 @@ async function rejection(promise: Promise<unknown>): Promise<Error> {
   throw new Error('expected a rejection');
 }
 
-const TOKEN_ERROR_FAULT = {
-  kind: 'respond' as const,
-  endpoint: 'chat' as const,
-  status: 401,
-  headers: { 'content-type': 'application/json' },
-  body: JSON.stringify(INVALID_ACCESS_TOKEN_BODY),
-};
+/** The chat endpoint answering every request with `status` and `body`. */
+function chatAnswer(status: number, body: string, contentType = 'application/json') {
+  return { kind: 'respond' as const, endpoint: 'chat' as const, status, headers: { 'content-type': contentType }, body };
+}
+
+const TOKEN_ERROR_FAULT = chatAnswer(401, JSON.stringify(INVALID_ACCESS_TOKEN_BODY));
+
+/** The chat endpoint answering every request 403 with an OpenAI-style error. */
+function chatRefusal(message: string, code: string) {
+  return chatAnswer(403, JSON.stringify({ error: { message, code } }));
+}
+
+/** A chat completion request for `fetch`, saying `content`. */
+function chatPost(content: string): RequestInit {
+  return { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content }] }) };
+}
 
 describe('QwenChatModel against the local chat API', () => {
   it('sends the daemon token and the Qwen headers, and returns text, usage and the raw response', async () => {
@@ -173,13 +182,7 @@ describe('QwenChatModel against the local chat API', () => {
 
   it('a 403 that a fresh token does not cure is a QwenChatApiError with the server message', async () => {
     const { client } = await setup();
-    fx!.server.injectFault({
-      kind: 'respond',
-      endpoint: 'chat',
-      status: 403,
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ error: { message: 'model access denied for this account', code: 'access_denied' } }),
-    });
+    fx!.server.injectFault(chatRefusal('model access denied for this account', 'access_denied'));
     const model = new QwenChatModel({ client });
 
     const err = await rejection(model.call('forbidden'));
@@ -192,17 +195,11 @@ describe('QwenChatModel against the local chat API', () => {
 
   it('a lasting 403 costs one refresh for the token, not one per request, and each 403 reaches the caller', async () => {
     const { client } = await setup();
-    fx!.server.injectFault({
-      kind: 'respond',
-      endpoint: 'chat',
-      status: 403,
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ error: { message: 'Access to model denied', code: 'access_denied' } }),
-    });
+    fx!.server.injectFault(chatRefusal('Access to model denied', 'access_denied'));
     const qwenFetch = createQwenFetch({ client });
     const url = `${await qwenBaseURL(client)}/chat/completions`;
     for (let i = 0; i < 5; i++) {
-      const response = await qwenFetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: `call ${i}` }] }) });
+      const response = await qwenFetch(url, chatPost(`call ${i}`));
       expect(response.status).toBe(403);
       expect(await response.text()).toContain('Access to model denied');
     }
@@ -213,19 +210,8 @@ describe('QwenChatModel against the local chat API', () => {
 
   it('a 403 about quota or rate goes to the caller at once, with no refresh', async () => {
     const { client } = await setup();
-    fx!.server.injectFault({
-      kind: 'respond',
-      endpoint: 'chat',
-      times: 1,
-      status: 403,
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ error: { message: 'You exceeded your current quota', code: 'insufficient_quota' } }),
-    });
-    const response = await createQwenFetch({ client })(`${await qwenBaseURL(client)}/chat/completions`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ model: 'coder-model', messages: [{ role: 'user', content: 'quota' }] }),
-    });
+    fx!.server.injectFault({ ...chatRefusal('You exceeded your current quota', 'insufficient_quota'), times: 1 });
+    const response = await createQwenFetch({ client })(`${await qwenBaseURL(client)}/chat/completions`, chatPost('quota'));
     expect(response.status).toBe(403);
     expect(await response.text()).toContain('insufficient_quota');
     expect(refreshes()).toBe(0);
@@ -234,14 +220,7 @@ describe('QwenChatModel against the local chat API', () => {
 
   it('other API errors become QwenChatApiError with status and message, and a token echoed by the server is redacted', async () => {
     const { client, token } = await setup();
-    fx!.server.injectFault({
-      kind: 'respond',
-      endpoint: 'chat',
-      status: 400,
-      times: 1,
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ error: { message: `bad request for key ${token}` } }),
-    });
+    fx!.server.injectFault({ ...chatAnswer(400, JSON.stringify({ error: { message: `bad request for key ${token}` } })), times: 1 });
     const model = new QwenChatModel({ client });
 
     const err = await rejection(model.call('bad'));
@@ -268,12 +247,8 @@ describe('QwenChatModel against the local chat API', () => {
 
   /** A chat answer whose SSE body is exactly `events`, then ends. */
   const sseFault = (events: object[], end = '') => ({
-    kind: 'respond' as const,
-    endpoint: 'chat' as const,
+    ...chatAnswer(200, events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('') + end, 'text/event-stream'),
     times: 1,
-    status: 200,
-    headers: { 'content-type': 'text/event-stream' },
-    body: events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('') + end,
   });
   const chunk = (content: string | undefined, finish: string | null = null) => ({
     object: 'chat.completion.chunk',

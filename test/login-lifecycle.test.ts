@@ -16,7 +16,7 @@ import { silentLogger } from '../daemon/logger.js';
 import { QwenOAuthClient } from '../daemon/oauth.js';
 import { TokenKeeper } from '../daemon/token-keeper.js';
 import { CLI_BIN, createFixture, RawRpcClient, type DaemonFixture, type RawRpcError } from './support/daemon.js';
-import { DEVICE_CODE_PATH, QWEN_CLIENT_ID, TOKEN_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { QWEN_CLIENT_ID, deviceProfileSettings, startQwenServer } from './support/qwen-server.js';
 import { rejection, until } from './support/wait.js';
 
 let fx: DaemonFixture | null = null;
@@ -28,18 +28,6 @@ afterEach(async () => {
   fx = null;
 });
 
-/** `oauth-device` settings for the local Qwen test server, with explicit endpoints. */
-function deviceSettings(server: QwenTestServer, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    kind: 'oauth-device',
-    device_authorization_endpoint: `${server.baseUrl}${DEVICE_CODE_PATH}`,
-    token_endpoint: `${server.baseUrl}${TOKEN_PATH}`,
-    client_id: QWEN_CLIENT_ID,
-    scope: 'openid model.completion',
-    base_url: `${server.baseUrl}/v1`,
-    ...extra,
-  };
-}
 
 /** A daemon with an `oauth-device` profile `corp`, and a raw client to drive it. */
 async function daemonWithCorp(): Promise<{ f: DaemonFixture; admin: RawRpcClient }> {
@@ -48,7 +36,7 @@ async function daemonWithCorp(): Promise<{ f: DaemonFixture; admin: RawRpcClient
   await f.start();
   const admin = await RawRpcClient.connect(f.socketPath, 2);
   cleanups.push(() => admin.close());
-  await admin.call('profiles.add', { name: 'corp', settings: deviceSettings(f.server) });
+  await admin.call('profiles.add', { name: 'corp', settings: deviceProfileSettings(f.server) });
   return { f, admin };
 }
 
@@ -94,7 +82,7 @@ describe('a profile removed or replaced while its login waits', () => {
     login.catch(() => undefined);
     await until(() => shown, 'the code');
 
-    await admin.call('profiles.add', { name: 'corp', settings: deviceSettings(f.server, { scope: 'openid email' }), replace: true });
+    await admin.call('profiles.add', { name: 'corp', settings: deviceProfileSettings(f.server, { scope: 'openid email' }), replace: true });
 
     expect((await rejection(login)).message).toMatch(STOPPED);
     // The new profile runs no login of the old one, and logs in afresh.
@@ -125,7 +113,7 @@ describe('a login stopped while it asks for its code', () => {
     expect(f.server.counts.deviceToken).toBe(0);
     expect(existsSync(tokenFile(f, 'corp'))).toBe(false);
     // Added again with the same settings, the profile has no credentials.
-    await admin.call('profiles.add', { name: 'corp', settings: deviceSettings(f.server) });
+    await admin.call('profiles.add', { name: 'corp', settings: deviceProfileSettings(f.server) });
     expect((await admin.call<{ state: string }>('status', { profile: 'corp' })).state).toBe('no_credentials');
   });
 

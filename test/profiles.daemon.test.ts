@@ -13,7 +13,7 @@ import { serializeCredentials, type Credentials } from '../shared/credentials.js
 import { fingerprint } from '../shared/fingerprint.js';
 import { presetSettings } from '../shared/profiles.js';
 import { assertNoSecrets, createFixture, credsFrom, RawRpcClient, type DaemonFixture } from './support/daemon.js';
-import { DEVICE_CODE_PATH, QWEN_CLIENT_ID, TOKEN_PATH, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { deviceProfileSettings, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 import { unixSocketFetch } from './support/unix-fetch.js';
 import { until } from './support/wait.js';
 
@@ -75,18 +75,6 @@ async function writeToken(f: DaemonFixture, name: string, creds: Credentials): P
   await writeFile(join(profilesDir(f), `${name}.token.json`), serializeCredentials(creds), { mode: 0o600 });
 }
 
-/** `oauth-device` settings for a local Qwen test server, with explicit endpoints. */
-function deviceSettings(server: QwenTestServer, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    kind: 'oauth-device',
-    device_authorization_endpoint: `${server.baseUrl}${DEVICE_CODE_PATH}`,
-    token_endpoint: `${server.baseUrl}${TOKEN_PATH}`,
-    client_id: QWEN_CLIENT_ID,
-    scope: 'openid model.completion',
-    base_url: `${server.baseUrl}/v1`,
-    ...extra,
-  };
-}
 
 /** Refresh requests the server received for one refresh token. */
 function refreshesOf(server: QwenTestServer, refreshToken: string): number {
@@ -285,7 +273,7 @@ describe('profiles over the socket', () => {
     fx = await createFixture({ server: { deviceInterval: 0.2 } });
     await fx.start();
     const admin = await connect(fx);
-    await admin.call('profiles.add', { name: 'corp', settings: deviceSettings(fx.server) });
+    await admin.call('profiles.add', { name: 'corp', settings: deviceProfileSettings(fx.server) });
     const events = await connect(fx);
     await events.call('subscribe', { profile: 'corp' });
     expect((await admin.error('getAccessToken', { profile: 'corp' })).message).toContain('login --profile corp');
@@ -323,7 +311,7 @@ describe('profiles over the socket', () => {
     await writeToken(fx, 'norefresh', { ...issued, refresh_token: '', expiry_date: Date.now() + 4_000 });
     const rejected = credsFrom(fx.server);
     await writeToken(fx, 'revoked', { ...rejected, expiry_date: Date.now() - 1_000 });
-    await writeConfig(fx, JSON.stringify({ profiles: { norefresh: deviceSettings(fx.server), revoked: deviceSettings(fx.server) } }));
+    await writeConfig(fx, JSON.stringify({ profiles: { norefresh: deviceProfileSettings(fx.server), revoked: deviceProfileSettings(fx.server) } }));
     fx.server.injectFault({ kind: 'respond', status: 400, headers: { 'content-type': 'application/json' }, body: '{"error":"invalid_grant","error_description":"grant revoked"}' });
     await fx.start();
     const c = await connect(fx);
@@ -348,7 +336,7 @@ describe('profiles over the socket', () => {
     fx = await createFixture({ server: { deviceInterval: 0.2 } });
     await fx.start();
     const c = await connect(fx);
-    await c.call('profiles.add', { name: 'oneshot', settings: deviceSettings(fx.server) });
+    await c.call('profiles.add', { name: 'oneshot', settings: deviceProfileSettings(fx.server) });
     await c.call('subscribe', { profile: 'oneshot' });
     await c.call('login.start', { profile: 'oneshot' });
     const access = apiKey('access-token-without-refresh');
@@ -454,15 +442,15 @@ describe('isolation', () => {
       const name = `oauth-${i}`;
       const creds = { ...credsFrom(healthy), expiry_date: expiry };
       seeded.set(name, creds);
-      profiles[name] = deviceSettings(healthy, { refresh_lead_seconds: 2 });
+      profiles[name] = deviceProfileSettings(healthy, { refresh_lead_seconds: 2 });
       await writeToken(fx, name, creds);
     }
     // One whose provider never answers (its token already expired: refreshed at start), one whose provider fails.
-    profiles.hangs = { ...deviceSettings(healthy), device_authorization_endpoint: `${hanging.baseUrl}/device`, token_endpoint: `${hanging.baseUrl}/token` };
+    profiles.hangs = { ...deviceProfileSettings(healthy), device_authorization_endpoint: `${hanging.baseUrl}/device`, token_endpoint: `${hanging.baseUrl}/token` };
     await writeToken(fx, 'hangs', { ...credsFrom(healthy), expiry_date: Date.now() - 1_000 });
     // Refreshed when the others are, and still valid long after its refresh failed.
     const failingCreds = { ...credsFrom(failing), expiry_date: expiry + 56_000 };
-    profiles.fails = deviceSettings(failing, { refresh_lead_seconds: 58 });
+    profiles.fails = deviceProfileSettings(failing, { refresh_lead_seconds: 58 });
     await writeToken(fx, 'fails', failingCreds);
     expect(Object.keys(profiles)).toHaveLength(20);
 

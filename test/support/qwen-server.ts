@@ -186,6 +186,19 @@ export interface QwenServerOptions extends Partial<QwenServerSettings> {
   now?: () => number;
 }
 
+/** `oauth-device` profile settings for a test server, with explicit endpoints; `extra` adds or overrides. */
+export function deviceProfileSettings(server: { baseUrl: string }, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    kind: 'oauth-device',
+    device_authorization_endpoint: `${server.baseUrl}${DEVICE_CODE_PATH}`,
+    token_endpoint: `${server.baseUrl}${TOKEN_PATH}`,
+    client_id: QWEN_CLIENT_ID,
+    scope: 'openid model.completion',
+    base_url: `${server.baseUrl}/v1`,
+    ...extra,
+  };
+}
+
 export interface QwenTestServer {
   /** `http://127.0.0.1:PORT`, no trailing slash. */
   readonly baseUrl: string;
