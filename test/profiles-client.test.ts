@@ -247,14 +247,7 @@ describe('api-key profiles against the local API-key server', () => {
   });
   beforeEach(async () => {
     daemon = await FakeProfileDaemon.start(2);
-    daemon.set('cp', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: KEY });
-    daemon.set('bad', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: WRONG_KEY });
-    daemon.set('anthropic', {
-      kind: 'api-key',
-      baseUrl: `${server.baseUrl}/apps/anthropic`,
-      secret: KEY,
-      settings: { kind: 'api-key', base_url: `${server.baseUrl}/apps/anthropic`, auth: 'x-api-key' },
-    });
+    daemon.setKeyProfiles(server, KEY, WRONG_KEY);
     server.settings.apiKeyHeader = 'either';
   });
   afterEach(async () => {

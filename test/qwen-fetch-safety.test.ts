@@ -10,7 +10,7 @@ import { createQwenFetch, qwenBaseURL } from '../client/qwen-fetch.js';
 import { TokenClient } from '../client/token-client.js';
 import { QwenConfigError, QwenCredentialRejectedError } from '../shared/errors.js';
 import { FakeProfileDaemon } from './support/fake-profile-daemon.js';
-import { ANTHROPIC_BASE_PATH, INVALID_API_KEY_BODY, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
+import { INVALID_API_KEY_BODY, startQwenServer, type QwenTestServer } from './support/qwen-server.js';
 import { rejection, until } from './support/wait.js';
 
 const KEY = 'sk-sp-safety-0123456789abcdef0123456789';
@@ -53,14 +53,7 @@ afterAll(async () => {
 });
 beforeEach(async () => {
   daemon = await FakeProfileDaemon.start(2);
-  daemon.set('cp', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: KEY });
-  daemon.set('bad', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: WRONG_KEY });
-  daemon.set('anthropic', {
-    kind: 'api-key',
-    baseUrl: `${server.baseUrl}${ANTHROPIC_BASE_PATH}`,
-    secret: KEY,
-    settings: { kind: 'api-key', base_url: `${server.baseUrl}${ANTHROPIC_BASE_PATH}`, auth: 'x-api-key' },
-  });
+  daemon.setKeyProfiles(server, KEY, WRONG_KEY);
   daemon.set('other', { kind: 'api-key', baseUrl: elsewhere.apiKeyBaseUrl, secret: OTHER_KEY });
   daemon.defaultProfile = 'cp';
   server.settings.apiKeyHeader = 'either';

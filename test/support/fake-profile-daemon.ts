@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fingerprint } from '../../shared/fingerprint.js';
 import type { ProfileInfo, ProfileKind } from '../../shared/profiles.js';
+import { ANTHROPIC_BASE_PATH } from './qwen-server.js';
 
 export interface FakeProfile {
   kind: ProfileKind;
@@ -75,6 +76,17 @@ export class FakeProfileDaemon {
   }
 
   /** Adds (or replaces) a profile directly, as a config file would. */
+  /**
+   * Three API-key profiles on a test server's key endpoints: `cp` (the key, as a Bearer token),
+   * `bad` (a key it refuses) and `anthropic` (the key in `x-api-key`, at its Anthropic base).
+   */
+  setKeyProfiles(server: { baseUrl: string; apiKeyBaseUrl: string }, key: string, wrongKey: string): void {
+    this.set('cp', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: key });
+    this.set('bad', { kind: 'api-key', baseUrl: server.apiKeyBaseUrl, secret: wrongKey });
+    const anthropic = `${server.baseUrl}${ANTHROPIC_BASE_PATH}`;
+    this.set('anthropic', { kind: 'api-key', baseUrl: anthropic, secret: key, settings: { kind: 'api-key', base_url: anthropic, auth: 'x-api-key' } });
+  }
+
   set(name: string, profile: Partial<FakeProfile> & Pick<FakeProfile, 'kind' | 'baseUrl'>): void {
     this.profiles.set(name, {
       settings: { kind: profile.kind, base_url: profile.baseUrl },
