@@ -138,22 +138,17 @@ const CREDENTIAL_FILE_LIMIT = 64 * 1024;
 
 /**
  * Reads the file behind `fd` as UTF-8, at most `limit` bytes; null when it holds more (it grew
- * after `size` was taken from fstat).
+ * after fstat said it did not).
  */
-function readAtMost(fd: number, size: number, limit: number): string | null {
-  // One byte more than expected, to see the end of the file (or that it goes on).
-  let buffer = Buffer.allocUnsafeSlow(Math.min(size, limit) + 1);
+function readAtMost(fd: number, limit: number): string | null {
+  // One byte more than the limit, to see that the file goes on.
+  const buffer = Buffer.allocUnsafeSlow(limit + 1);
   let length = 0;
   for (;;) {
-    if (length === buffer.length) {
-      if (length > limit) return null;
-      const larger = Buffer.allocUnsafeSlow(limit + 1);
-      buffer.copy(larger, 0, 0, length);
-      buffer = larger;
-    }
     const n = readSync(fd, buffer, length, buffer.length - length, length);
     if (n === 0) return buffer.toString('utf8', 0, length);
     length += n;
+    if (length > limit) return null;
   }
 }
 
@@ -256,13 +251,6 @@ function grantNamedIn(text: string): string | undefined {
   }
 }
 
-/** The file text for credentials with the grant they belong to (the Qwen CLI's fields, plus `grant`). */
-function stampedText(c: Credentials, grant: string): string {
-  const record = JSON.parse(serializeCredentials(c)) as Record<string, unknown>;
-  record[GRANT_FIELD] = grant;
-  return `${JSON.stringify(record, null, 2)}\n`;
-}
-
 // ---- the credential file ------------------------------------------------------------------
 
 /** One credential file on disk (ours or the Qwen CLI's): validated reads, atomic 0600 writes. */
@@ -338,7 +326,7 @@ export class CredentialFile {
       }
       this.refuseForeign(info);
       if ((info.mode & 0o077) !== 0) this.restrictMode(fd, info.mode);
-      text = info.size > CREDENTIAL_FILE_LIMIT ? null : readAtMost(fd, info.size, CREDENTIAL_FILE_LIMIT);
+      text = info.size > CREDENTIAL_FILE_LIMIT ? null : readAtMost(fd, CREDENTIAL_FILE_LIMIT);
     } catch (err) {
       if (err instanceof QwenCredentialsFileError) throw err;
       throw this.fileError('cannot read', err);
@@ -428,7 +416,7 @@ export class CredentialFile {
 
   /** Writes the credentials atomically and durably as a 0600 file in a 0700 directory (with the grant, when set). */
   write(c: Credentials): Promise<void> {
-    const text = this.grant ? stampedText(c, this.grant.id) : serializeCredentials(c);
+    const text = serializeCredentials(c, this.grant ? { [GRANT_FIELD]: this.grant.id } : undefined);
     return serialized(this.path, async () => {
       await this.prepareDirectory();
       this.writing = text;

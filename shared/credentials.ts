@@ -77,14 +77,15 @@ export function parseCredentialsText(text: string, source: string): Credentials 
   return parseCredentials(data, source);
 }
 
-/** The file text written for credentials: every field the Qwen CLI requires, always. */
-export function serializeCredentials(c: Credentials): string {
+/** The file text written for credentials: every field the Qwen CLI requires, always (then `extra`, such as a token file's grant). */
+export function serializeCredentials(c: Credentials, extra?: Record<string, string>): string {
   const out: Record<string, unknown> = {
     access_token: c.access_token,
     refresh_token: c.refresh_token,
     token_type: c.token_type || 'Bearer',
     resource_url: c.resource_url,
     expiry_date: c.expiry_date,
+    ...extra,
   };
   if (out.resource_url === undefined) delete out.resource_url;
   return `${JSON.stringify(out, null, 2)}\n`;
