@@ -202,7 +202,7 @@ export class DeviceLogin extends EventEmitter<DeviceLoginEvents> {
    * code, ends with `reason` (`login.start` rejects with it, or `failed` carries it), and no
    * later `start` begins another.
    */
-  async stop(reason: QwenError = cancelled('the login was cancelled')): Promise<void> {
+  async stop(reason: QwenError): Promise<void> {
     this.stopReason ??= reason;
     const running = this.running;
     if (!running) return;

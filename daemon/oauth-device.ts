@@ -33,14 +33,14 @@ import {
 } from './oauth.js';
 
 /** How long an access token is taken to last when nothing says (RFC 6749 §5.1 only recommends `expires_in`). */
-export const ASSUMED_TOKEN_LIFETIME_S = 3_600;
+const ASSUMED_TOKEN_LIFETIME_S = 3_600;
 
 /**
  * A token response with an `expires_in`: its own; else, for an access token that is a JWT, the
  * lifetime its claims give (read, not verified: it only times the refresh); else the profile's
  * `token_lifetime_seconds`, else an hour. Lifetimes are capped at a year.
  */
-export function withLifetime(json: oauth.TokenEndpointResponse, settings: OAuthDeviceSettings, nowMs: number): oauth.TokenEndpointResponse {
+function withLifetime(json: oauth.TokenEndpointResponse, settings: OAuthDeviceSettings, nowMs: number): oauth.TokenEndpointResponse {
   // oauth4webapi lets a numeric string and 0 through; a lifetime must be a positive number of seconds.
   const stated = Number(json.expires_in);
   if (json.expires_in !== undefined && Number.isFinite(stated) && stated > 0) return { ...json, expires_in: Math.min(stated, MAX_TOKEN_LIFETIME_S) };

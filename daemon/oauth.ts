@@ -32,7 +32,7 @@ export const MAX_POLL_INTERVAL_S = 10;
  * Longest wait between polls that backing off after failed polls (or a server's Retry-After)
  * reaches: the user who approved is waiting for the next poll to notice.
  */
-export const MAX_POLL_BACKOFF_S = 60;
+const MAX_POLL_BACKOFF_S = 60;
 /**
  * Largest OAuth answer read. Real ones are well under 4 KiB; a server sending more is broken or
  * hostile, and reading without a bound would let it fill the daemon's memory.
@@ -200,7 +200,7 @@ function networkErrorMessage(endpoint: string, e: unknown, advice: string): stri
 }
 
 /** A retryable failure whose answer said when to ask again: its `Retry-After` (RFC 9110 §10.2.3). */
-export class QwenOAuthRetryLaterError extends QwenOAuthError {
+class QwenOAuthRetryLaterError extends QwenOAuthError {
   /** The header as sent; read it with `retryAfterMs`. */
   readonly retryAfter: string;
   constructor(message: string, options: QwenOAuthErrorOptions & { retryAfter: string }) {
@@ -213,7 +213,7 @@ export class QwenOAuthRetryLaterError extends QwenOAuthError {
  * How long a `Retry-After` value asks to wait, in ms (RFC 9110 §10.2.3: delay-seconds or an
  * HTTP-date, compared with `now`); undefined when it is neither.
  */
-export function retryAfterMs(value: string, now: number): number | undefined {
+function retryAfterMs(value: string, now: number): number | undefined {
   const text = value.trim();
   if (/^\d+$/.test(text)) return Number(text) * 1000;
   const date = Date.parse(text);

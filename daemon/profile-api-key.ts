@@ -12,7 +12,6 @@ import type { ApiKeySettings, ProfileInfo, ProfileSettings } from '../shared/pro
 import type { LastError, LoginStartResult, TokenResult } from '../shared/protocol.js';
 import type { WatchedFile } from './credential-watch.js';
 import type { Logger } from './logger.js';
-import { settingsNeedRestart } from './profile-config.js';
 import type { ProfileRuntime, ProfileRuntimeEvents, ProfileStatus } from './profile-runtime.js';
 import { profilePaths, readSecretFile, removeFiles } from './profile-secrets.js';
 
@@ -52,9 +51,8 @@ export class ApiKeyProfile extends EventEmitter<ProfileRuntimeEvents> implements
 
   /** Takes display-only settings (description, preset, region): the key's answer stays the same. */
   applySettings(settings: ProfileSettings): boolean {
-    if (settings.kind !== 'api-key' || settingsNeedRestart(this.applied, settings)) {
-      throw new Error(`profile "${this.name}": this settings change needs a restart`);
-    }
+    // The registry decided that no restart is needed (settingsNeedRestart); only the kind is checked here.
+    if (settings.kind !== 'api-key') throw new Error(`profile "${this.name}": its settings cannot change in place`);
     this.applied = settings;
     return false;
   }

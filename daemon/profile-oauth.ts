@@ -19,8 +19,8 @@ import { CredentialFile } from './credential-store.js';
 import type { WatchedFile } from './credential-watch.js';
 import { DeviceLogin } from './device-login.js';
 import type { Logger } from './logger.js';
-import { QwenOAuthClient } from './oauth.js';
-import { grantDigest, settingsNeedRestart } from './profile-config.js';
+import { cancelled, QwenOAuthClient } from './oauth.js';
+import { grantDigest } from './profile-config.js';
 import type { ProfileRuntime, ProfileRuntimeEvents, ProfileStatus } from './profile-runtime.js';
 import { profilePaths, readSecretFile } from './profile-secrets.js';
 import { TokenKeeper, type KeeperWording } from './token-keeper.js';
@@ -45,8 +45,6 @@ interface OAuthProfileParts {
   baseUrl: (credentials: Credentials | null, settings: OAuthDeviceSettings | null) => string;
   /** What `profiles.list` shows as its settings. */
   shownSettings: (settings: OAuthDeviceSettings | null) => Record<string, unknown>;
-  /** Runs before the keeper loads its file (an `oauth-device` profile marks a token file of an older version with its grant). */
-  beforeStart?: () => Promise<void>;
   /** Files besides the token file that hold its secrets (a client secret). */
   secretFiles: string[];
   wording: KeeperWording;
@@ -107,9 +105,8 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   /** Takes a new description or base URL; true when the base URL changed (clients get the token again). */
   applySettings(settings: ProfileSettings): boolean {
     const previous = this.applied;
-    if (previous === null || settings.kind !== 'oauth-device' || settingsNeedRestart(previous, settings)) {
-      throw new Error(`profile "${this.name}": this settings change needs a restart`);
-    }
+    // The registry decided that no restart is needed (settingsNeedRestart); only the kind is checked here.
+    if (previous === null || settings.kind !== 'oauth-device') throw new Error(`profile "${this.name}": its settings cannot change in place`);
     this.applied = settings;
     if (settings.base_url === previous.base_url) return false;
     // Answers already built name the old base URL.
@@ -148,7 +145,14 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
   }
 
   async start(): Promise<void> {
-    await this.parts.beforeStart?.();
+    // Trust on first use: a token file from before grants were recorded was written for the
+    // settings the profile had then, the ones it starts with now unless the config file was
+    // also edited while the daemon was stopped for the upgrade. Refusing such files would log
+    // every oauth-device profile out on upgrade. See docs/profiles.md. (A file with no grant
+    // to record, the built-in profile's, is left alone.)
+    if (await this.parts.ownFile.stampGrant()) {
+      this.parts.logger.info({ path: this.parts.ownFile.path }, "the token file recorded no provider or client (an older version wrote it); recorded this profile's");
+    }
     await this.keeper.start();
   }
 
@@ -165,7 +169,7 @@ export class OAuthProfile extends EventEmitter<ProfileRuntimeEvents> implements 
       ? `the login ended because the daemon is stopping; ${again}`
       : `the login of profile "${this.name}" ended because the profile was removed, replaced or changed (or the daemon is stopping); ${again}`;
     // A cancellation: the user did nothing wrong, so it is not kept as the profile's last error.
-    return new QwenOAuthError(why, { oauthError: 'cancelled' });
+    return cancelled(why);
   }
 
   servableNow(minValidityMs: number): TokenResult | null {
@@ -382,13 +386,6 @@ export function createOAuthDeviceProfile(name: string, settings: OAuthDeviceSett
     cliLink: { enabled: false, path: '' },
     baseUrl: (_credentials, current) => (current ?? settings).base_url,
     shownSettings: (current) => ({ ...(current ?? settings), has_client_secret: clientSecret !== undefined }),
-    beforeStart: async () => {
-      // Trust on first use: a token file from before grants were recorded was written for the
-      // settings the profile had then, the ones it starts with now unless the config file was
-      // also edited while the daemon was stopped for the upgrade. Refusing such files would log
-      // every oauth-device profile out on upgrade. See docs/profiles.md.
-      if (await ownFile.stampGrant()) logger.info({ path: paths.token }, 'the token file recorded no provider or client (an older version wrote it); recorded this profile\'s');
-    },
     secretFiles: clientSecret === undefined ? [] : [paths.secret],
     wording,
     logger,
