@@ -10,10 +10,9 @@
  */
 import { z } from 'zod';
 import { QwenChatApiError, QwenConfigError } from '../shared/errors.js';
-import { fingerprint } from '../shared/fingerprint.js';
 import { DEFAULT_PROFILE } from '../shared/profiles.js';
 import type { TokenResult } from '../shared/protocol.js';
-import { abortable, createQwenFetch, isQwenOAuth, trustedBaseURL, type QwenFetch } from './qwen-fetch.js';
+import { abortable, createQwenFetch, isQwenOAuth, redactKey, trustedBaseURL, type QwenFetch } from './qwen-fetch.js';
 import { TokenClient } from './token-client.js';
 
 /** The models Qwen's OAuth portal serves, by their wire names. */
@@ -340,7 +339,8 @@ export class QwenChatModel {
     let out = message.replace(/(bearer\s+)[A-Za-z0-9._~+/=-]{8,}/gi, '$1[redacted]');
     try {
       const token = (await this.client.getCredentials(this.which)).access_token;
-      if (out.includes(token)) out = out.split(token).join(`[token ${fingerprint(token)}]`);
+      // Also a run of its first characters, should the server have cut it.
+      out = redactKey(out, token, 'token');
     } catch {
       /* no token to look for */
     }

@@ -321,9 +321,9 @@ function keyRejected(creds: TokenResult, url: string, rejection: string): QwenCr
  * `text` with `key` replaced by its fingerprint, and also any run of the key's first characters
  * (at least `KEY_PREFIX_REDACT_MIN` long) that a server cut short. Apply before cutting the text.
  */
-export function redactKey(text: string, key: string): string {
+export function redactKey(text: string, key: string, label: 'key' | 'token' = 'key'): string {
   if (key.length === 0) return text;
-  const marker = `[key ${fingerprint(key)}]`;
+  const marker = `[${label} ${fingerprint(key)}]`;
   const min = Math.min(KEY_PREFIX_REDACT_MIN, key.length);
   const head = key.slice(0, min);
   let out = text;
@@ -352,15 +352,18 @@ function saysKeyInvalid(text: string): boolean {
   return KEY_INVALID_TEXT.test(text.slice(0, 4_000)) || looksLikeTokenRejection(text);
 }
 
-/** The server's own short message in an error body (OpenAI or Anthropic shape), printable, without the key, bounded. */
-function serverMessage(text: string, key: string): string | undefined {
+/**
+ * The server's own short message in an error body (OpenAI or Anthropic shape), printable, without
+ * the key, bounded. `plainText`: a body that is not JSON is the message itself (unless it is HTML).
+ */
+export function serverMessage(text: string, key: string, { plainText = false } = {}): string | undefined {
   let message: unknown;
   try {
     const body = JSON.parse(text) as { error?: unknown; message?: unknown };
     const error = body?.error;
     message = error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
   } catch {
-    return undefined;
+    message = plainText && !text.trim().startsWith('<') ? text.trim() : undefined;
   }
   if (typeof message !== 'string' || !message.trim()) return undefined;
   // The key comes out before the cut: a cut through the key would leave most of it unmatched.

@@ -3,8 +3,7 @@
  * receive it, before anything is stored. Never follows a redirect (the key would go along).
  */
 import { errnoCode, errorText } from '../../shared/diagnostics.js';
-import { printable } from '../../shared/url-trust.js';
-import { defaultUserAgent, redactKey } from '../qwen-fetch.js';
+import { defaultUserAgent, serverMessage } from '../qwen-fetch.js';
 
 export type KeyCheck =
   /** 2xx: the key works here; `models` when the answer listed them. */
@@ -45,7 +44,7 @@ export async function checkApiKey(baseUrl: string, auth: 'bearer' | 'x-api-key',
   } catch {
     /* the status says enough */
   }
-  const message = serverMessage(text, key);
+  const message = serverMessage(text, key, { plainText: true });
   if (response.status >= 200 && response.status < 300) return { outcome: 'accepted', status: response.status, models: modelCount(text) };
   if (response.status === 401 || response.status === 403) return { outcome: 'rejected', status: response.status, message };
   return { outcome: 'other', status: response.status, message };
@@ -69,17 +68,3 @@ function modelCount(text: string): number | undefined {
   }
 }
 
-/** The server's own short message (OpenAI or Anthropic error shape), printable, with the key taken out should it echo it. */
-function serverMessage(text: string, key: string): string | undefined {
-  let message: unknown;
-  try {
-    const body = JSON.parse(text) as { error?: unknown; message?: unknown };
-    const error = body?.error;
-    message = error && typeof error === 'object' ? (error as { message?: unknown }).message : typeof error === 'string' ? error : body?.message;
-  } catch {
-    message = text.trim().startsWith('<') ? undefined : text.trim();
-  }
-  if (typeof message !== 'string' || message.trim() === '') return undefined;
-  // The key comes out before the cut, by the same rule as createQwenFetch's errors.
-  return printable(redactKey(printable(message.trim(), Infinity), key), 200);
-}
