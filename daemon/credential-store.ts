@@ -5,6 +5,7 @@ import { homedir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { errnoCode, errorText, processAlive } from '../shared/diagnostics.js';
 import { systemClock, type Clock } from '../shared/clock.js';
+import { CREDENTIAL_FILE_MAX_BYTES } from '../shared/config.js';
 import { parseCredentialsText, serializeCredentials, trustedChatBaseUrl, type Credentials } from '../shared/credentials.js';
 import { QwenCredentialsFileError } from '../shared/errors.js';
 import { currentUid } from '../shared/path-trust.js';
@@ -130,11 +131,10 @@ export async function readSmallFile(path: string): Promise<string> {
 }
 
 /**
- * A credential file holds a few hundred bytes. One larger than this is not a credential file and
- * is refused unread: reading it whole would hold the event loop and the daemon's memory hostage
- * to whatever was put at the path.
+ * A credential file larger than this is not a credential file and is refused unread: reading it
+ * whole would hold the event loop and the daemon's memory hostage to whatever was put at the path.
  */
-const CREDENTIAL_FILE_LIMIT = 64 * 1024;
+const CREDENTIAL_FILE_LIMIT = CREDENTIAL_FILE_MAX_BYTES;
 
 /**
  * Reads the file behind `fd` as UTF-8, at most `limit` bytes; null when it holds more (it grew

@@ -3,6 +3,7 @@
  * The shell (`TokenKeeper`) does the HTTP, the files and the timers; everything that decides
  * "what now?" lives here so the hard cases are one-line table tests.
  */
+import { defaultRequestRetryMs } from '../shared/config.js';
 import type { Credentials } from '../shared/credentials.js';
 import { sameCredentials } from '../shared/credentials.js';
 import type { LastError, TokenState } from '../shared/protocol.js';
@@ -20,9 +21,6 @@ export interface LifecycleConfig {
    */
   requestRetryMs?: number;
 }
-
-/** `LifecycleConfig.requestRetryMs` when not set. */
-export const REQUEST_RETRY_MS = 5_000;
 
 export interface LifecycleState {
   credentials: Credentials | null;
@@ -165,7 +163,7 @@ export type TokenDecision =
  */
 export function refreshedRecently(state: LifecycleState, config: LifecycleConfig, now: number): boolean {
   const within = (at: number | null, ms: number) => at !== null && at <= now && now - at < ms;
-  const afterFailure = config.requestRetryMs ?? Math.min(REQUEST_RETRY_MS, config.retryMs);
+  const afterFailure = config.requestRetryMs ?? defaultRequestRetryMs(config.retryMs);
   if (state.failures > 0 && within(state.lastFailureAt, afterFailure)) return true;
   return state.lastRefreshAt === state.credentialsSince && within(state.lastRefreshAt, config.retryMs);
 }

@@ -56,6 +56,17 @@ export const DEFAULTS = {
   logLevel: 'info',
 } as const;
 
+/**
+ * After a failed refresh, how soon a token request may start another when
+ * `QWEN_TOKEND_REQUEST_RETRY_MS` is not set: 5 s, or the schedule's retry when that is sooner.
+ */
+export function defaultRequestRetryMs(retryMs: number): number {
+  return Math.min(DEFAULTS.requestRetryMs, retryMs);
+}
+
+/** A credential file holds a few hundred bytes; one larger than this is refused unread (daemon and `doctor`). */
+export const CREDENTIAL_FILE_MAX_BYTES = 64 * 1024;
+
 /** Unix socket path limits (sun_path), including the terminating NUL. */
 export const SOCKET_PATH_LIMIT: Record<string, number> = { darwin: 104, linux: 108 };
 
@@ -145,6 +156,7 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
   if (!LOG_LEVELS.includes(logLevel)) {
     throw new QwenConfigError(`QWEN_TOKEND_LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
   }
+  const retryMs = readInt(env, 'QWEN_TOKEND_RETRY_MS', DEFAULTS.retryMs, 100);
   const config: TokendConfig = {
     home,
     tokenPath,
@@ -158,8 +170,8 @@ export function resolveConfig(env: NodeJS.ProcessEnv, options: ResolveOptions = 
     clientId: env.QWEN_OAUTH_CLIENT_ID?.trim() || DEFAULTS.clientId,
     scope: env.QWEN_OAUTH_SCOPE?.trim() || DEFAULTS.scope,
     refreshLeadMs: readInt(env, 'QWEN_TOKEND_REFRESH_LEAD_MS', DEFAULTS.refreshLeadMs, 0),
-    retryMs: readInt(env, 'QWEN_TOKEND_RETRY_MS', DEFAULTS.retryMs, 100),
-    requestRetryMs: readInt(env, 'QWEN_TOKEND_REQUEST_RETRY_MS', DEFAULTS.requestRetryMs, 0),
+    retryMs,
+    requestRetryMs: readInt(env, 'QWEN_TOKEND_REQUEST_RETRY_MS', defaultRequestRetryMs(retryMs), 0),
     httpTimeoutMs: readInt(env, 'QWEN_TOKEND_HTTP_TIMEOUT_MS', DEFAULTS.httpTimeoutMs, 100),
     qwenCliLockStaleMs: readInt(env, 'QWEN_TOKEND_QWEN_CLI_LOCK_STALE_MS', DEFAULTS.qwenCliLockStaleMs, 1000),
     silentConnectionTimeoutMs: readInt(env, 'QWEN_TOKEND_SILENT_CONNECTION_TIMEOUT_MS', DEFAULTS.silentConnectionTimeoutMs, 100),

@@ -8,7 +8,7 @@ import { dirname } from 'node:path';
 import { Command } from 'commander';
 import { errnoCode, errorText } from '../../shared/diagnostics.js';
 import { cliCommand } from '../../shared/cli-command.js';
-import { checkSocketPathLength, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
+import { checkSocketPathLength, CREDENTIAL_FILE_MAX_BYTES, SOCKET_PATH_LIMIT, type TokendConfig } from '../../shared/config.js';
 import { QwenProtocolError } from '../../shared/errors.js';
 import { fingerprint } from '../../shared/fingerprint.js';
 import type { ProfileInfo } from '../../shared/profiles.js';
@@ -16,9 +16,6 @@ import type { StatusResult } from '../../shared/protocol.js';
 import { serviceInstalled } from '../autostart.js';
 import { commandConfig, commandEnv, daemonNotRunning, openClient, out, outJson, PROFILE_NAME_RULE, startAdvice, type GlobalOptions } from './context.js';
 import { describeExpiry, formatDuration, formatRelative } from './duration.js';
-
-/** As the daemon's limit on credential files (daemon/credential-store.ts). */
-const CREDENTIAL_FILE_BYTES = 64 * 1024;
 import { CommandExit, ExitCodes } from './exit-codes.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
@@ -98,7 +95,7 @@ async function checkCredentialFile(path: string, o: FileCheckOptions, now: numbe
   if (st === null) return check(o.id, o.title, o.missing.status, `${path} ${o.missing.detail}`, o.missing.hint);
   if (!st.isFile()) return bad(`${path} is not a regular file`, `remove it and run \`${cliCommand('login')}\``);
   // The daemon refuses such a file unread (a credential file holds a few hundred bytes); so does this check.
-  if (st.size > CREDENTIAL_FILE_BYTES) return bad(`${path} is ${st.size} bytes, too large to be a credential file`, `remove it and run \`${cliCommand('login')}\``);
+  if (st.size > CREDENTIAL_FILE_MAX_BYTES) return bad(`${path} is ${st.size} bytes, too large to be a credential file`, `remove it and run \`${cliCommand('login')}\``);
   const uid = myUid();
   if (uid !== undefined && st.uid !== uid) return bad(`${path} belongs to uid ${st.uid}, not to you`, `chown it to yourself or remove it`);
   if ((st.mode & 0o077) !== 0) return bad(`${path} has mode ${modeText(st)}: other users can read the tokens`, `chmod 600 ${path}`);
