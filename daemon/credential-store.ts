@@ -136,13 +136,17 @@ export async function readSmallFile(path: string): Promise<string> {
  */
 const CREDENTIAL_FILE_LIMIT = CREDENTIAL_FILE_MAX_BYTES;
 
+let readBuffer: Buffer | null = null;
+
 /**
  * Reads the file behind `fd` as UTF-8, at most `limit` bytes; null when it holds more (it grew
  * after fstat said it did not).
  */
 function readAtMost(fd: number, limit: number): string | null {
-  // One byte more than the limit, to see that the file goes on.
-  const buffer = Buffer.allocUnsafeSlow(limit + 1);
+  // One byte more than the limit, to see that the file goes on. One buffer for every read: the
+  // read is synchronous, and its text is copied out before anything else can use the buffer.
+  if (readBuffer === null || readBuffer.length !== limit + 1) readBuffer = Buffer.allocUnsafeSlow(limit + 1);
+  const buffer = readBuffer;
   let length = 0;
   for (;;) {
     const n = readSync(fd, buffer, length, buffer.length - length, length);

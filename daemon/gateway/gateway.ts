@@ -402,9 +402,10 @@ export class Gateway {
       ex.profile = route.profile ?? null;
       // A body means nothing here, but it is read (and bounded) so the connection can serve the next request.
       const { maxBodyBytes } = this.options.env.limits;
-      const drained = Number(req.headers['content-length'] ?? 0) > maxBodyBytes ? 'too_large' : await drain(req, ex, maxBodyBytes);
-      if (drained === 'gone') return; // counted as client_aborted when the response closes
-      if (drained === 'too_large') return fail('body_too_large', `the request body is larger than ${maxBodyBytes} bytes`);
+      const read = Number(req.headers['content-length'] ?? 0) > maxBodyBytes ? { whole: false as const } : await readUpTo(req, maxBodyBytes);
+      if (read === null) return; // counted as client_aborted when the response closes
+      if (!read.whole) return fail('body_too_large', `the request body is larger than ${maxBodyBytes} bytes`);
+      ex.bytesIn = read.body.length;
       return this.answerModels(res, route.profile);
     }
     await this.forward(req, res, route, ex, fail);
@@ -783,37 +784,6 @@ function readUpTo(req: IncomingMessage, limit: number): Promise<{ whole: true; b
       if (req.complete) return;
       cleanup();
       resolve(null);
-    };
-    req.on('data', onData);
-    req.on('end', onEnd);
-    req.on('close', onClose);
-    req.on('error', onClose);
-  });
-}
-
-/**
- * Reads a request body only to drop it, up to `limit` bytes: 'too_large' past it (the request
- * left paused), 'gone' when the client went away first.
- */
-function drain(req: IncomingMessage, ex: Exchange, limit: number): Promise<'done' | 'too_large' | 'gone'> {
-  return new Promise((resolve) => {
-    const settle = (how: 'done' | 'too_large' | 'gone') => {
-      req.off('data', onData);
-      req.off('end', onEnd);
-      req.off('close', onClose);
-      req.off('error', onClose);
-      resolve(how);
-    };
-    const onData = (chunk: Buffer) => {
-      ex.bytesIn += chunk.length;
-      if (ex.bytesIn > limit) {
-        req.pause();
-        settle('too_large');
-      }
-    };
-    const onEnd = () => settle('done');
-    const onClose = () => {
-      if (!req.complete) settle('gone');
     };
     req.on('data', onData);
     req.on('end', onEnd);

@@ -102,7 +102,7 @@ export function redactHeaderValue(value: string, secrets: readonly string[]): st
   let out = value;
   for (const secret of secrets) {
     const s = spellingsOf(secret);
-    if (out.includes(s.anchor)) out = replaceInHeader(out, secret, s);
+    if (out.includes(s.anchor)) out = s.pattern ? out.replace(s.pattern, () => s.headerMarker) : out.split(secret).join(s.headerMarker);
   }
   return out;
 }
@@ -112,15 +112,8 @@ export function redactHeaderValue(value: string, secrets: readonly string[]): st
  * One `includes` per value and secret when none holds it, which is every ordinary answer.
  */
 export function redactFieldValues(fields: string[], secrets: readonly string[]): string[] {
-  for (const secret of secrets) {
-    const s = spellingsOf(secret);
-    for (let i = 1; i < fields.length; i += 2) if (fields[i]!.includes(s.anchor)) fields[i] = replaceInHeader(fields[i]!, secret, s);
-  }
+  for (let i = 1; i < fields.length; i += 2) fields[i] = redactHeaderValue(fields[i]!, secrets);
   return fields;
-}
-
-function replaceInHeader(value: string, secret: string, s: SecretSpellings): string {
-  return s.pattern ? value.replace(s.pattern, () => s.headerMarker) : value.split(secret).join(s.headerMarker);
 }
 
 /** The error body as the client gets it, and whether its Content-Encoding was removed. */
