@@ -140,8 +140,8 @@ export function grantDigest(settings: ProfileSettings): string {
 /**
  * Settings a running profile takes without a restart, by kind: they change what is shown (and,
  * for `oauth-device`, the base URL clients and the gateway get), never the grant, the OAuth
- * client's requests, the refresh schedule or the credential. A restart abandons a refresh in
- * flight after a grace period, and a provider may already have rotated the refresh token.
+ * client's requests, the refresh schedule or the credential. A restart ends a login in progress
+ * and holds the change until a refresh in flight is saved, for nothing these need.
  * An `api-key` profile's `base_url`, `auth` and `models` restart it: it has nothing to refresh,
  * and the gateway reads them once per runtime.
  */

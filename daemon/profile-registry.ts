@@ -324,8 +324,8 @@ export class ProfileRegistry extends EventEmitter<RegistryEvents> {
       if (entry?.key === key) continue;
       const previous = entry?.runtime.settings;
       if (entry && previous && !settingsNeedRestart(previous, settings)) {
-        // No restart: a refresh in flight would be abandoned, and a refresh token the provider
-        // already rotated lost with it.
+        // No restart: a restart ends a login in progress and makes a refresh in flight wait out
+        // its HTTP timeout, neither of which a description or base URL needs.
         if (entry.runtime.applySettings(settings)) reanswered.push(entry.runtime);
         entry.key = key;
         changed = true;
