@@ -11,6 +11,12 @@ const TRAILING_CHECK_MS = 150;
  * reports ready when the directory turns into something else while it is being read.
  */
 const READY_LIMIT_MS = 10_000;
+/**
+ * After a watched directory came, went or was replaced, one more look (and a read of its files)
+ * this much later: events that arrived while watches were being swapped (a directory deleted,
+ * made again and written at once, on a busy machine) are not left to the next refresh.
+ */
+const TRANSITION_RECHECK_MS = 1_000;
 
 export interface WatchedFile {
   path: string;
@@ -191,6 +197,7 @@ export class CredentialWatcher {
       const before = this.lastSeenAs.get(dir);
       this.lastSeenAs.set(dir, now);
       if (before === undefined) continue; // first look: its files were read by whoever added them
+      if (changed) this.later(`\0transition:${dir}`, TRANSITION_RECHECK_MS, () => void this.recheckAfterTransition(dir));
       if (now === dir && fresh.has(dir)) {
         const what = before === dir ? 'was replaced by a new directory' : 'appeared';
         this.logger.info({ dir }, `${dir} ${what}; watching it for credential files`);
@@ -201,6 +208,13 @@ export class CredentialWatcher {
       }
     }
     return changed;
+  }
+
+  /** The late look after a transition (`TRANSITION_RECHECK_MS`): watches made right, `dir`'s files read. */
+  private async recheckAfterTransition(dir: string): Promise<void> {
+    if (this.closed) return;
+    await this.look();
+    for (const [key, file] of this.byPath) if (dirname(key) === dir) file.onChange();
   }
 
   /** A chokidar watcher on `dir` (depth 0), ready: changes from then on are reported. */
